@@ -1,0 +1,3 @@
+from kaggle_seg.cli import main
+
+main()

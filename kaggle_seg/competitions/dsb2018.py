@@ -1,0 +1,168 @@
+"""2018 Data Science Bowl nuclei: RGB(A) PNGs of many sizes, one PNG (or RLE row) per nucleus.
+
+Layouts read (DIR is what `--data-dir` points at):
+
+- Kaggle: `DIR/stage1_train/<id>/images/<id>.png`, `DIR/stage1_train/<id>/masks/*.png`, and
+  optionally `DIR/stage1_train_labels.csv` (ImageId,EncodedPixels, column-major RLE), used for
+  images whose masks folder is missing.
+- Processed (as many notebooks save it): `DIR/images/<name>.jpg|png` + `DIR/masks/<name>.jpg|png`,
+  one union mask per image; nuclei are then its connected components.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kaggle_seg.competitions.images import check_same_size, image_size, read_png
+from kaggle_seg.config import DataConfig
+from kaggle_seg.errors import InputError
+from kaggle_seg.io import read_csv_checked
+
+CLASSES = ("nuclei",)
+LABELS_CSV = "stage1_train_labels.csv"
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+@lru_cache(maxsize=4)
+def _rles_by_image(labels_csv: str) -> dict[str, list[str]]:
+    labels = read_csv_checked(labels_csv, ["ImageId", "EncodedPixels"])
+    labels = labels[labels["EncodedPixels"] != ""]
+    return {k: list(v) for k, v in labels.groupby("ImageId", sort=False)["EncodedPixels"]}
+
+
+def _image_files(folder: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES}
+
+
+class DSB2018:
+    name = "dsb2018"
+    classes = CLASSES
+    rle_order = "F"
+
+    def read_table(self, data_dir: Path, config: DataConfig) -> pd.DataFrame:
+        data_dir = Path(data_dir)
+        if (data_dir / "stage1_train").is_dir():
+            return self._read_kaggle_layout(data_dir / "stage1_train", data_dir / LABELS_CSV)
+        if (data_dir / "images").is_dir() and (data_dir / "masks").is_dir():
+            return self._read_processed_layout(data_dir)
+        raise InputError(
+            f"{data_dir}: expected stage1_train/ (Kaggle layout) or images/ + masks/ (processed)"
+        )
+
+    def _read_kaggle_layout(self, train_dir: Path, labels_csv: Path) -> pd.DataFrame:
+        rles = _rles_by_image(str(labels_csv)) if labels_csv.is_file() else {}
+        rows = []
+        for folder in sorted(p for p in train_dir.iterdir() if p.is_dir()):
+            image_id = folder.name
+            image_path = folder / "images" / f"{image_id}.png"
+            height, width = image_size(image_path)
+            mask_dir = folder / "masks"
+            if mask_dir.is_dir():
+                n_nuclei = sum(1 for p in mask_dir.iterdir() if p.suffix == ".png")
+                source = {"mask_dir": str(mask_dir.resolve()), "labels_csv": ""}
+            elif image_id in rles:
+                n_nuclei = len(rles[image_id])
+                source = {"mask_dir": "", "labels_csv": str(labels_csv.resolve())}
+            else:
+                raise InputError(f"{folder}: no masks/ folder and no rows in {labels_csv}")
+            rows.append(
+                {
+                    "id": image_id,
+                    "group": image_id,
+                    "image_path": str(image_path.resolve()),
+                    "height": height,
+                    "width": width,
+                    **source,
+                    "mask_path": "",
+                    "n_nuclei": n_nuclei,
+                    "empty": n_nuclei == 0,
+                }
+            )
+        if not rows:
+            raise InputError(f"{train_dir}: no image folders")
+        return pd.DataFrame(rows)
+
+    def _read_processed_layout(self, data_dir: Path) -> pd.DataFrame:
+        images = _image_files(data_dir / "images")
+        masks = _image_files(data_dir / "masks")
+        missing = sorted(set(images) - set(masks))
+        if missing:
+            raise InputError(
+                f"{data_dir / 'images' / missing[0]}.*: no mask in {data_dir / 'masks'}"
+            )
+        rows = []
+        for name, image_path in images.items():
+            height, width = image_size(image_path)
+            union = read_png(masks[name])
+            rows.append(
+                {
+                    "id": name,
+                    "group": name,
+                    "image_path": str(image_path.resolve()),
+                    "height": height,
+                    "width": width,
+                    "mask_dir": "",
+                    "labels_csv": "",
+                    "mask_path": str(masks[name].resolve()),
+                    "n_nuclei": int(self._components(union).max()),
+                    "empty": not bool((union > 127).any()),
+                }
+            )
+        if not rows:
+            raise InputError(f"{data_dir / 'images'}: no images")
+        return pd.DataFrame(rows)
+
+    @staticmethod
+    def _components(union: np.ndarray) -> np.ndarray:
+        from skimage.measure import label
+
+        if union.ndim == 3:
+            union = union[..., 0]
+        return label(union > 127, connectivity=1).astype(np.int32)
+
+    def read_image(self, row: Any) -> np.ndarray:
+        """float32 [H, W, 3] RGB in [0, 1]; alpha dropped, grayscale repeated."""
+        image = read_png(row["image_path"])
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=-1)
+        image = image[..., :3]
+        scale = 65535.0 if image.dtype == np.uint16 else 255.0
+        return image.astype(np.float32) / scale
+
+    def read_instances(self, row: Any) -> np.ndarray:
+        """int32 [H, W] label map: 0 background, nucleus k = k (masks in file-name order)."""
+        shape = (int(row["height"]), int(row["width"]))
+        if row.get("mask_dir"):
+            labels = np.zeros(shape, dtype=np.int32)
+            files = sorted(Path(row["mask_dir"]).glob("*.png"))
+            for k, path in enumerate(files, start=1):
+                nucleus = read_png(path)
+                nucleus = nucleus[..., 0] if nucleus.ndim == 3 else nucleus
+                check_same_size(labels, nucleus, row["image_path"], path)
+                labels[nucleus > 127] = k
+            return labels
+        if row.get("labels_csv"):
+            from kaggle_seg.data.rle import decode_rles_to_labels
+
+            rles = _rles_by_image(row["labels_csv"]).get(row["id"], [])
+            tags = [
+                f"{row['labels_csv']} ImageId={row['id']} nucleus {k}" for k in range(len(rles))
+            ]
+            return decode_rles_to_labels(rles, shape, "F", labels=tags)
+        union = read_png(row["mask_path"])
+        labels = self._components(union)
+        check_same_size(labels, np.empty(shape), row["image_path"], row["mask_path"])
+        return labels
+
+    def read_mask(self, row: Any) -> np.ndarray:
+        """uint8 0/1 [H, W, 1]: the union of the nuclei."""
+        return (self.read_instances(row) > 0).astype(np.uint8)[..., None]
+
+    def stratify_labels(self, table: pd.DataFrame) -> pd.Series:
+        # Image size stands in for the imaging modality (fluorescence, histology, brightfield).
+        return table["width"].astype(str) + "x" + table["height"].astype(str)

@@ -1,0 +1,63 @@
+"""Image file readers shared by competitions; every failure names the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kaggle_seg.errors import InputError
+
+
+def read_png(path: str | Path, *, unchanged: bool = True) -> np.ndarray:
+    """A PNG/JPEG as stored (16-bit stays 16-bit): [H, W] or [H, W, C] in file channel order."""
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: image file not found")
+    flags = cv2.IMREAD_UNCHANGED if unchanged else cv2.IMREAD_COLOR
+    image = cv2.imread(str(path), flags)
+    if image is None:
+        raise InputError(f"{path}: cannot decode image (corrupt or not an image)")
+    if image.ndim == 3:
+        # OpenCV gives BGR(A); the rest of the project speaks RGB(A).
+        image = image[..., ::-1] if image.shape[2] == 3 else image[..., [2, 1, 0, 3]]
+        image = np.ascontiguousarray(image)
+    return image
+
+
+def read_tiff(path: str | Path) -> np.ndarray:
+    """A TIFF as stored: [H, W] or [H, W, C]."""
+    import tifffile
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: image file not found")
+    try:
+        return tifffile.imread(path)
+    except Exception as exc:  # tifffile raises many types for a broken file
+        raise InputError(f"{path}: cannot decode TIFF ({type(exc).__name__}: {exc})") from exc
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) from the file header, without decoding the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"{path}: cannot read image header ({exc})") from exc
+    return height, width
+
+
+def check_same_size(image: np.ndarray, mask: np.ndarray, image_path: object, mask_path: object):
+    if image.shape[:2] != mask.shape[:2]:
+        raise InputError(
+            f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
+            f"{image.shape[1]}x{image.shape[0]} (W x H)"
+        )

@@ -1,0 +1,83 @@
+"""LGG brain MRI (Buda et al., Kaggle dataset `kaggle_3m`): 3-channel TIFF slices + masks.
+
+Layout: `kaggle_3m/<patient folder>/<folder>_<n>.tif` and `<folder>_<n>_mask.tif`, where the
+folder is e.g. `TCGA_CS_4942_19970222` (institution, patient, date) and n is the slice number,
+not zero-padded: slices sort numerically.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kaggle_seg.competitions.images import check_same_size, read_tiff
+from kaggle_seg.config import DataConfig
+from kaggle_seg.errors import InputError
+
+CLASSES = ("abnormality",)
+_SLICE = re.compile(r"^(?P<folder>.+)_(?P<index>\d+)\.tif$")
+
+
+class LGG:
+    name = "lgg"
+    classes = CLASSES
+    rle_order = None
+
+    def read_table(self, data_dir: Path, config: DataConfig) -> pd.DataFrame:
+        data_dir = Path(data_dir)
+        root = data_dir / "kaggle_3m" if (data_dir / "kaggle_3m").is_dir() else data_dir
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("TCGA_"))
+        if not folders:
+            raise InputError(f"{root}: no TCGA_* patient folders (expected kaggle_3m/)")
+        rows = []
+        for folder in folders:
+            patient = "_".join(folder.name.split("_")[:3])  # TCGA_CS_4942, without the date
+            for path in folder.glob("*.tif"):
+                match = _SLICE.match(path.name)
+                if match is None or path.stem.endswith("_mask"):
+                    continue
+                mask_path = path.with_name(f"{path.stem}_mask.tif")
+                if not mask_path.is_file():
+                    raise InputError(f"{path}: no mask file {mask_path.name} beside it")
+                mask = read_tiff(mask_path)
+                rows.append(
+                    {
+                        "id": path.stem,
+                        "group": patient,
+                        "patient": patient,
+                        "series": folder.name,
+                        "slice_index": int(match["index"]),
+                        "image_path": str(path.resolve()),
+                        "mask_path": str(mask_path.resolve()),
+                        "height": int(mask.shape[0]),
+                        "width": int(mask.shape[1]),
+                        "empty": not bool((mask > 0).any()),
+                    }
+                )
+        table = pd.DataFrame(rows)
+        return table.sort_values(["series", "slice_index"]).reset_index(drop=True)
+
+    def read_image(self, row: Any) -> np.ndarray:
+        """float32 [H, W, 3] in [0, 1]: pre-contrast, FLAIR, post-contrast."""
+        image = read_tiff(row["image_path"])
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=-1)
+        return image.astype(np.float32) / 255.0
+
+    def read_mask(self, row: Any) -> np.ndarray:
+        mask = read_tiff(row["mask_path"])
+        mask = mask[..., 0] if mask.ndim == 3 else mask
+        check_same_size(
+            mask,
+            np.empty((int(row["height"]), int(row["width"]))),
+            row["image_path"],
+            row["mask_path"],
+        )
+        return (mask > 0).astype(np.uint8)[..., None]
+
+    def stratify_labels(self, table: pd.DataFrame) -> pd.Series:
+        return table["empty"].map({True: "empty", False: "lesion"})

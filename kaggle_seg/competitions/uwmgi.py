@@ -1,0 +1,200 @@
+"""UW-Madison GI Tract: 16-bit PNG slices, three overlapping organ classes as row-major RLE.
+
+Layout as Kaggle ships it::
+
+    train.csv                                   id,class,segmentation (3 rows per slice)
+    train/<case>/<case>_<day>/scans/slice_SSSS_W_H_PW_PH.png
+
+W, H are the width and height in pixels (the 360x310 scans are not square), PW, PH the pixel
+spacing in mm. Slice ids look like `case123_day20_slice_0065`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kaggle_seg.competitions.images import read_png
+from kaggle_seg.config import DataConfig
+from kaggle_seg.errors import InputError
+from kaggle_seg.io import read_csv_checked
+
+CLASSES = ("large_bowel", "small_bowel", "stomach")
+RLE_COLUMNS = tuple(f"rle_{c}" for c in CLASSES)
+_SLICE_FILE = re.compile(r"^slice_(\d+)_(\d+)_(\d+)_([\d.]+)_([\d.]+)\.png$")
+_CASE_DAY = re.compile(r"^(case\d+)_(day\d+)$")
+
+
+def parse_slice_filename(name: str) -> dict[str, Any]:
+    """`slice_0065_360_310_1.50_1.50.png` -> slice_index 65, width 360, height 310, spacings."""
+    match = _SLICE_FILE.match(name)
+    if match is None:
+        raise InputError(f"{name}: not a slice_SSSS_W_H_PW_PH.png file name")
+    index, width, height, spacing_w, spacing_h = match.groups()
+    return {
+        "slice_index": int(index),
+        "width": int(width),
+        "height": int(height),
+        "spacing_w": float(spacing_w),
+        "spacing_h": float(spacing_h),
+    }
+
+
+def slice_id(case_day: str, slice_index: int) -> str:
+    return f"{case_day}_slice_{slice_index:04d}"
+
+
+def scan_slices(images_dir: str | Path) -> pd.DataFrame:
+    """Every slice PNG under `images_dir/<case>/<case>_<day>/scans/`, one row each, in order.
+
+    Sizes come from the file names, so no pixel is decoded.
+    """
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise InputError(f"{images_dir}: folder of case folders not found")
+    rows = []
+    for path in images_dir.glob("*/*/scans/slice_*.png"):
+        case_day = path.parent.parent.name
+        match = _CASE_DAY.match(case_day)
+        if match is None:
+            raise InputError(f"{path}: folder {case_day!r} is not named <case>_<day>")
+        info = parse_slice_filename(path.name)
+        rows.append(
+            {
+                "id": slice_id(case_day, info["slice_index"]),
+                "group": match.group(1),
+                "case_id": match.group(1),
+                "case_day": case_day,
+                **info,
+                "image_path": str(path.resolve()),
+            }
+        )
+    columns = [
+        "id",
+        "group",
+        "case_id",
+        "case_day",
+        "slice_index",
+        "width",
+        "height",
+        "spacing_w",
+        "spacing_h",
+        "image_path",
+    ]
+    frame = pd.DataFrame(rows, columns=columns)
+    if frame["id"].duplicated().any():
+        dup = frame.loc[frame["id"].duplicated(), "id"].iloc[0]
+        raise InputError(f"{images_dir}: two files for slice {dup}")
+    return sort_slices(frame)
+
+
+def sort_slices(frame: pd.DataFrame) -> pd.DataFrame:
+    """Case-day, then slice number: the order volumes and 2.5D stacks rely on."""
+    return frame.sort_values(["case_day", "slice_index"], kind="stable").reset_index(drop=True)
+
+
+def read_train_csv(path: str | Path) -> pd.DataFrame:
+    """train.csv as one row per slice with columns `id` and `rle_<class>`."""
+    labels = read_csv_checked(path, ["id", "class", "segmentation"])
+    unknown = sorted(set(labels["class"]) - set(CLASSES))
+    if unknown:
+        row = int(np.flatnonzero(~labels["class"].isin(CLASSES))[0]) + 2
+        raise InputError(f"{path}: line {row}: unknown class {unknown[0]!r}; expected {CLASSES}")
+    duplicated = labels.duplicated(["id", "class"])
+    if duplicated.any():
+        row = int(np.flatnonzero(duplicated)[0]) + 2
+        raise InputError(f"{path}: line {row}: second row for {labels.loc[row - 2, 'id']}")
+    wide = labels.pivot(index="id", columns="class", values="segmentation")
+    wide = wide.reindex(columns=list(CLASSES)).fillna("")
+    wide.columns = list(RLE_COLUMNS)
+    return wide.reset_index()
+
+
+def stack_positions(table: pd.DataFrame, depth: int, stride: int) -> np.ndarray:
+    """Row positions of each slice's 2.5D neighbours: int64 [N, depth].
+
+    Neighbour k of slice i is `stride * (k - depth // 2)` slices away, clamped to the first / last
+    slice of the same case-day so a stack never mixes two scans. `table` must be sorted by
+    case_day then slice_index (as `read_table` returns it).
+    """
+    if depth < 1 or stride < 1:
+        raise InputError(f"2.5D stack needs depth >= 1 and stride >= 1, got {depth}, {stride}")
+    case_day = table["case_day"].to_numpy()
+    starts = np.r_[0, np.flatnonzero(case_day[1:] != case_day[:-1]) + 1]
+    ends = np.r_[starts[1:], len(table)] - 1
+    run = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(table)]))
+    offsets = stride * (np.arange(depth) - depth // 2)
+    positions = np.arange(len(table))[:, None] + offsets[None, :]
+    return np.clip(positions, starts[run][:, None], ends[run][:, None])
+
+
+class UWMGI:
+    name = "uwmgi"
+    classes = CLASSES
+    rle_order = "C"
+
+    def read_table(self, data_dir: Path, config: DataConfig) -> pd.DataFrame:
+        data_dir = Path(data_dir)
+        slices = scan_slices(data_dir / "train")
+        labels = read_train_csv(data_dir / "train.csv")
+        table = labels.merge(slices, on="id", how="left", indicator=True)
+        missing = table["_merge"] == "left_only"
+        if missing.any():
+            raise InputError(
+                f"{data_dir / 'train.csv'}: {int(missing.sum())} slice(s) have no image under "
+                f"{data_dir / 'train'}, first {table.loc[missing, 'id'].iloc[0]}"
+            )
+        table = table.drop(columns="_merge")
+        table = table[~table["case_day"].isin(config.exclude_case_days)]
+        table["empty"] = (table[list(RLE_COLUMNS)] == "").all(axis=1)
+        columns = [
+            "id",
+            "group",
+            "case_id",
+            "case_day",
+            "slice_index",
+            "image_path",
+            "height",
+            "width",
+            "spacing_h",
+            "spacing_w",
+            *RLE_COLUMNS,
+            "empty",
+        ]
+        return sort_slices(table[columns])
+
+    def read_image(self, row: Any) -> np.ndarray:
+        """float32 [H, W, 1], the 16-bit intensities divided by the slice's maximum."""
+        image = read_png(row["image_path"])
+        if image.ndim != 2:
+            raise InputError(f"{row['image_path']}: expected a grayscale slice, got {image.shape}")
+        image = image.astype(np.float32)
+        peak = float(image.max())
+        if peak > 0:
+            image /= peak
+        return image[..., None]
+
+    def read_image_stack(self, table: pd.DataFrame, positions: np.ndarray) -> np.ndarray:
+        """float32 [H, W, depth]: the slices at `positions` (one row of `stack_positions`)."""
+        return np.concatenate([self.read_image(table.iloc[p]) for p in positions], axis=-1)
+
+    def read_mask(self, row: Any) -> np.ndarray:
+        from kaggle_seg.data.rle import decode_rle
+
+        shape = (int(row["height"]), int(row["width"]))
+        masks = []
+        for column in RLE_COLUMNS:
+            try:
+                masks.append(decode_rle(row[column], shape, "C"))
+            except ValueError as exc:
+                raise InputError(f"slice {row['id']}, {column[4:]}: {exc}") from exc
+        return np.stack(masks, axis=-1)
+
+    def stratify_labels(self, table: pd.DataFrame) -> pd.Series:
+        # The organ combination, e.g. "101" = large bowel and stomach present.
+        present = (table[list(RLE_COLUMNS)] != "").astype(int).astype(str)
+        return present.agg("".join, axis=1)

@@ -1,0 +1,75 @@
+"""Fold assignment: grouped so no case / patient / image straddles two folds, stratified on labels.
+
+Folds are written once and reused: retraining or tuning against re-drawn folds would leak
+validation images into training.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kaggle_seg.errors import InputError, KsegError
+from kaggle_seg.io import read_csv_checked, write_csv_atomic
+
+
+def make_folds(
+    ids: pd.Series, groups: pd.Series, labels: pd.Series, n_folds: int, seed: int
+) -> pd.DataFrame:
+    """Assign each id a fold in [0, n_folds) with sklearn's StratifiedGroupKFold.
+
+    Returns a frame with columns `id`, `fold`, `group` in the order of `ids`.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_groups = groups.nunique()
+    if n_folds < 2:
+        raise InputError(f"--n-folds must be at least 2, got {n_folds}")
+    if n_groups < n_folds:
+        raise InputError(f"only {n_groups} groups for {n_folds} folds: use --n-folds <= {n_groups}")
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    fold = np.full(len(ids), -1, dtype=np.int64)
+    with warnings.catch_warnings():
+        # Rare label combinations (fewer members than folds) are expected, not an error.
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        splits = splitter.split(np.zeros(len(ids)), labels.to_numpy(), groups.to_numpy())
+        for k, (_, valid) in enumerate(splits):
+            fold[valid] = k
+    return pd.DataFrame({"id": ids.to_numpy(), "fold": fold, "group": groups.to_numpy()})
+
+
+def read_folds(path: str | Path) -> pd.DataFrame:
+    """A folds file with integer folds; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise KsegError(f"{path}: folds file not found; create it with `kseg folds`")
+    frame = read_csv_checked(path, ["id", "fold"])
+    try:
+        frame["fold"] = frame["fold"].astype(int)
+    except ValueError as exc:
+        raise InputError(f"{path}: column fold must hold integers ({exc})") from exc
+    return frame
+
+
+def write_or_reuse_folds(
+    table: pd.DataFrame, labels: pd.Series, out: str | Path, n_folds: int, seed: int, force: bool
+) -> tuple[pd.DataFrame, bool]:
+    """Write the folds file, or reuse an existing one that covers the same ids and fold count.
+
+    Returns (folds, reused). An existing file that disagrees is an error unless `force`.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        existing = read_folds(out)
+        same_ids = set(existing["id"]) == set(table["id"])
+        same_k = existing["fold"].nunique() == n_folds
+        if same_ids and same_k:
+            return existing, True
+        reason = "different ids" if not same_ids else f"{existing['fold'].nunique()} folds"
+        raise KsegError(f"{out} exists with {reason}; pass --force to overwrite it")
+    folds = make_folds(table["id"], table["group"], labels, n_folds, seed)
+    write_csv_atomic(folds, out)
+    return folds, False

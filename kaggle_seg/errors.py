@@ -1,0 +1,13 @@
+"""Errors the CLI turns into one clear line (a traceback only with --debug)."""
+
+
+class KsegError(Exception):
+    """A known failure: bad input, a missing file, a wrong option. The message names the culprit."""
+
+
+class InputError(KsegError, ValueError):
+    """Malformed input data: a file, a row or a column that cannot be used as it is."""
+
+
+class RLEError(InputError):
+    """A run-length encoding that cannot be decoded (odd tokens, bad numbers, overlapping runs)."""

@@ -1,0 +1,56 @@
+"""`kseg prepare` and `kseg folds`: raw files -> table -> folds, with files written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from kaggle_seg.competitions import get_competition
+from kaggle_seg.competitions.base import summarize_table
+from kaggle_seg.config import build_data_config
+from kaggle_seg.data.folds import write_or_reuse_folds
+from kaggle_seg.errors import KsegError
+from kaggle_seg.io import read_csv_checked, write_csv_atomic
+
+
+def prepare_table(
+    competition: str,
+    data_dir: Path,
+    out: Path,
+    config_path: Path | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Write the competition's table to `out`; returns its summary."""
+    config = build_data_config(competition, config_path, overrides)
+    if not Path(data_dir).is_dir():
+        raise KsegError(f"--data-dir {data_dir}: folder not found")
+    table = get_competition(competition).read_table(Path(data_dir), config)
+    write_csv_atomic(table, out)
+    summary = summarize_table(table)
+    if "case_day" in table.columns:
+        summary["excluded"] = list(config.exclude_case_days)
+    return summary
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A table written by `prepare`, with its typed columns restored."""
+    table = read_csv_checked(path, ["id", "group", "image_path", "height", "width", "empty"])
+    table["height"] = table["height"].astype(int)
+    table["width"] = table["width"].astype(int)
+    table["empty"] = table["empty"].map({"True": True, "False": False})
+    if table["empty"].isna().any():
+        raise KsegError(f"{path}: column empty must hold True/False")
+    for column in ("slice_index", "n_nuclei"):
+        if column in table.columns:
+            table[column] = table[column].astype(int)
+    return table
+
+
+def folds_for_table(
+    competition: str, table_path: Path, out: Path, n_folds: int, seed: int, force: bool
+) -> tuple[pd.DataFrame, bool]:
+    table = read_table(table_path)
+    labels = get_competition(competition).stratify_labels(table)
+    return write_or_reuse_folds(table, labels, out, n_folds, seed, force)

@@ -1,0 +1,173 @@
+"""The `kseg` command as users run it: fast start, one-line errors, the commands end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+
+def kseg(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m kaggle_seg ARGS` as a user would run `kseg ARGS`."""
+    result = subprocess.run(
+        [sys.executable, "-m", "kaggle_seg", *args], capture_output=True, text=True, timeout=300
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"kseg {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def test_start_up_imports_no_heavy_package():
+    code = (
+        "import sys, kaggle_seg.cli; "
+        "print([m for m in ('torch', 'numba', 'kaggle', 'sklearn', 'pandas', 'cv2') "
+        "if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_version_and_help_are_fast():
+    start = time.perf_counter()
+    assert kseg("--version").stdout.startswith("kseg ")
+    assert "prepare" in kseg("--help").stdout
+    assert time.perf_counter() - start < 3.0  # two interpreter starts, generous for slow CI
+
+
+def test_errors_are_one_line_without_traceback(tmp_path: Path):
+    result = kseg(
+        "prepare",
+        "-c",
+        "uwmgi",
+        "--data-dir",
+        str(tmp_path / "nope"),
+        "--out",
+        str(tmp_path / "t.csv"),
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "nope" in result.stderr
+    unknown = kseg(
+        "prepare",
+        "-c",
+        "kvasir",
+        "--data-dir",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "t.csv"),
+        check=False,
+    )
+    assert "unknown competition 'kvasir'" in unknown.stderr
+    debug = kseg(
+        "--debug",
+        "prepare",
+        "-c",
+        "kvasir",
+        "--data-dir",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "t.csv"),
+        check=False,
+    )
+    assert "Traceback" in debug.stderr
+
+
+def test_a_wrong_config_key_is_named(phantom_dir: Path, tmp_path: Path):
+    config = tmp_path / "exp.yaml"
+    config.write_text("data:\n  exclude_case_day: [case7_day0]\n  n_folds: many\n")
+    result = kseg(
+        "prepare",
+        "-c",
+        "uwmgi",
+        "--data-dir",
+        str(phantom_dir),
+        "--out",
+        str(tmp_path / "t.csv"),
+        "--config",
+        str(config),
+        check=False,
+    )
+    assert "unknown key 'exclude_case_day'" in result.stderr
+    assert "'n_folds'" in result.stderr
+    assert not (tmp_path / "t.csv").exists()
+
+
+def test_prepare_folds_score_on_the_phantom(phantom_dir: Path, tmp_path: Path):
+    table = tmp_path / "table.csv"
+    out = kseg("prepare", "-c", "uwmgi", "--data-dir", str(phantom_dir), "--out", str(table))
+    assert "72 images in 5 groups" in out.stdout and "360x310" in out.stdout
+    folds = tmp_path / "folds.csv"
+    kseg("folds", "-c", "uwmgi", "--table", str(table), "--out", str(folds), "--n-folds", "5")
+    assert (
+        "reused"
+        in kseg(
+            "folds", "-c", "uwmgi", "--table", str(table), "--out", str(folds), "--n-folds", "5"
+        ).stdout
+    )
+    frame = pd.read_csv(folds)
+    assert list(frame.columns) == ["id", "fold", "group"]
+    assert frame.groupby("group")["fold"].nunique().max() == 1
+
+    # A perfect submission (train.csv renamed) scores exactly 1.
+    truth = phantom_dir / "train.csv"
+    perfect = pd.read_csv(truth).rename(columns={"segmentation": "predicted"})
+    perfect.to_csv(tmp_path / "perfect.csv", index=False)
+    result = kseg(
+        "score",
+        "-c",
+        "uwmgi",
+        str(truth),
+        str(tmp_path / "perfect.csv"),
+        "--images",
+        str(phantom_dir / "train"),
+        "--json",
+    )
+    assert json.loads(result.stdout)["score"] == pytest.approx(1.0)
+
+
+def test_score_rejects_a_broken_submission_by_line(phantom_dir: Path, tmp_path: Path):
+    truth = phantom_dir / "train.csv"
+    broken = pd.read_csv(truth).rename(columns={"segmentation": "predicted"})
+    broken.loc[4, "predicted"] = "10 5 12 3"
+    broken.to_csv(tmp_path / "broken.csv", index=False)
+    result = kseg(
+        "score",
+        "-c",
+        "uwmgi",
+        str(truth),
+        str(tmp_path / "broken.csv"),
+        "--images",
+        str(phantom_dir / "train"),
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "broken.csv: line 6" in result.stderr
+
+
+def test_score_dsb_solution_against_itself(shared_data: Path):
+    solution = shared_data / "dsb2018" / "stage1_solution.csv"
+    result = kseg("score", "-c", "dsb2018", str(solution), str(solution), "--json")
+    assert json.loads(result.stdout)["score"] == pytest.approx(1.0)
+    sample = shared_data / "dsb2018" / "stage1_sample_submission.csv"
+    assert (
+        json.loads(kseg("score", "-c", "dsb2018", str(solution), str(sample), "--json").stdout)[
+            "score"
+        ]
+        == 0.0
+    )
+
+
+def test_demo_runs_the_main_job(tmp_path: Path):
+    out = kseg("demo", "--out", str(tmp_path / "demo")).stdout
+    assert "kseg prepare" in out and "kseg folds" in out
+    match = re.search(r"score (\d\.\d+) =", out)
+    assert match is not None and 0.5 < float(match.group(1)) < 1.0
+    for name in ("table.csv", "folds.csv", "truth_fold0.csv", "submission_fold0.csv"):
+        assert (tmp_path / "demo" / name).is_file()
