@@ -118,6 +118,48 @@ def score(
         typer.echo(line)
 
 
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option("--config", help="Experiment YAML (configs/...).")],
+    fold: Annotated[int | None, typer.Option(help="The fold to train.")] = None,
+    folds_list: Annotated[
+        str | None, typer.Option("--folds", help="Several folds one after another: 0,1,2,3,4.")
+    ] = None,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the fold's last.pt.")] = False,
+    runs_dir: Annotated[Path, typer.Option(help="Root of the run folders.")] = Path("runs"),
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda (default: cuda when visible).")
+    ] = None,
+) -> None:
+    """Train a fold (or several): runs/<experiment>/fold_<k>/ gets config, checkpoints, history
+    and out-of-fold probabilities. Under `torchrun --nproc_per_node N -m kaggle_seg train ...`
+    the processes share one fold with DDP."""
+    from kaggle_seg.config import load_experiment
+    from kaggle_seg.train import train_fold
+
+    experiment = load_experiment(config, overrides or [])
+    if (fold is None) == (folds_list is None):
+        raise KsegError("pass exactly one of --fold K or --folds 0,1,2")
+    try:
+        to_train = [fold] if fold is not None else [int(k) for k in folds_list.split(",")]
+    except ValueError:
+        raise KsegError(f"--folds {folds_list!r}: expected integers like 0,1,2") from None
+    for k in to_train:
+        train_fold(experiment, k, run_root=runs_dir, resume=resume, device=device)
+
+
+@app.command()
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A fold's run folder (runs/<exp>/fold_<k>).")],
+    out: Annotated[Path | None, typer.Option(help="PNG path (default RUN_DIR/curves.png).")] = None,
+) -> None:
+    """Write the loss and metric curves of a run as PNG."""
+    from kaggle_seg.plots import plot_history
+
+    typer.echo(f"wrote {plot_history(run_dir, out)}")
+
+
 def _format_result(result: dict, indent: str = "") -> list[str]:
     """Nested score dicts as indented `key: value` lines, floats to 6 places."""
     lines = []

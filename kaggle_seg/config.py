@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -34,13 +34,92 @@ class DataConfig(StrictModel):
     # 2.5D input: `stack_depth` neighbouring slices, `stack_stride` slices apart (uwmgi).
     stack_depth: int = Field(1, ge=1)
     stack_stride: int = Field(1, ge=1)
+    # What the model predicts: the class masks, or (dsb2018) the nuclei mask plus their borders,
+    # which the instance split uses to separate touching nuclei.
+    targets: Literal["mask", "mask_border"] = "mask"
+
+
+class AugmentConfig(StrictModel):
+    """How images reach the model: a named albumentations preset and the input size."""
+
+    preset: str = "light"  # a key of kaggle_seg.data.transforms.PRESETS
+    height: int = Field(256, ge=16)
+    width: int = Field(256, ge=16)
+    # Validation / prediction: "resize" to height x width, or "pad" to it (no resampling;
+    # the UW 2.5D recipe pads 266x266 and 360x310 scans to 320x384).
+    resize_mode: Literal["resize", "pad"] = "resize"
+    # "imagenet" for pretrained encoders; images arrive scaled to [0, 1] either way.
+    normalize: Literal["none", "imagenet"] = "none"
+
+
+class ModelConfig(StrictModel):
+    """An smp architecture + encoder (any smp or `tu-` timm encoder), or a seed architecture."""
+
+    architecture: str = "Unet"  # smp: Unet, UnetPlusPlus, FPN, ...; seeds: unet, resunet, bunet
+    encoder: str = "resnet34"
+    # Weights come from local files only: nothing is downloaded (Kaggle kernels are offline).
+    encoder_weights_path: Path | None = None
+    weights_path: Path | None = None
+    params: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments
+
+
+class LossTerm(StrictModel):
+    """One term of a weighted loss sum, e.g. {name: dice, weight: 0.4}."""
+
+    name: str  # a key of kaggle_seg.losses.LOSSES
+    weight: float = 1.0
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(StrictModel):
+    name: Literal["adam", "adamw", "rmsprop", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class SchedulerConfig(StrictModel):
+    name: Literal["none", "cosine", "plateau", "step"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    min_lr: float = Field(1e-6, ge=0)
+    params: dict[str, Any] = Field(default_factory=dict)  # e.g. step_size, gamma, patience
+
+
+class TrainConfig(StrictModel):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)
+    num_workers: int = Field(2, ge=0)
+    seed: int = 42
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    loss: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="bce")])
+    # Mixed precision on GPU ("auto" = bf16 where supported, else fp16 with a grad scaler).
+    amp: Literal["auto", "off", "fp16", "bf16"] = "auto"
+    channels_last: bool = True
+    grad_accumulation: int = Field(1, ge=1)
+    clip_grad_norm: float | None = Field(None, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    monitor: str = "score"  # a history.csv column: score, dice, valid_loss, ...
+    monitor_mode: Literal["max", "min"] = "max"
+    # Two-phase training: encoder frozen for N epochs, then unfrozen with its own LR.
+    freeze_encoder_epochs: int = Field(0, ge=0)
+    unfreeze: Literal["all", "last"] = "all"
+    encoder_lr: float | None = Field(None, gt=0)
+    sampler_weight_column: str | None = None  # weighted random sampling over a table column
+    cache: Literal["none", "memory", "memmap"] = "memory"
+    oof_dtype: Literal["float16", "uint8"] = "float16"
+    tensorboard: bool = False
 
 
 class ExperimentConfig(StrictModel):
-    """One experiment. Later sections (model, train, predict, kernel) plug in here."""
+    """One experiment: everything needed to train, and later to predict from its checkpoints."""
 
     name: str = "default"
     data: DataConfig
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def _format_validation_error(source: str, exc: ValidationError) -> str:
@@ -59,7 +138,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise KsegError(f"--set {text!r}: expected key=value, e.g. data.n_folds=4")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        # YAML 1.1 reads 3e-4 (no dot) as a string; users mean a number.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -114,3 +200,30 @@ def build_data_config(
         return DataConfig.model_validate(raw["data"])
     except ValidationError as exc:
         raise KsegError(_format_validation_error(source, exc)) from exc
+
+
+def load_experiment(
+    config_path: str | Path, overrides: list[str] | None = None
+) -> ExperimentConfig:
+    """An experiment YAML (`data.competition` required) with `--set` overrides applied.
+
+    The competition's packaged data defaults fill what the file leaves out.
+    """
+    raw = apply_overrides(load_yaml(config_path), overrides or [])
+    data = raw.get("data")
+    if not isinstance(data, dict) or "competition" not in data:
+        raise KsegError(f"{config_path}: invalid config: 'data.competition' is required")
+    raw["data"] = {**competition_defaults(str(data["competition"])), **data}
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise KsegError(_format_validation_error(str(config_path), exc)) from exc
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML (what a run folder keeps beside its checkpoints)."""
+    from kaggle_seg.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return Path(path)

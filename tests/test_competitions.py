@@ -126,6 +126,17 @@ def test_uwmgi_train_csv_without_a_column_is_named(phantom_dir: Path, tmp_path: 
         get_competition("uwmgi").read_table(copy, build_data_config("uwmgi"))
 
 
+def test_uwmgi_malformed_rle_names_slice_and_class(phantom_dir: Path, tmp_path: Path):
+    copy = tmp_path / "uwmgi"
+    shutil.copytree(phantom_dir, copy)
+    labels = pd.read_csv(copy / "train.csv", keep_default_na=False)
+    labels.loc[(labels["id"] == "case12_day0_slice_0002") & (labels["class"] == "stomach"),
+               "segmentation"] = "5 10 8 3"  # fmt: skip
+    labels.to_csv(copy / "train.csv", index=False)
+    with pytest.raises(InputError, match="train.csv: case12_day0_slice_0002, stomach: .*overlap"):
+        get_competition("uwmgi").read_table(copy, build_data_config("uwmgi"))
+
+
 def test_uwmgi_scan_reads_sizes_without_decoding(phantom_dir: Path):
     slices = scan_slices(phantom_dir / "train")
     assert len(slices) == 7 * 12

@@ -21,6 +21,7 @@ TABLE_COLUMNS = ("id", "group", "image_path", "height", "width", "empty")
 class Competition(Protocol):
     name: str
     classes: tuple[str, ...]
+    channels: int  # image channels of one slice / image
     # RLE pixel order of the competition's CSVs; None where there is no RLE format.
     rle_order: Literal["C", "F"] | None
 

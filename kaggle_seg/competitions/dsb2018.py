@@ -42,6 +42,7 @@ def _image_files(folder: Path) -> dict[str, Path]:
 class DSB2018:
     name = "dsb2018"
     classes = CLASSES
+    channels = 3  # image channels before 2.5D stacking
     rle_order = "F"
 
     def read_table(self, data_dir: Path, config: DataConfig) -> pd.DataFrame:

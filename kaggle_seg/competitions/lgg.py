@@ -25,6 +25,7 @@ _SLICE = re.compile(r"^(?P<folder>.+)_(?P<index>\d+)\.tif$")
 class LGG:
     name = "lgg"
     classes = CLASSES
+    channels = 3  # image channels before 2.5D stacking
     rle_order = None
 
     def read_table(self, data_dir: Path, config: DataConfig) -> pd.DataFrame:

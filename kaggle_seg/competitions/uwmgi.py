@@ -132,9 +132,24 @@ def stack_positions(table: pd.DataFrame, depth: int, stride: int) -> np.ndarray:
     return np.clip(positions, starts[run][:, None], ends[run][:, None])
 
 
+def check_label_rles(table: pd.DataFrame, source: Path) -> None:
+    """Every RLE of the table decodes inside its slice; the error names the slice and class."""
+    from kaggle_seg.data.rle import validate_rle
+
+    n_pixels = (table["height"] * table["width"]).to_numpy()
+    for column in RLE_COLUMNS:
+        for slice_name, rle, n in zip(table["id"], table[column], n_pixels, strict=True):
+            if rle:
+                try:
+                    validate_rle(rle, int(n))
+                except ValueError as exc:
+                    raise InputError(f"{source}: {slice_name}, {column[4:]}: {exc}") from None
+
+
 class UWMGI:
     name = "uwmgi"
     classes = CLASSES
+    channels = 1  # image channels before 2.5D stacking
     rle_order = "C"
 
     def read_table(self, data_dir: Path, config: DataConfig) -> pd.DataFrame:
@@ -150,6 +165,7 @@ class UWMGI:
             )
         table = table.drop(columns="_merge")
         table = table[~table["case_day"].isin(config.exclude_case_days)]
+        check_label_rles(table, data_dir / "train.csv")
         table["empty"] = (table[list(RLE_COLUMNS)] == "").all(axis=1)
         columns = [
             "id",

@@ -1,0 +1,59 @@
+"""Configs: strict validation, overrides, and the shipped experiment files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kaggle_seg.config import (
+    ExperimentConfig,
+    apply_overrides,
+    build_data_config,
+    load_experiment,
+    save_config,
+)
+from kaggle_seg.errors import KsegError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_packaged_uwmgi_defaults_exclude_the_faulty_case_days():
+    assert build_data_config("uwmgi").exclude_case_days == ["case7_day0", "case81_day30"]
+    assert build_data_config("dsb2018").exclude_case_days == []
+
+
+def test_overrides_set_nested_keys_with_yaml_values():
+    raw = apply_overrides({"train": {"lr": 1}}, ["train.lr=3e-4", "data.n_folds=4", "a.b.c=[1]"])
+    assert raw == {"train": {"lr": 3e-4}, "data": {"n_folds": 4}, "a": {"b": {"c": [1]}}}
+    with pytest.raises(KsegError, match="expected key=value"):
+        apply_overrides({}, ["train.lr"])
+
+
+def test_unknown_and_mistyped_keys_are_named(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data: {competition: lgg}\ntrain: {epochz: 3, batch_size: big}\n")
+    with pytest.raises(KsegError) as error:
+        load_experiment(path)
+    assert "unknown key 'train.epochz'" in str(error.value)
+    assert "'train.batch_size'" in str(error.value)
+    path.write_text("train: {epochs: 3}\n")
+    with pytest.raises(KsegError, match="'data.competition' is required"):
+        load_experiment(path)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_validates_and_round_trips(path: Path, tmp_path: Path):
+    config = load_experiment(path)
+    assert config.name == path.stem
+    saved = save_config(config, tmp_path / "config.yaml")
+    again = ExperimentConfig.model_validate(yaml.safe_load(saved.read_text()))
+    assert again == config
+
+
+def test_shipped_configs_cover_the_seed_systems():
+    names = {p.stem for p in CONFIGS}
+    assert {"dsb2018_resunet", "dsb2018_unet128", "uwmgi_unetpp_effb3", "uwmgi_scratch",
+            "lgg_unet", "lgg_bunet", "lgg_unet_resnet50", "uwmgi_25d_effnet",
+            "dsb2018_mask_border"} <= names  # fmt: skip
