@@ -6,6 +6,7 @@ any field. Unknown keys and wrong types are errors naming the key.
 
 from __future__ import annotations
 
+import contextlib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -141,10 +142,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     value = yaml.safe_load(raw)
     if isinstance(value, str):
         # YAML 1.1 reads 3e-4 (no dot) as a string; users mean a number.
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
     return key.strip().split("."), value
 
 

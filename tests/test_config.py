@@ -39,7 +39,7 @@ def test_unknown_and_mistyped_keys_are_named(tmp_path: Path):
     assert "unknown key 'train.epochz'" in str(error.value)
     assert "'train.batch_size'" in str(error.value)
     path.write_text("train: {epochs: 3}\n")
-    with pytest.raises(KsegError, match="'data.competition' is required"):
+    with pytest.raises(KsegError, match=r"'data\.competition' is required"):
         load_experiment(path)
 
 

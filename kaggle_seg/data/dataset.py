@@ -1,0 +1,286 @@
+"""The torch Dataset over a competition table: images (2.5D stacks for uwmgi), masks, targets.
+
+A sample is a dict: `image` float32 [C, H, W], `mask` float32 [K, H, W] (0/1), `index` (the row's
+position in the table) and `id`. Decoded arrays come from `ImageStore`s when given (filled once,
+before the DataLoader forks, see cache.py), else from the competition's readers on every call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, WeightedRandomSampler
+
+from kaggle_seg.competitions.base import Competition
+from kaggle_seg.data.cache import ImageStore, StoreMode, fingerprint
+from kaggle_seg.errors import InputError, KsegError
+
+Targets = Literal["mask", "mask_border"]
+TARGETS: tuple[str, ...] = ("mask", "mask_border")
+# Table columns that name the files a row's mask is read from (any competition).
+_MASK_SOURCE_COLUMNS = ("image_path", "mask_path", "mask_dir", "labels_csv")
+
+
+def instance_targets(labels: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 2] from an int [H, W] instance label map: nuclei union, nuclei borders.
+
+    The border channel holds each nucleus's outline pixels (skimage `find_boundaries`, mode
+    "inner": nucleus pixels 4-adjacent to background or to another nucleus), dilated by one pixel
+    (3x3) and kept inside the union, so border ⊂ union and the union minus the border falls apart
+    into one piece per nucleus even where nuclei touch: the seeds of an instance split.
+    """
+    import cv2
+    from skimage.segmentation import find_boundaries
+
+    union = labels > 0
+    outline = find_boundaries(labels, mode="inner").astype(np.uint8)
+    border = cv2.dilate(outline, np.ones((3, 3), np.uint8)).astype(bool) & union
+    return np.stack([union, border], axis=-1).astype(np.uint8)
+
+
+def read_target(competition: Competition, row: Any, targets: Targets) -> np.ndarray:
+    """uint8 0/1 [H, W, K] for one table row: the competition's masks (K = len(classes)) for
+    "mask", `instance_targets` (K = 2) for "mask_border"."""
+    if targets == "mask":
+        mask = competition.read_mask(row)
+        return mask[..., None] if mask.ndim == 2 else mask
+    return instance_targets(competition.read_instances(row))  # type: ignore[attr-defined]
+
+
+def _check_targets(competition: Competition, targets: str) -> None:
+    if targets not in TARGETS:
+        raise KsegError(f"unknown targets {targets!r}; choose one of {', '.join(TARGETS)}")
+    if targets == "mask_border" and not hasattr(competition, "read_instances"):
+        raise KsegError(
+            f"targets 'mask_border' need instance masks; {competition.name} has none "
+            "(use targets 'mask')"
+        )
+
+
+def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
+    # Plain dicts: readers index rows by column name, and a dict lookup is ~100x an iloc.
+    return table.to_dict("records")
+
+
+def _read_row_image(competition: Competition, rows: list[dict[str, Any]], i: int) -> np.ndarray:
+    return competition.read_image(rows[i])
+
+
+def _read_row_target(
+    competition: Competition, rows: list[dict[str, Any]], targets: Targets, i: int
+) -> np.ndarray:
+    return read_target(competition, rows[i], targets)
+
+
+def build_stores(
+    competition: Competition,
+    table: pd.DataFrame,
+    mode: StoreMode,
+    *,
+    folder: str | Path | None = None,
+    targets: Targets = "mask",
+    threads: int | None = None,
+) -> tuple[ImageStore, ImageStore]:
+    """(image store, mask store) for every row of `table`, keyed by `id`, filled now.
+
+    Fill them once for the whole table (before building DataLoaders): datasets over any subset
+    of its rows (a fold's training or validation part) then share them. Images are stored per
+    row, i.e. per slice for uwmgi, and 2.5D stacks are assembled on reading. memmap files live
+    in `folder` as `<competition>-images` and `<competition>-<targets>`.
+    """
+    _check_targets(competition, targets)
+    rows = _records(table)
+    ids = [str(row["id"]) for row in rows]
+    sizes = [(int(row["height"]), int(row["width"])) for row in rows]
+    image_store = ImageStore(mode, "image", folder=folder, name=f"{competition.name}-images")
+    mask_store = ImageStore(mode, "mask", folder=folder, name=f"{competition.name}-{targets}")
+    image_sources = mask_sources = None
+    if mode == "memmap":
+        image_sources = [fingerprint([row["image_path"]], extra=str(row["id"])) for row in rows]
+        mask_sources = [
+            fingerprint(
+                [row[c] for c in _MASK_SOURCE_COLUMNS if row.get(c)],
+                # The whole row: inline labels (uwmgi's RLE columns) live in the table itself.
+                extra=targets + json.dumps(row, sort_keys=True, default=str),
+            )
+            for row in rows
+        ]
+    # partial over module functions rather than lambdas: a "none" store keeps its reader, and
+    # DataLoader workers started with "spawn" receive it pickled.
+    image_store.fill(
+        partial(_read_row_image, competition, rows),
+        len(rows),
+        sizes=sizes,
+        ids=ids,
+        sources=image_sources,
+        threads=threads,
+    )
+    mask_store.fill(
+        partial(_read_row_target, competition, rows, targets),
+        len(rows),
+        sizes=sizes,
+        ids=ids,
+        sources=mask_sources,
+        threads=threads,
+    )
+    return image_store, mask_store
+
+
+def _check_slice_order(table: pd.DataFrame) -> None:
+    case_day = table["case_day"].to_numpy()
+    slice_index = table["slice_index"].to_numpy()
+    same = case_day[1:] == case_day[:-1]
+    starts = np.r_[0, np.flatnonzero(~same) + 1]
+    if (
+        len(np.unique(case_day[starts])) != len(starts)
+        or ((slice_index[1:] <= slice_index[:-1]) & same).any()
+    ):
+        raise InputError(
+            "2.5D stacks need the table sorted by case_day then slice_index, each case-day's "
+            "slices together (as read_table returns it; see uwmgi.sort_slices)"
+        )
+
+
+class SegmentationDataset(Dataset):
+    """Samples of one competition table, transformed by an albumentations pipeline.
+
+    stack_depth / stack_stride: 2.5D input for tables with a `case_day` column (uwmgi): each
+    image is its slice with neighbours `stack_stride * (k - stack_depth // 2)` rows away, for
+    k = 0..stack_depth-1, clamped within the case-day (`uwmgi.stack_positions`), concatenated on
+    channels in that order (C = image channels x stack_depth). The table must hold every slice
+    of each case-day, sorted; to train on a subset of slices, draw it with a sampler.
+    targets: "mask" (K = len(competition.classes)) or "mask_border" (K = 2: union and borders of
+    the instances, `instance_targets`; competitions with `read_instances`, i.e. dsb2018).
+    image_store / mask_store: filled `ImageStore`s holding (at least) the table's ids, e.g. from
+    `build_stores`; None reads the files on every call.
+    """
+
+    def __init__(
+        self,
+        competition: Competition,
+        table: pd.DataFrame,
+        transform: A.Compose | None,
+        *,
+        stack_depth: int = 1,
+        stack_stride: int = 1,
+        targets: Targets = "mask",
+        image_store: ImageStore | None = None,
+        mask_store: ImageStore | None = None,
+    ):
+        _check_targets(competition, targets)
+        self.competition = competition
+        self.table = table.reset_index(drop=True)
+        self.transform = transform
+        self.targets = targets
+        self.stack_depth = stack_depth
+        self._rows = _records(self.table)
+        if stack_depth > 1:
+            if "case_day" not in self.table.columns:
+                raise KsegError(
+                    f"stack_depth {stack_depth} needs slices grouped by case_day (uwmgi); "
+                    f"{competition.name} images are not slices of a volume: use stack_depth 1"
+                )
+            _check_slice_order(self.table)
+            from kaggle_seg.competitions.uwmgi import stack_positions
+
+            self.stacks = stack_positions(self.table, stack_depth, stack_stride)
+        else:
+            self.stacks = np.arange(len(self.table), dtype=np.int64)[:, None]
+        ids = [str(row["id"]) for row in self._rows]
+        self.image_store = image_store
+        self.mask_store = mask_store
+        self._image_slots = image_store.positions(ids) if image_store is not None else None
+        self._mask_slots = mask_store.positions(ids) if mask_store is not None else None
+        self._seeded_pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def read_image(self, position: int) -> np.ndarray:
+        """float32 [H, W, C] of the table row at `position` (one slice, no stacking)."""
+        if self._image_slots is not None:
+            return self.image_store.get(int(self._image_slots[position]))  # type: ignore[union-attr]
+        image = self.competition.read_image(self._rows[position])
+        return image[..., None] if image.ndim == 2 else image
+
+    def read_target(self, position: int) -> np.ndarray:
+        """uint8 [H, W, K] targets of the table row at `position`."""
+        if self._mask_slots is not None:
+            return self.mask_store.get(int(self._mask_slots[position]))  # type: ignore[union-attr]
+        return read_target(self.competition, self._rows[position], self.targets)
+
+    def _stack(self, i: int) -> np.ndarray:
+        if self.stack_depth == 1:
+            return self.read_image(i)
+        slices = [self.read_image(int(p)) for p in self.stacks[i]]
+        if len({s.shape for s in slices}) != 1:
+            names = ", ".join(
+                f"{self._rows[int(p)]['image_path']} {s.shape[1]}x{s.shape[0]}"
+                for p, s in zip(self.stacks[i], slices, strict=True)
+            )
+            raise InputError(f"2.5D stack of {self._rows[i]['id']}: slice sizes differ: {names}")
+        return np.concatenate(slices, axis=-1)
+
+    def _seed_transform_in_worker(self) -> None:
+        # Albumentations 2 draws from generators made when the pipeline was built, so forked
+        # DataLoader workers would all replay the same augmentations. Each worker process
+        # reseeds once from torch's per-worker seed (new every epoch unless workers persist).
+        info = torch.utils.data.get_worker_info()
+        if info is None or self.transform is None or self._seeded_pid == os.getpid():
+            return
+        seed = info.seed % 2**32
+        self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        self._seeded_pid = os.getpid()
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        self._seed_transform_in_worker()
+        row = self._rows[i]
+        image = self._stack(i)
+        mask = self.read_target(i)
+        if image.shape[:2] != mask.shape[:2]:
+            raise InputError(
+                f"{row['image_path']}: image is {image.shape[1]}x{image.shape[0]} but its mask is "
+                f"{mask.shape[1]}x{mask.shape[0]} (W x H)"
+            )
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "mask": torch.from_numpy(mask.transpose(2, 0, 1).astype(np.float32)),
+            "index": i,
+            "id": str(row["id"]),
+        }
+
+
+def weighted_sampler(
+    table: pd.DataFrame, column: str, *, num_samples: int | None = None, seed: int
+) -> WeightedRandomSampler:
+    """Draw rows with replacement, each value of `column` as often as any other.
+
+    Row weight = 1 / (number of rows sharing its value), so e.g. "empty" gives ~50 % empty and
+    ~50 % non-empty slices per epoch whatever the table's mix. num_samples: draws per epoch
+    (default len(table)). Missing values count as one more value.
+    """
+    if column not in table.columns:
+        raise KsegError(
+            f"sampler column {column!r} is not in the table; columns: {', '.join(table.columns)}"
+        )
+    if len(table) == 0:
+        raise KsegError("weighted sampler over an empty table")
+    codes, _ = pd.factorize(table[column], use_na_sentinel=False)
+    counts = np.bincount(codes)
+    weights = torch.as_tensor(1.0 / counts[codes], dtype=torch.double)
+    generator = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(
+        weights, num_samples or len(table), replacement=True, generator=generator
+    )

@@ -1,0 +1,302 @@
+"""Albumentations presets: named training augmentation lists, and the train / validation pipelines.
+
+Images arrive float32 [H, W, C] in [0, 1] with any channel count C (1 for a UW slice, 3 for RGB or
+a 2.5D stack of 3, 5 for a deeper stack); masks arrive uint8 0/1 [H, W, K]. Every transform here
+works for any C: the ones albumentations restricts to 1 or 3 channels (CLAHE) are replaced by
+per-channel versions, since the channels of a 2.5D stack are separate slices, not colours.
+
+A pipeline is always: bring to height x width first (resize, or pad + crop), then the preset, then
+the normalisation. Sizing first keeps the expensive warps working on the final, usually smaller,
+image, and gives every preset a known input size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from kaggle_seg.config import AugmentConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# ImageNet statistics of grey images (the RGB averages): used for every channel when C != 3.
+GREY_MEAN = 0.449
+GREY_STD = 0.226
+# Resizing masks: cv2's INTER_NEAREST samples source pixel floor(x * scale), half a pixel off the
+# centre-aligned grid INTER_LINEAR uses for the image, which shifts a resized mask by up to ~0.4
+# output pixels against its image (measured: a disc resized 120x100 -> 96x96 or 30x25).
+# INTER_NEAREST_EXACT samples the centres, as the image does. Warps (Affine, elastic, grid) map
+# image and mask through the same coordinates and keep albumentations' INTER_NEAREST.
+MASK_RESIZE_INTERPOLATION = cv2.INTER_NEAREST_EXACT
+
+
+class ChannelCLAHE(A.ImageOnlyTransform):
+    """CLAHE on each channel separately, for float32 [H, W, C] in [0, 1] and any C.
+
+    Albumentations' CLAHE accepts only 1 or 3 channels and equalises the L of LAB for 3, which
+    would mix the slices of a 2.5D stack. Like albumentations, the histogram is taken on 8 bits:
+    the result is quantised to 256 levels (then returned as float32 in [0, 1]).
+    """
+
+    def __init__(
+        self,
+        clip_limit: tuple[float, float] = (1.0, 4.0),
+        tile_grid_size: tuple[int, int] = (8, 8),
+        p: float = 0.5,
+    ):
+        super().__init__(p=p)
+        self.clip_limit = clip_limit
+        self.tile_grid_size = tile_grid_size
+
+    def get_params(self) -> dict[str, Any]:
+        # One clip limit per call, shared by all channels so neighbouring slices stay alike.
+        return {"clip": self.py_random.uniform(*self.clip_limit)}
+
+    def apply(self, img: np.ndarray, clip: float, **params: Any) -> np.ndarray:
+        clahe = cv2.createCLAHE(clipLimit=clip, tileGridSize=self.tile_grid_size)
+        as_uint8 = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        if as_uint8.ndim == 2:
+            return clahe.apply(as_uint8).astype(np.float32) / 255.0
+        out = np.empty(img.shape, dtype=np.float32)
+        for c in range(as_uint8.shape[-1]):
+            out[..., c] = clahe.apply(np.ascontiguousarray(as_uint8[..., c]))
+        out /= 255.0
+        return out
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("clip_limit", "tile_grid_size")
+
+
+class ImagenetNormalize(A.ImageOnlyTransform):
+    """(image - mean) / std for images in [0, 1], float32 [H, W, C].
+
+    C == 3: the ImageNet RGB mean / std. Any other C (1 slice, a 5-slice stack): the grey ImageNet
+    mean / std (GREY_MEAN, GREY_STD) on every channel, because smp / timm adapt a pretrained first
+    convolution to C != 3 inputs by repeating or summing its RGB filters, so each channel should
+    look like an ImageNet luminance channel.
+    """
+
+    def __init__(self, p: float = 1.0):
+        super().__init__(p=p)
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        if img.ndim == 3 and img.shape[-1] == 3:
+            mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+            std = np.asarray(IMAGENET_STD, dtype=np.float32)
+        else:
+            mean, std = np.float32(GREY_MEAN), np.float32(GREY_STD)
+        return ((img - mean) / std).astype(np.float32, copy=False)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ()
+
+
+class BrightnessContrast(A.ImageOnlyTransform):
+    """image * (1 + contrast) + brightness, clipped to [0, 1], for float32 [H, W, C] images.
+
+    The same as albumentations' RandomBrightnessContrast with brightness_by_max=True on float
+    images (brightness in units of the [0, 1] range), but about 40x faster: albumentations 2.0.8
+    computes float images in float64 through full-size temporary arrays (6 ms at 320x384x3, the
+    dearest op of the heavy preset), where one cv2 pass in float32 takes ~0.15 ms.
+    """
+
+    def __init__(
+        self,
+        brightness_limit: tuple[float, float] = (-0.2, 0.2),
+        contrast_limit: tuple[float, float] = (-0.2, 0.2),
+        p: float = 0.5,
+    ):
+        super().__init__(p=p)
+        self.brightness_limit = brightness_limit
+        self.contrast_limit = contrast_limit
+
+    def get_params(self) -> dict[str, Any]:
+        return {
+            "alpha": 1.0 + self.py_random.uniform(*self.contrast_limit),
+            "beta": self.py_random.uniform(*self.brightness_limit),
+        }
+
+    def apply(self, img: np.ndarray, alpha: float, beta: float, **params: Any) -> np.ndarray:
+        out = cv2.addWeighted(img, alpha, img, 0.0, beta)
+        out = out.reshape(img.shape)  # cv2 drops a trailing channel axis of 1
+        return np.clip(out, 0.0, 1.0, out=out)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("brightness_limit", "contrast_limit")
+
+
+def _affine(shift: float, scale: float, rotate: float, p: float) -> A.Affine:
+    """The old ShiftScaleRotate (deprecated in albumentations 2) as an Affine."""
+    return A.Affine(
+        translate_percent=(-shift, shift),
+        scale=(1.0 - scale, 1.0 + scale),
+        rotate=(-rotate, rotate),
+        border_mode=cv2.BORDER_CONSTANT,
+        fill=0,
+        fill_mask=0,
+        p=p,
+    )
+
+
+def _distortion(strength: float, p: float) -> A.OneOf:
+    """Elastic or grid warp; strength 1 moves pixels by ~2 px (median) on a 320x384 image."""
+    # approximate=True: a fixed 17x17 smoothing kernel instead of one ~6 sigma wide, about twice
+    # as fast; the elastic warp is the dearest op of the presets.
+    return A.OneOf(
+        [
+            A.ElasticTransform(alpha=120.0 * strength, sigma=8.0, approximate=True, p=1.0),
+            A.GridDistortion(num_steps=5, distort_limit=(-strength / 10, strength / 10), p=1.0),
+        ],
+        p=p,
+    )
+
+
+def _noise_or_blur(p: float) -> A.OneOf:
+    return A.OneOf(
+        [
+            # std as a fraction of the [0, 1] range; albumentations' default (0.2-0.44) is meant
+            # for a stronger look than scans tolerate.
+            A.GaussNoise(std_range=(0.01, 0.04), p=1.0),
+            A.GaussianBlur(blur_limit=(3, 5), p=1.0),
+        ],
+        p=p,
+    )
+
+
+def preset_none(height: int, width: int) -> list[A.BasicTransform]:
+    """No augmentation: only the sizing and normalisation of `build_transforms`."""
+    return []
+
+
+def preset_light(height: int, width: int) -> list[A.BasicTransform]:
+    """Horizontal and vertical flips, and a small shift / scale / rotation (<= 10 degrees)."""
+    return [
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        _affine(shift=0.05, scale=0.1, rotate=10, p=0.5),
+    ]
+
+
+def preset_heavy(height: int, width: int) -> list[A.BasicTransform]:
+    """`light` + elastic or grid distortion, noise or blur, brightness / contrast, dropout."""
+    return [
+        *preset_light(height, width),
+        _distortion(strength=0.8, p=0.3),
+        _noise_or_blur(p=0.3),
+        BrightnessContrast(brightness_limit=(-0.2, 0.2), contrast_limit=(-0.2, 0.2), p=0.5),
+        # The mask is blanked under a hole too (as the UW-Madison notebooks do): a black box
+        # hides the organ, so the model is not asked to hallucinate it.
+        A.CoarseDropout(
+            num_holes_range=(1, 8),
+            hole_height_range=(0.02, 0.08),
+            hole_width_range=(0.02, 0.08),
+            fill=0,
+            fill_mask=0,
+            p=0.3,
+        ),
+    ]
+
+
+def preset_gi(height: int, width: int) -> list[A.BasicTransform]:
+    """The UW-Madison GI project's list: CLAHE, shift-scale-rotate, elastic or grid distortion,
+    noise or blur, horizontal flip (no vertical flip: anatomy is never upside down)."""
+    return [
+        ChannelCLAHE(clip_limit=(1.0, 4.0), p=0.25),
+        _affine(shift=0.0625, scale=0.05, rotate=10, p=0.5),
+        _distortion(strength=0.5, p=0.25),
+        _noise_or_blur(p=0.25),
+        A.HorizontalFlip(p=0.5),
+    ]
+
+
+def preset_lgg(height: int, width: int) -> list[A.BasicTransform]:
+    """The LGG project's list: flips, transpose, 90-degree rotations, shift-scale-rotate and a
+    random sized crop resized back to height x width.
+
+    Transpose and RandomRotate90 swap height and width, so they are left out when the target is
+    not square (the two flips still give the 180-degree rotation).
+    """
+    square = height == width
+    return [
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        *([A.Transpose(p=0.5), A.RandomRotate90(p=0.5)] if square else []),
+        _affine(shift=0.0625, scale=0.1, rotate=15, p=0.5),
+        A.RandomSizedCrop(
+            min_max_height=(int(0.75 * height), height),
+            size=(height, width),
+            w2h_ratio=width / height,
+            mask_interpolation=MASK_RESIZE_INTERPOLATION,
+            p=0.25,
+        ),
+    ]
+
+
+PRESETS: dict[str, Callable[[int, int], list[A.BasicTransform]]] = {
+    "none": preset_none,
+    "light": preset_light,
+    "heavy": preset_heavy,
+    "gi": preset_gi,
+    "lgg": preset_lgg,
+}
+
+
+def get_preset(name: str) -> Callable[[int, int], list[A.BasicTransform]]:
+    """The preset called `name`; a KeyError lists the valid names."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown augmentation preset {name!r}; choose one of {', '.join(PRESETS)}"
+        ) from None
+
+
+def pad_offsets(height: int, width: int, target_height: int, target_width: int) -> tuple[int, int]:
+    """(top, left) where a height x width image sits once centre-padded to the target size.
+
+    The padding is split as evenly as possible, the odd pixel going to the bottom / right:
+    top = (target_height - height) // 2, left = (target_width - width) // 2 (0 where the image is
+    already at least as large). Prediction crops back with
+    `padded[top:top + height, left:left + width]`.
+    """
+    return max(target_height - height, 0) // 2, max(target_width - width, 0) // 2
+
+
+def _pad(height: int, width: int) -> A.PadIfNeeded:
+    return A.PadIfNeeded(
+        min_height=height,
+        min_width=width,
+        position="center",
+        border_mode=cv2.BORDER_CONSTANT,
+        fill=0,
+        fill_mask=0,
+    )
+
+
+def build_transforms(config: AugmentConfig, train: bool) -> A.Compose:
+    """The pipeline for float32 [H, W, C] images in [0, 1] and uint8 [H, W, K] masks.
+
+    Training: bring to config.height x config.width (resize_mode "resize": Resize; "pad": centre
+    PadIfNeeded then RandomCrop, so larger images give random crops), then the preset, then the
+    normalisation. Validation / prediction: only the sizing, then the normalisation; "pad" pads
+    symmetrically at the centre and never crops (an image larger than the target keeps its size
+    along that side), so `pad_offsets` gives where to crop predictions back. Masks get the same
+    geometry, with nearest-neighbour interpolation (MASK_RESIZE_INTERPOLATION for resizes) and 0
+    padding.
+    """
+    height, width = config.height, config.width
+    if config.resize_mode == "resize":
+        sizing: list[A.BasicTransform] = [
+            A.Resize(height, width, mask_interpolation=MASK_RESIZE_INTERPOLATION)
+        ]
+    elif train:
+        sizing = [_pad(height, width), A.RandomCrop(height, width)]
+    else:
+        sizing = [_pad(height, width)]
+    augment = get_preset(config.preset)(height, width) if train else []
+    normalize = [ImagenetNormalize()] if config.normalize == "imagenet" else []
+    return A.Compose([*sizing, *augment, *normalize])

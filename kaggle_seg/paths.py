@@ -1,0 +1,23 @@
+"""Where things live: run folders, checkpoints, records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RUNS_ROOT = Path("runs")
+
+
+def fold_dir(experiment: str, fold: int, root: Path = RUNS_ROOT) -> Path:
+    """runs/<experiment>/fold_<k>/: resolved config, checkpoints, history, OOF probabilities."""
+    return Path(root) / experiment / f"fold_{fold}"
+
+
+def experiment_dir(experiment: str, root: Path = RUNS_ROOT) -> Path:
+    return Path(root) / experiment
+
+
+BEST_CHECKPOINT = "best.pt"
+LAST_CHECKPOINT = "last.pt"
+HISTORY_FILE = "history.csv"
+CONFIG_FILE = "config.yaml"
+OOF_FILE = "oof.npz"

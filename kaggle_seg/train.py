@@ -1,0 +1,692 @@
+"""`train_fold(config, fold)`: the training loop.
+
+CPU, one GPU, or several through `torchrun` (DDP: sharded sampler, gathered metrics, rank 0
+writes). AMP (bf16, or fp16 with a grad scaler) and channels_last on GPU, gradient accumulation
+and clipping, timm's EMA, cosine-with-warm-up / plateau / step schedules, two-phase encoder
+freezing, early stopping, exact resume, and out-of-fold probabilities of the best checkpoint.
+
+A run folder `runs/<experiment>/fold_<k>/` holds config.yaml, best.pt, last.pt (both carry the
+resolved config), history.csv and oof.npz.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kaggle_seg import paths
+from kaggle_seg.competitions import get_competition
+from kaggle_seg.config import ExperimentConfig, save_config
+from kaggle_seg.errors import KsegError
+from kaggle_seg.evaluation import FoldEvaluator, summarize_fold
+from kaggle_seg.io import atomic_path, write_csv_atomic
+
+
+class NonFiniteLoss(KsegError):
+    """The loss became NaN or infinite; the message names the step and the batch ids."""
+
+
+# ---- distributed set-up -------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: rank and world size (1 without torchrun) and its device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def start_runtime(device: str | None = None) -> Runtime:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on GPU, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise KsegError("--device cuda: no CUDA device is visible")
+        torch.cuda.set_device(local_rank)
+        resolved = torch.device("cuda", local_rank)
+    else:
+        resolved = torch.device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+    return Runtime(rank=rank, world_size=world_size, device=resolved)
+
+
+def gather(obj: Any, runtime: Runtime) -> list[Any]:
+    """Every rank's `obj`, on every rank (a one-item list without DDP)."""
+    if not runtime.distributed:
+        return [obj]
+    gathered: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+def load_fold_tables(config: ExperimentConfig, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train rows, validation rows) of the table for `fold`, in table order."""
+    from kaggle_seg.data.folds import read_folds
+    from kaggle_seg.prepare import read_table
+
+    if config.data.table is None or config.data.folds is None:
+        raise KsegError(
+            "config: data.table and data.folds must name the files of "
+            "`kseg prepare` and `kseg folds` (or pass --set data.table=...)"
+        )
+    table = read_table(config.data.table)
+    folds = read_folds(config.data.folds)
+    table = table.merge(folds[["id", "fold"]], on="id", how="left")
+    if table["fold"].isna().any():
+        missing = table.loc[table["fold"].isna(), "id"].iloc[0]
+        raise KsegError(f"{config.data.folds}: no fold for id {missing} of {config.data.table}")
+    if fold not in set(table["fold"]):
+        raise KsegError(
+            f"--fold {fold}: {config.data.folds} has folds {sorted(set(table['fold']))}"
+        )
+    train = table[table["fold"] != fold].reset_index(drop=True)
+    valid = table[table["fold"] == fold].reset_index(drop=True)
+    return train, valid
+
+
+def shard_positions(valid: pd.DataFrame, runtime: Runtime) -> np.ndarray:
+    """This rank's validation rows; uwmgi case-days stay whole so volumes can be scored."""
+    if not runtime.distributed:
+        return np.arange(len(valid))
+    keys = valid["case_day"] if "case_day" in valid.columns else valid["id"]
+    owners = pd.factorize(keys)[0] % runtime.world_size
+    return np.flatnonzero(owners == runtime.rank)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # albumentations 2 draws from its own generators: seed them from torch's per-worker seed so
+    # a run (and its resume) augments the same way.
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info else None
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+
+
+# ---- model pieces -------------------------------------------------------------------------------
+
+
+def autocast_settings(config: ExperimentConfig, device: torch.device) -> tuple[bool, torch.dtype]:
+    """(enabled, dtype): AMP on CUDA only; "auto" picks bf16 where the GPU has it."""
+    amp = config.train.amp
+    if device.type != "cuda" or amp == "off":
+        return False, torch.float32
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return True, torch.bfloat16
+    return True, torch.float16
+
+
+def build_optimizer(config: ExperimentConfig, model: nn.Module) -> torch.optim.Optimizer:
+    from kaggle_seg.models import parameter_groups
+
+    opt = config.train.optimizer
+    groups = parameter_groups(model, opt.lr, config.train.encoder_lr)
+    optimizers = {
+        "adam": torch.optim.Adam,
+        "adamw": torch.optim.AdamW,
+        "rmsprop": torch.optim.RMSprop,
+        "sgd": torch.optim.SGD,
+    }
+    try:
+        return optimizers[opt.name](groups, lr=opt.lr, weight_decay=opt.weight_decay, **opt.params)
+    except TypeError as exc:
+        raise KsegError(f"train.optimizer.params: {exc}") from exc
+
+
+def build_scheduler(
+    config: ExperimentConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> tuple[Any, str]:
+    """(scheduler, when it steps: "step", "epoch", "metric" or "never")."""
+    sched = config.train.scheduler
+    if sched.name == "none":
+        return None, "never"
+    if sched.name == "plateau":
+        params = {"factor": 0.5, "patience": 2, **sched.params}
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=config.train.monitor_mode, min_lr=sched.min_lr, **params
+        )
+        return scheduler, "metric"
+    if sched.name == "step":
+        params = {"step_size": 10, "gamma": 0.1, **sched.params}
+        return torch.optim.lr_scheduler.StepLR(optimizer, **params), "epoch"
+    total = max(1, config.train.epochs * steps_per_epoch)
+    warmup = int(sched.warmup_epochs * steps_per_epoch)
+    floor = sched.min_lr / config.train.optimizer.lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "step"
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """torch.save through a temporary file, so a failure never leaves a truncated checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+
+@dataclass
+class FoldResult:
+    run_dir: Path
+    best_value: float
+    best_epoch: int
+    history: pd.DataFrame
+
+
+class Trainer:
+    """One fold's training state; `fit()` runs it. Kept as an object so resume is one load."""
+
+    def __init__(self, config: ExperimentConfig, fold: int, run_root: Path, runtime: Runtime):
+        from kaggle_seg.models import build_model
+
+        self.config, self.fold, self.runtime = config, fold, runtime
+        self.run_dir = paths.fold_dir(config.name, fold, run_root)
+        self.competition = get_competition(config.data.competition)
+        seed_everything(config.train.seed + runtime.rank)
+        self.train_table, self.valid_table = load_fold_tables(config, fold)
+        self.classes = self._n_outputs()
+        self.in_channels = self.competition.channels * config.data.stack_depth
+        self.model = build_model(config.model, self.in_channels, self.classes).to(runtime.device)
+        self.channels_last = config.train.channels_last and runtime.device.type == "cuda"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.amp, self.amp_dtype = autocast_settings(config, runtime.device)
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.amp and self.amp_dtype == torch.float16
+        )
+        self.train_loader, self.valid_loader, self.valid_positions = self._loaders()
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / config.train.grad_accumulation)
+        self.optimizer = build_optimizer(config, self.model)
+        self.scheduler, self.scheduler_steps = build_scheduler(
+            config, self.optimizer, self.steps_per_epoch
+        )
+        self.criterion = self._loss()
+        self.ema = None
+        if config.train.ema_decay:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=config.train.ema_decay)
+        self.epoch = 0
+        self.best_value = -math.inf if config.train.monitor_mode == "max" else math.inf
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        self.history: list[dict[str, Any]] = []
+        self.truth_cache: dict = {}
+        self.ddp_model: nn.Module = self.model
+
+    # -- construction helpers --
+
+    def _n_outputs(self) -> int:
+        return 2 if self.config.data.targets == "mask_border" else len(self.competition.classes)
+
+    def _loss(self) -> nn.Module:
+        from kaggle_seg.losses import build_loss
+
+        mode = "binary" if self.classes == 1 else "multilabel"
+        return build_loss(self.config.train.loss, mode)
+
+    def _datasets(self):
+        """(train, validation) datasets sharing one decoded-image store over the fold's table."""
+        from kaggle_seg.data.dataset import SegmentationDataset, build_stores
+        from kaggle_seg.data.transforms import build_transforms
+
+        data = self.config.data
+        table = pd.concat([self.train_table, self.valid_table], ignore_index=True)
+        image_store, mask_store = build_stores(
+            self.competition,
+            table,
+            self.config.train.cache,
+            folder=self.run_dir.parent / "cache",
+            targets=data.targets,
+        )
+        return tuple(
+            SegmentationDataset(
+                self.competition,
+                part,
+                build_transforms(self.config.augment, train=train),
+                stack_depth=data.stack_depth,
+                stack_stride=data.stack_stride,
+                targets=data.targets,
+                image_store=image_store,
+                mask_store=mask_store,
+            )
+            for part, train in ((self.train_table, True), (self.valid_table, False))
+        )
+
+    def _loaders(self):
+        from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+        train_cfg, runtime = self.config.train, self.runtime
+        train_set, valid_set = self._datasets()
+        if train_cfg.sampler_weight_column:
+            from kaggle_seg.data.dataset import weighted_sampler
+
+            sampler = weighted_sampler(
+                self.train_table,
+                train_cfg.sampler_weight_column,
+                num_samples=len(self.train_table) // runtime.world_size,
+                seed=train_cfg.seed + runtime.rank,
+            )
+        elif runtime.distributed:
+            sampler = DistributedSampler(train_set, seed=train_cfg.seed, drop_last=True)
+        else:
+            sampler = None
+        loader_args = {
+            "batch_size": train_cfg.batch_size,
+            "num_workers": train_cfg.num_workers,
+            "pin_memory": runtime.device.type == "cuda",
+            "persistent_workers": train_cfg.num_workers > 0,
+            "worker_init_fn": _seed_worker,
+        }
+        train_loader = DataLoader(
+            train_set, sampler=sampler, shuffle=sampler is None, drop_last=True, **loader_args
+        )
+        if len(train_loader) == 0:
+            raise KsegError(
+                f"fold {self.fold}: {len(train_set)} training images are fewer than "
+                f"one batch of {train_cfg.batch_size}"
+            )
+        positions = shard_positions(self.valid_table, runtime)
+        valid_subset = Subset(valid_set, positions.tolist())
+        valid_loader = DataLoader(valid_subset, shuffle=False, **loader_args)
+        return train_loader, valid_loader, positions
+
+    # -- state --
+
+    def state(self, *, interrupted: bool = False) -> dict[str, Any]:
+        return {
+            "model": self.eval_model().state_dict(),
+            "train_model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "epoch": self.epoch,
+            "interrupted": interrupted,
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "history": self.history,
+            "rng": rng_state(),
+            **self.metadata(),
+        }
+
+    def metadata(self) -> dict[str, Any]:
+        """What prediction needs without the training command line."""
+        from kaggle_seg import __version__
+
+        return {
+            "config": self.config.model_dump(mode="json"),
+            "fold": self.fold,
+            "competition": self.competition.name,
+            "classes": self._class_names(),
+            "in_channels": self.in_channels,
+            "kseg_version": __version__,
+        }
+
+    def _class_names(self) -> list[str]:
+        if self.config.data.targets == "mask_border":
+            return [*self.competition.classes, "border"]
+        return list(self.competition.classes)
+
+    def load(self, path: Path) -> None:
+        """Restore everything from a last.pt so training continues exactly."""
+        if not path.is_file():
+            raise KsegError(f"--resume: no checkpoint at {path}")
+        state = torch.load(path, map_location=self.runtime.device, weights_only=False)
+        self.model.load_state_dict(state["train_model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema and state["ema"]:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch = state["epoch"]
+        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+        self.bad_epochs, self.history = state["bad_epochs"], state["history"]
+        set_rng_state(state["rng"])
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema else self.model
+
+    # -- phases --
+
+    def _apply_freezing(self) -> None:
+        """Two-phase training: encoder frozen for the first epochs, then unfrozen."""
+        from kaggle_seg.models import set_encoder_trainable
+
+        frozen_epochs = self.config.train.freeze_encoder_epochs
+        if frozen_epochs == 0:
+            trainable, last_only = True, False
+        elif self.epoch < frozen_epochs:
+            trainable, last_only = False, False
+        else:
+            trainable, last_only = True, self.config.train.unfreeze == "last"
+        if not trainable or last_only:
+            set_encoder_trainable(self.model, False)
+        if trainable:
+            set_encoder_trainable(self.model, True, last_only=last_only)
+        if self.runtime.distributed:
+            # DDP fixes its gradient buckets at wrap time: re-wrap when the trainable set changes.
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
+            self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
+        else:
+            self.ddp_model = self.model
+
+    def _autocast(self):
+        if not self.amp:
+            return nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def train_one_epoch(self) -> dict[str, float]:
+        cfg, runtime = self.config.train, self.runtime
+        self.ddp_model.train()
+        # A frozen encoder's BatchNorm statistics stay frozen too.
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters()
+            ):
+                module.eval()
+        sampler = self.train_loader.sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        if cfg.num_workers == 0 and hasattr(self.train_loader.dataset.transform, "set_random_seed"):
+            self.train_loader.dataset.transform.set_random_seed(
+                int(torch.randint(0, 2**31 - 1, ()).item())
+            )
+        totals: dict[str, float] = {}
+        n_images, start = 0, time.perf_counter()
+        accumulation = cfg.grad_accumulation
+        batches = self._progress(self.train_loader, f"epoch {self.epoch + 1}/{cfg.epochs}")
+        self.optimizer.zero_grad(set_to_none=True)
+        for step, batch in enumerate(batches):
+            images = batch["image"].to(runtime.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            masks = batch["mask"].to(runtime.device, non_blocking=True)
+            last_micro = (step + 1) % accumulation == 0 or step + 1 == len(self.train_loader)
+            sync = (
+                nullcontext() if last_micro or not runtime.distributed else self.ddp_model.no_sync()
+            )
+            with sync:
+                with self._autocast():
+                    logits = self.ddp_model(images)
+                    loss = self.criterion(logits, masks)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"non-finite loss ({loss.item()}) at epoch {self.epoch + 1}, step {step}; "
+                        f"batch ids: {', '.join(map(str, batch['id']))}"
+                    )
+                self.scaler.scale(loss / accumulation).backward()
+            if last_micro:
+                if cfg.clip_grad_norm:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema:
+                    self.ema.update(self.model)
+                if self.scheduler_steps == "step":
+                    self.scheduler.step()
+            batch_size = images.shape[0]
+            n_images += batch_size
+            totals["train_loss"] = totals.get("train_loss", 0.0) + loss.item() * batch_size
+            for name, value in getattr(self.criterion, "last_terms", {}).items():
+                totals[f"train_{name}"] = totals.get(f"train_{name}", 0.0) + value * batch_size
+            if hasattr(batches, "set_postfix"):
+                batches.set_postfix(loss=f"{totals['train_loss'] / n_images:.4f}")
+        seconds = time.perf_counter() - start
+        result = {k: v / max(1, n_images) for k, v in totals.items()}
+        result["train_seconds"] = seconds
+        result["images_per_s"] = n_images * runtime.world_size / seconds
+        return result
+
+    @torch.inference_mode()
+    def predict_valid(self, keep: bool = False) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """Validation loss and fold metrics; with `keep`, this rank's probabilities by id."""
+        from kaggle_seg.predict import restore_size
+
+        model = self.eval_model()
+        model.eval()
+        evaluator = FoldEvaluator(self.competition, self.valid_table, self.truth_cache)
+        kept: dict[str, np.ndarray] = {}
+        loss_sum, n_images = 0.0, 0
+        for batch in self.valid_loader:
+            images = batch["image"].to(self.runtime.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            masks = batch["mask"].to(self.runtime.device, non_blocking=True)
+            with self._autocast():
+                logits = model(images)
+                loss = self.criterion(logits, masks)
+            loss_sum += loss.item() * images.shape[0]
+            n_images += images.shape[0]
+            probabilities = torch.sigmoid(logits.float()).cpu().numpy()
+            for position, probs in zip(batch["index"].tolist(), probabilities, strict=True):
+                row = self.valid_table.iloc[position]
+                probs = restore_size(
+                    probs, int(row["height"]), int(row["width"]), self.config.augment.resize_mode
+                )
+                evaluator.add(position, probs)
+                if keep:
+                    kept[row["id"]] = probs
+        parts = gather({**evaluator.finish(), "loss": (loss_sum, n_images)}, self.runtime)
+        summary = summarize_fold(parts, self.competition.name)
+        total_loss = sum(p["loss"][0] for p in parts)
+        summary["valid_loss"] = total_loss / max(1, sum(p["loss"][1] for p in parts))
+        return summary, kept
+
+    def _progress(self, iterable, description: str):
+        if not self.runtime.is_main or not sys.stderr.isatty():
+            return iterable
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
+
+    def _improved(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.config.train.monitor_mode == "max":
+            return value > self.best_value
+        return value < self.best_value
+
+    def _log(self, message: str) -> None:
+        if self.runtime.is_main:
+            print(message, flush=True)
+
+    def fit(self, resume: bool = False) -> FoldResult:
+        cfg = self.config.train
+        if self.runtime.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.run_dir / paths.CONFIG_FILE)
+        if resume:
+            self.load(self.run_dir / paths.LAST_CHECKPOINT)
+            self._log(f"resumed {self.run_dir} at epoch {self.epoch + 1}")
+        started = time.perf_counter()
+        try:
+            while self.epoch < cfg.epochs:
+                if cfg.early_stopping_patience and self.bad_epochs >= cfg.early_stopping_patience:
+                    self._log(f"early stop: no {cfg.monitor} gain for {self.bad_epochs} epochs")
+                    break
+                self._apply_freezing()
+                train_metrics = self.train_one_epoch()
+                valid_metrics, _ = self.predict_valid()
+                self._end_epoch({**train_metrics, **valid_metrics})
+        except KeyboardInterrupt:
+            last = self.run_dir / paths.LAST_CHECKPOINT
+            if self.runtime.is_main:
+                save_checkpoint(self.state(interrupted=True), last)
+            raise KsegError(
+                f"interrupted in epoch {self.epoch + 1}: saved {last}; continue with --resume "
+                "(the epoch restarts from the weights it had reached)"
+            ) from None
+        self._write_oof()
+        minutes = (time.perf_counter() - started) / 60
+        self._log(
+            f"fold {self.fold}: best {cfg.monitor} {self.best_value:.4f} at epoch "
+            f"{self.best_epoch + 1} in {minutes:.1f} min; {self.run_dir}"
+        )
+        return FoldResult(
+            self.run_dir, self.best_value, self.best_epoch, pd.DataFrame(self.history)
+        )
+
+    def _end_epoch(self, metrics: dict[str, float]) -> None:
+        cfg = self.config.train
+        if cfg.monitor not in metrics:
+            raise KsegError(
+                f"train.monitor: {cfg.monitor!r} is not measured; choose one of "
+                f"{', '.join(sorted(metrics))}"
+            )
+        value = metrics[cfg.monitor]
+        lr = self.optimizer.param_groups[-1]["lr"]
+        row = {"epoch": self.epoch + 1, **metrics, "lr": lr}
+        self.history.append(row)
+        if self.scheduler_steps == "epoch":
+            self.scheduler.step()
+        elif self.scheduler_steps == "metric":
+            self.scheduler.step(value)
+        improved = self._improved(value)
+        if improved:
+            self.best_value, self.best_epoch, self.bad_epochs = value, self.epoch, 0
+        else:
+            self.bad_epochs += 1
+        self.epoch += 1
+        if self.runtime.is_main:
+            if improved:
+                save_checkpoint(
+                    {
+                        "model": self.eval_model().state_dict(),
+                        "epoch": self.epoch,
+                        cfg.monitor: value,
+                        **self.metadata(),
+                    },
+                    self.run_dir / paths.BEST_CHECKPOINT,
+                )
+            save_checkpoint(self.state(), self.run_dir / paths.LAST_CHECKPOINT)
+            write_csv_atomic(pd.DataFrame(self.history), self.run_dir / paths.HISTORY_FILE)
+            shown = ", ".join(
+                f"{k} {v:.4g}"
+                for k, v in row.items()
+                if k in ("train_loss", "valid_loss", "score", "dice", "lr", "images_per_s")
+            )
+            self._log(f"epoch {self.epoch}/{cfg.epochs}: {shown}" + (" *" if improved else ""))
+
+    def _write_oof(self) -> None:
+        """Probabilities of the best checkpoint on the validation fold, compactly."""
+        best = self.run_dir / paths.BEST_CHECKPOINT
+        if self.runtime.distributed:
+            dist.barrier()
+        if not best.is_file():
+            return
+        state = torch.load(best, map_location=self.runtime.device, weights_only=False)
+        self.eval_model().load_state_dict(state["model"])
+        _, kept = self.predict_valid(keep=True)
+        parts = gather(kept, self.runtime)
+        if not self.runtime.is_main:
+            return
+        merged = {k: v for part in parts for k, v in part.items()}
+        save_oof(merged, self.run_dir / paths.OOF_FILE, self.config.train.oof_dtype)
+
+
+def save_oof(probabilities: dict[str, np.ndarray], path: Path, dtype: str) -> None:
+    """id -> [K, H, W] probabilities as float16, or uint8 (value / 255), in one npz."""
+    if dtype == "uint8":
+        arrays = {k: np.round(v * 255).astype(np.uint8) for k, v in probabilities.items()}
+    else:
+        arrays = {k: v.astype(np.float16) for k, v in probabilities.items()}
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+
+
+def load_oof(path: Path) -> dict[str, np.ndarray]:
+    """oof.npz back as id -> float32 [K, H, W] probabilities."""
+    with np.load(path) as data:
+        return {
+            k: (
+                data[k].astype(np.float32) / 255
+                if data[k].dtype == np.uint8
+                else data[k].astype(np.float32)
+            )
+            for k in data.files
+        }
+
+
+def train_fold(
+    config: ExperimentConfig,
+    fold: int,
+    *,
+    run_root: Path = paths.RUNS_ROOT,
+    resume: bool = False,
+    device: str | None = None,
+) -> FoldResult:
+    """Train one fold; under torchrun every process calls this and rank 0 writes the files."""
+    runtime = start_runtime(device)
+    trainer = Trainer(config, fold, Path(run_root), runtime)
+    return trainer.fit(resume=resume)

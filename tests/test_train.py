@@ -1,0 +1,147 @@
+"""Training on real DSB images, tiny and on CPU: run files, loss falls, resume, faults, DDP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from kaggle_seg.config import load_experiment
+from kaggle_seg.errors import KsegError
+from kaggle_seg.train import NonFiniteLoss, Trainer, start_runtime, train_fold
+
+TINY = """
+name: {name}
+data:
+  competition: dsb2018
+  table: {table}
+  folds: {folds}
+  targets: {targets}
+augment: {{preset: light, height: 64, width: 64}}
+model: {{architecture: unet, params: {{base_channels: 8, depth: 3}}}}
+train:
+  epochs: {epochs}
+  batch_size: 8
+  num_workers: 0
+  optimizer: {{name: adam, lr: 0.01}}
+  scheduler: {{name: cosine, warmup_epochs: 0.5}}
+  loss: [{{name: bce, weight: 0.6}}, {{name: dice, weight: 0.4}}]
+  cache: memory
+"""
+
+
+@pytest.fixture(scope="module")
+def dsb_small(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 48-image DSB table (256x256 images) with two folds."""
+    from kaggle_seg.competitions import get_competition
+    from kaggle_seg.config import build_data_config
+
+    root = tmp_path_factory.mktemp("dsb_small")
+    table = get_competition("dsb2018").read_table(
+        shared_data / "dsb2018", build_data_config("dsb2018")
+    )
+    table = table[(table["width"] == 256) & (table["height"] == 256)].head(48)
+    table.to_csv(root / "table.csv", index=False)
+    folds = pd.DataFrame({"id": table["id"], "fold": [0] * 16 + [1] * 32, "group": table["id"]})
+    folds.to_csv(root / "folds.csv", index=False)
+    return root
+
+
+def write_config(root: Path, name: str, epochs: int = 2, targets: str = "mask") -> Path:
+    path = root / f"{name}.yaml"
+    path.write_text(TINY.format(name=name, table=root / "table.csv", folds=root / "folds.csv",
+                                epochs=epochs, targets=targets))  # fmt: skip
+    return path
+
+
+def test_smoke_training_writes_every_run_file_and_learns(dsb_small: Path, tmp_path: Path):
+    config = load_experiment(write_config(dsb_small, "smoke", epochs=3))
+    result = train_fold(config, 0, run_root=tmp_path, device="cpu")
+    run = tmp_path / "smoke" / "fold_0"
+    for name in ("config.yaml", "best.pt", "last.pt", "history.csv", "oof.npz"):
+        assert (run / name).is_file(), name
+    history = pd.read_csv(run / "history.csv")
+    assert len(history) == 3
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    for column in ("valid_loss", "score", "map", "dice", "iou", "lr", "images_per_s"):
+        assert column in history.columns
+    checkpoint = torch.load(run / "best.pt", weights_only=False)
+    assert checkpoint["config"]["name"] == "smoke" and checkpoint["in_channels"] == 3
+    assert result.best_epoch >= 0
+    from kaggle_seg.train import load_oof
+
+    oof = load_oof(run / "oof.npz")
+    assert len(oof) == 16
+    probs = next(iter(oof.values()))
+    assert probs.shape == (1, 256, 256) and probs.min() >= 0.0 and probs.max() <= 1.0
+
+
+def test_nan_loss_names_step_and_batch(dsb_small: Path, tmp_path: Path):
+    config = load_experiment(write_config(dsb_small, "nan", epochs=1))
+    trainer = Trainer(config, 0, tmp_path, start_runtime("cpu"))
+    trainer.criterion = lambda logits, masks: logits.mean() * float("nan")
+    with pytest.raises(NonFiniteLoss, match=r"epoch 1, step 0; batch ids: [0-9a-f]{64}"):
+        trainer.fit()
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(dsb_small: Path, tmp_path: Path):
+    config = load_experiment(write_config(dsb_small, "interrupt", epochs=2))
+    train_fold(config, 0, run_root=tmp_path / "straight", device="cpu")
+    straight = torch.load(tmp_path / "straight" / "interrupt" / "fold_0" / "last.pt",
+                          weights_only=False)  # fmt: skip
+
+    trainer = Trainer(config, 0, tmp_path / "stopped", start_runtime("cpu"))
+    original = trainer.train_one_epoch
+
+    def interrupted() -> dict:
+        if trainer.epoch == 1:  # Ctrl-C as the second epoch starts
+            raise KeyboardInterrupt
+        return original()
+
+    trainer.train_one_epoch = interrupted
+    with pytest.raises(KsegError, match=r"interrupted in epoch 2.*--resume"):
+        trainer.fit()
+    run = tmp_path / "stopped" / "interrupt" / "fold_0"
+    last = torch.load(run / "last.pt", weights_only=False)
+    assert last["interrupted"] and last["epoch"] == 1
+    result = train_fold(config, 0, run_root=tmp_path / "stopped", device="cpu", resume=True)
+    assert len(result.history) == 2
+    resumed = torch.load(run / "last.pt", weights_only=False)
+    for key, value in straight["train_model"].items():
+        assert torch.equal(value, resumed["train_model"][key]), key
+    assert resumed["history"][1]["train_loss"] == straight["history"][1]["train_loss"]
+
+
+def test_missing_folds_file_is_named(dsb_small: Path, tmp_path: Path):
+    config = load_experiment(write_config(dsb_small, "nofolds"),
+                             [f"data.folds={tmp_path / 'missing.csv'}"])  # fmt: skip
+    with pytest.raises(KsegError, match=r"missing\.csv: folds file not found"):
+        train_fold(config, 0, run_root=tmp_path, device="cpu")
+
+
+def test_ddp_on_cpu_with_gloo_and_two_processes(dsb_small: Path, tmp_path: Path):
+    config = write_config(dsb_small, "ddp", epochs=1, targets="mask_border")
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kaggle_seg", "train",
+         "--config", str(config), "--fold", "0", "--device", "cpu", "--runs-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "ddp" / "fold_0"
+    history = pd.read_csv(run / "history.csv")
+    assert len(history) == 1 and {"score", "map"} <= set(history.columns)
+    # Only rank 0 wrote: one summary line, and the OOF file holds every validation image once.
+    assert result.stdout.count("fold 0: best") == 1
+    from kaggle_seg.train import load_oof
+
+    oof = load_oof(run / "oof.npz")
+    assert len(oof) == 16 and next(iter(oof.values())).shape[0] == 2
