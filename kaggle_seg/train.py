@@ -277,6 +277,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.truth_cache: dict = {}
         self.ddp_model: nn.Module = self.model
+        self._writer = None  # TensorBoard, opened on first use
 
     # -- construction helpers --
 
@@ -631,12 +632,30 @@ class Trainer:
                 )
             save_checkpoint(self.state(), self.run_dir / paths.LAST_CHECKPOINT)
             write_csv_atomic(pd.DataFrame(self.history), self.run_dir / paths.HISTORY_FILE)
+            self._log_tensorboard(row)
             shown = ", ".join(
                 f"{k} {v:.4g}"
                 for k, v in row.items()
                 if k in ("train_loss", "valid_loss", "score", "dice", "lr", "images_per_s")
             )
             self._log(f"epoch {self.epoch}/{cfg.epochs}: {shown}" + (" *" if improved else ""))
+
+    def _log_tensorboard(self, row: dict[str, float]) -> None:
+        if not self.config.train.tensorboard:
+            return
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise KsegError(
+                    "train.tensorboard is true but tensorboard is not installed: "
+                    "pip install 'kaggle-seg[tensorboard]'"
+                ) from None
+            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        for key, value in row.items():
+            if key != "epoch":
+                self._writer.add_scalar(key, value, global_step=int(row["epoch"]))
+        self._writer.flush()
 
     def _write_oof(self) -> None:
         """Probabilities of the best checkpoint on the validation fold, compactly."""

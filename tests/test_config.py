@@ -57,3 +57,23 @@ def test_shipped_configs_cover_the_seed_systems():
     assert {"dsb2018_resunet", "dsb2018_unet128", "uwmgi_unetpp_effb3", "uwmgi_scratch",
             "lgg_unet", "lgg_bunet", "lgg_unet_resnet50", "uwmgi_25d_effnet",
             "dsb2018_mask_border"} <= names  # fmt: skip
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_builds_its_model_and_loss_offline(path: Path):
+    import torch
+
+    from kaggle_seg.competitions import get_competition
+    from kaggle_seg.losses import build_loss
+    from kaggle_seg.models import build_model
+
+    config = load_experiment(path)
+    competition = get_competition(config.data.competition)
+    classes = 2 if config.data.targets == "mask_border" else len(competition.classes)
+    in_channels = competition.channels * config.data.stack_depth
+    model = build_model(config.model, in_channels, classes).eval()
+    with torch.inference_mode():
+        logits = model(torch.zeros(1, in_channels, 64, 64))
+    assert logits.shape == (1, classes, 64, 64)
+    loss = build_loss(config.train.loss, "binary" if classes == 1 else "multilabel")
+    assert torch.isfinite(loss(logits, torch.zeros_like(logits)))

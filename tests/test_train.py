@@ -145,3 +145,35 @@ def test_ddp_on_cpu_with_gloo_and_two_processes(dsb_small: Path, tmp_path: Path)
 
     oof = load_oof(run / "oof.npz")
     assert len(oof) == 16 and next(iter(oof.values())).shape[0] == 2
+
+
+def test_cli_train_two_folds_then_plot(dsb_small: Path, tmp_path: Path):
+    config = write_config(dsb_small, "cli", epochs=1)
+    run = [sys.executable, "-m", "kaggle_seg"]
+    result = subprocess.run(
+        [*run, "train", "--config", str(config), "--folds", "0,1", "--device", "cpu",
+         "--runs-dir", str(tmp_path), "--set", "train.tensorboard=true",
+         "--set", "train.optimizer.lr=3e-3"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for fold in (0, 1):
+        run_dir = tmp_path / "cli" / f"fold_{fold}"
+        saved = (run_dir / "config.yaml").read_text()
+        assert "lr: 0.003" in saved
+        assert any((run_dir / "tensorboard").iterdir())
+    plotted = subprocess.run([*run, "plot", str(tmp_path / "cli" / "fold_0")],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert plotted.returncode == 0, plotted.stderr
+    png = tmp_path / "cli" / "fold_0" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_train_needs_exactly_one_fold_option(dsb_small: Path):
+    config = write_config(dsb_small, "cli_bad", epochs=1)
+    result = subprocess.run(
+        [sys.executable, "-m", "kaggle_seg", "train", "--config", str(config)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "exactly one of --fold K or --folds" in result.stderr
