@@ -177,3 +177,34 @@ def test_cli_train_needs_exactly_one_fold_option(dsb_small: Path):
     )  # fmt: skip
     assert result.returncode == 1
     assert "exactly one of --fold K or --folds" in result.stderr
+
+
+def test_uwmgi_25d_padded_training_scores_volumes(phantom_dir: Path, tmp_path: Path):
+    """2.5D phantom slices padded to 320x384: the fold is scored with the uwmgi metric and the
+    OOF probabilities come back at each scan's own size (266x266, 360x310...)."""
+    from kaggle_seg.prepare import folds_for_table, prepare_table
+
+    prepare_table("uwmgi", phantom_dir, tmp_path / "table.csv")
+    folds_for_table("uwmgi", tmp_path / "table.csv", tmp_path / "folds.csv", 5, 0, force=False)
+    config_path = tmp_path / "gi.yaml"
+    config_path.write_text(f"""
+name: gi
+data: {{competition: uwmgi, table: {tmp_path / "table.csv"}, folds: {tmp_path / "folds.csv"},
+        stack_depth: 3, stack_stride: 2}}
+augment: {{preset: gi, height: 320, width: 384, resize_mode: pad}}
+model: {{architecture: unet, params: {{base_channels: 4, depth: 2}}}}
+train: {{epochs: 1, batch_size: 4, num_workers: 0, loss: [{{name: bce}}, {{name: dice}}],
+         sampler_weight_column: empty}}
+""")
+    config = load_experiment(config_path)
+    train_fold(config, 0, run_root=tmp_path, device="cpu")
+    history = pd.read_csv(tmp_path / "gi" / "fold_0" / "history.csv")
+    assert {"score", "gi_dice", "hausdorff", "dice"} <= set(history.columns)
+    assert 0.0 <= history["score"].iloc[0] <= 1.0
+    from kaggle_seg.train import load_oof
+
+    table = pd.read_csv(tmp_path / "table.csv").set_index("id")
+    oof = load_oof(tmp_path / "gi" / "fold_0" / "oof.npz")
+    assert oof
+    for slice_id, probs in oof.items():
+        assert probs.shape == (3, table.loc[slice_id, "height"], table.loc[slice_id, "width"])
