@@ -342,10 +342,11 @@ def test_build_stores_serve_fold_subsets_identically(uw_table, tmp_path):
         torch.testing.assert_close(a["mask"], b["mask"], rtol=0, atol=0)
 
 
-def test_dataloader_workers_share_a_filled_store_and_draw_different_augmentations(tmp_path):
+@pytest.mark.parametrize("mode", ["memory", "memmap"])
+def test_dataloader_workers_share_a_filled_store_and_draw_different_augmentations(tmp_path, mode):
     table = flat_table(8)
     competition = Flat()
-    images, masks = build_stores(competition, table, "memmap", folder=tmp_path)
+    images, masks = build_stores(competition, table, mode, folder=tmp_path)
     noise = A.Compose([A.GaussNoise(std_range=(0.1, 0.1), p=1.0)])
     dataset = SegmentationDataset(competition, table, noise, image_store=images, mask_store=masks)
     loader = DataLoader(dataset, batch_size=1, num_workers=2, shuffle=False)

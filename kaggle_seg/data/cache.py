@@ -31,8 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
+import cv2
 import numpy as np
-import torch
 
 from kaggle_seg.errors import InputError, KsegError
 
@@ -82,6 +82,8 @@ class ImageStore:
     decoded once and held in memory or in a memmap file; see the module docstring.
 
     `folder` (memmap only) holds `<name>.json` and the data file it names, `<name>.<token>.bin`.
+    Pickled (DataLoader workers started with "spawn" rather than Linux's "fork"), a memmap store
+    sends only its file name, a memory store its whole array.
     """
 
     def __init__(
@@ -343,9 +345,7 @@ class ImageStore:
         total = int(self._offsets[-1])
         if total == 0:
             return np.empty(0, dtype=self.stored_dtype)
-        # "c" (copy-on-write): a writable view for torch.from_numpy; nothing ever writes to it,
-        # so its pages stay those of the OS page cache, shared by every process.
-        return np.memmap(path, dtype=self.stored_dtype, mode="c", shape=(total,))
+        return np.memmap(path, dtype=self.stored_dtype, mode="r", shape=(total,))
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -384,9 +384,10 @@ class ImageStore:
         view = self._data[self._offsets[i] : self._offsets[i + 1]].reshape(self._shapes[i])
         if view.dtype == self.dtype:
             return np.array(view)
-        # torch's float16 -> float32 conversion is vectorised: ~10x faster than numpy's astype,
-        # which otherwise costs more per 2.5D sample than the rest of reading from the store.
-        return torch.from_numpy(view).to(torch.float32).numpy()
+        # OpenCV converts float16 with SIMD, ~8x faster than numpy's astype (0.03 vs 0.2 ms for
+        # a 266x266 slice, three per 2.5D sample). As [H, W * C]: any channel count.
+        flat = cv2.add(view.reshape(view.shape[0], -1), 0.0, dtype=cv2.CV_32F)
+        return flat.reshape(view.shape)
 
     def _require_filled(self) -> None:
         if not self.filled:
