@@ -45,7 +45,7 @@ def minimal_epoch(model, loader, optimizer, criterion) -> float:
     n, start = 0, time.perf_counter()
     for batch in loader:
         optimizer.zero_grad()
-        loss = criterion(model(batch["image"]), batch["mask"])
+        loss = criterion(model(batch["image"].float()), batch["mask"].float())
         loss.backward()
         optimizer.step()
         n += batch["image"].shape[0]

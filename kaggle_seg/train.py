@@ -314,6 +314,7 @@ class Trainer:
                 targets=data.targets,
                 image_store=image_store,
                 mask_store=mask_store,
+                compact=True,
             )
             for part, train in ((self.train_table, True), (self.valid_table, False))
         )
@@ -467,10 +468,10 @@ class Trainer:
         batches = self._progress(self.train_loader, f"epoch {self.epoch + 1}/{cfg.epochs}")
         self.optimizer.zero_grad(set_to_none=True)
         for step, batch in enumerate(batches):
-            images = batch["image"].to(runtime.device, non_blocking=True)
+            images = batch["image"].to(runtime.device, non_blocking=True).float()
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            masks = batch["mask"].to(runtime.device, non_blocking=True)
+            masks = batch["mask"].to(runtime.device, non_blocking=True).float()
             last_micro = (step + 1) % accumulation == 0 or step + 1 == len(self.train_loader)
             sync = (
                 nullcontext() if last_micro or not runtime.distributed else self.ddp_model.no_sync()
@@ -520,10 +521,10 @@ class Trainer:
         kept: dict[str, np.ndarray] = {}
         loss_sum, n_images = 0.0, 0
         for batch in self.valid_loader:
-            images = batch["image"].to(self.runtime.device, non_blocking=True)
+            images = batch["image"].to(self.runtime.device, non_blocking=True).float()
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            masks = batch["mask"].to(self.runtime.device, non_blocking=True)
+            masks = batch["mask"].to(self.runtime.device, non_blocking=True).float()
             with self._autocast():
                 logits = model(images)
                 loss = self.criterion(logits, masks)

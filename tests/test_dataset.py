@@ -193,6 +193,17 @@ def test_lgg_samples(lgg_table):
     assert sample["mask"].sum() > 0
 
 
+def test_compact_samples_are_half_precision_copies(lgg_table):
+    competition = get_competition("lgg")
+    full = SegmentationDataset(competition, lgg_table, None)
+    compact = SegmentationDataset(competition, lgg_table, None, compact=True)
+    lesion = int(np.flatnonzero(~lgg_table["empty"].to_numpy())[0])
+    a, b = full[lesion], compact[lesion]
+    assert b["image"].dtype == torch.float16 and b["mask"].dtype == torch.uint8
+    assert torch.allclose(b["image"].float(), a["image"], atol=1e-3)
+    assert torch.equal(b["mask"].float(), a["mask"])
+
+
 def test_image_and_mask_of_different_sizes_name_the_image():
     dataset = SegmentationDataset(Flat(mask_size=(30, 40)), flat_table(2), None)
     with pytest.raises(InputError, match=r"/data/img1\.png: image is 40x32 but its mask is 40x30"):

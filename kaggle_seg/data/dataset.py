@@ -162,6 +162,8 @@ class SegmentationDataset(Dataset):
     the instances, `instance_targets`; competitions with `read_instances`, i.e. dsb2018).
     image_store / mask_store: filled `ImageStore`s holding (at least) the table's ids, e.g. from
     `build_stores`; None reads the files on every call.
+    compact: image as float16 and mask as uint8 tensors (cast back to float32 by the consumer),
+    instead of float32 for both.
     """
 
     def __init__(
@@ -175,6 +177,7 @@ class SegmentationDataset(Dataset):
         targets: Targets = "mask",
         image_store: ImageStore | None = None,
         mask_store: ImageStore | None = None,
+        compact: bool = False,
     ):
         _check_targets(competition, targets)
         self.competition = competition
@@ -182,6 +185,7 @@ class SegmentationDataset(Dataset):
         self.transform = transform
         self.targets = targets
         self.stack_depth = stack_depth
+        self.compact = compact
         self._rows = _records(self.table)
         if stack_depth > 1:
             if "case_day" not in self.table.columns:
@@ -254,9 +258,21 @@ class SegmentationDataset(Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
+        image = np.ascontiguousarray(image.transpose(2, 0, 1))
+        mask = np.ascontiguousarray(mask.transpose(2, 0, 1))
+        if self.compact:
+            # Half the bytes through the worker -> main process queue, which costs more than
+            # decoding here; the training step casts back to float32 on its device.
+            image_tensor, mask_tensor = (
+                torch.from_numpy(image.astype(np.float16)),
+                torch.from_numpy(mask),
+            )
+        else:
+            image_tensor = torch.from_numpy(image)
+            mask_tensor = torch.from_numpy(mask.astype(np.float32))
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            "mask": torch.from_numpy(mask.transpose(2, 0, 1).astype(np.float32)),
+            "image": image_tensor,
+            "mask": mask_tensor,
             "index": i,
             "id": str(row["id"]),
         }
