@@ -208,3 +208,21 @@ train: {{epochs: 1, batch_size: 4, num_workers: 0, loss: [{{name: bce}}, {{name:
     assert oof
     for slice_id, probs in oof.items():
         assert probs.shape == (3, table.loc[slice_id, "height"], table.loc[slice_id, "width"])
+
+
+def test_lgg_bunet_with_weighted_loss_and_sampler(shared_data: Path, tmp_path: Path):
+    """The LGG seed system in miniature: BU-Net, weighted BCE + Dice, balanced sampling."""
+    from kaggle_seg.prepare import folds_for_table, prepare_table
+
+    prepare_table("lgg", shared_data / "lgg", tmp_path / "table.csv")
+    folds_for_table("lgg", tmp_path / "table.csv", tmp_path / "folds.csv", 3, 0, force=False)
+    config = load_experiment(
+        Path(__file__).resolve().parents[1] / "configs" / "lgg_bunet.yaml",
+        [f"data.table={tmp_path / 'table.csv'}", f"data.folds={tmp_path / 'folds.csv'}",
+         "augment.height=64", "augment.width=64", "model.params.base_channels=4",
+         "train.epochs=1", "train.batch_size=8", "train.num_workers=0"],
+    )  # fmt: skip
+    result = train_fold(config, 0, run_root=tmp_path, device="cpu")
+    row = result.history.iloc[0]
+    assert {"train_weighted_bce", "train_dice"} <= set(result.history.columns)
+    assert row["score"] == row["dice"]
