@@ -12,10 +12,6 @@ def fold_dir(experiment: str, fold: int, root: Path = RUNS_ROOT) -> Path:
     return Path(root) / experiment / f"fold_{fold}"
 
 
-def experiment_dir(experiment: str, root: Path = RUNS_ROOT) -> Path:
-    return Path(root) / experiment
-
-
 BEST_CHECKPOINT = "best.pt"
 LAST_CHECKPOINT = "last.pt"
 HISTORY_FILE = "history.csv"
