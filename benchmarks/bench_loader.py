@@ -67,15 +67,8 @@ DEPTH, STRIDE = 3, 2
 # --- the usual notebook loader (verbatim style) ---------------------------------------------------
 
 
-def rle_decode(mask_rle, shape):  # the common Kaggle slice-fill decoder
-    s = mask_rle.split()
-    starts, lengths = [np.asarray(x, dtype=int) for x in (s[0:][::2], s[1:][::2])]
-    starts -= 1
-    ends = starts + lengths
-    img = np.zeros(shape[0] * shape[1], dtype=np.uint8)
-    for lo, hi in zip(starts, ends):  # noqa: B905 (verbatim Kaggle code)
-        img[lo:hi] = 1
-    return img.reshape(shape)
+# The common Kaggle slice-fill decoder, shared with the RLE benchmark.
+from bench_rle import numpy_decode as rle_decode  # noqa: E402
 
 
 def load_img(path):
