@@ -465,16 +465,21 @@ def sample_train_ids() -> list[str]:
     return sorted(set(picks))
 
 
+def check_train_image(image_id: str, train_rows: dict[str, list[dict[str, str]]]) -> None:
+    """The labels CSV rows of one training image against its mask PNGs."""
+    folder = DSB / "stage1_train" / image_id
+    shape = image_shape(folder / "images" / f"{image_id}.png")
+    rles = [row["EncodedPixels"] for row in train_rows[image_id]]
+    check_image(image_id, rles, shape, load_masks(folder / "masks"))
+
+
 @needs_dsb
 def test_dsb_train_sample(train_rows: dict[str, list[dict[str, str]]]) -> None:
     image_ids = sample_train_ids()
     assert NON_SQUARE_ID in image_ids
     assert 12 <= len(image_ids) <= 20
     for image_id in image_ids:
-        folder = DSB / "stage1_train" / image_id
-        shape = image_shape(folder / "images" / f"{image_id}.png")
-        rles = [row["EncodedPixels"] for row in train_rows[image_id]]
-        check_image(image_id, rles, shape, load_masks(folder / "masks"))
+        check_train_image(image_id, train_rows)
 
 
 @needs_dsb
@@ -494,10 +499,7 @@ def test_dsb_train_all(train_rows: dict[str, list[dict[str, str]]]) -> None:
     image_ids = sorted(p.name for p in (DSB / "stage1_train").iterdir())
     assert len(image_ids) == len(train_rows) == 570
     for image_id in image_ids:
-        folder = DSB / "stage1_train" / image_id
-        shape = image_shape(folder / "images" / f"{image_id}.png")
-        rles = [row["EncodedPixels"] for row in train_rows[image_id]]
-        check_image(image_id, rles, shape, load_masks(folder / "masks"))
+        check_train_image(image_id, train_rows)
 
 
 @needs_dsb
