@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from kaggle_seg import __version__
+from kaggle_seg.cli_kernel import dataset_app, kernel_app
 from kaggle_seg.errors import KsegError
 
 app = typer.Typer(
@@ -23,6 +24,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(kernel_app, name="kernel")
+app.add_typer(dataset_app, name="dataset")
 
 Competition = Annotated[
     str, typer.Option("--competition", "-c", help="uwmgi, dsb2018 or lgg.", show_default=False)
