@@ -1,0 +1,210 @@
+"""`kseg show`: panels and overlays from a fake run folder (real DSB images, a uwmgi phantom)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kaggle_seg.competitions import get_competition
+from kaggle_seg.config import DataConfig, ExperimentConfig, build_data_config, save_config
+from kaggle_seg.errors import KsegError
+from kaggle_seg.io import write_csv_atomic
+from kaggle_seg.prepare import prepare_table, read_table
+from kaggle_seg.show import (
+    DPI,
+    PANEL_INCHES,
+    image_scores,
+    select_ids,
+    show_experiment,
+    write_panels,
+)
+from kaggle_seg.train import save_oof
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    import cv2
+
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert image is not None, f"{path} does not decode"
+    return image
+
+
+def panel_columns(path: Path) -> float:
+    return read_rgb(path).shape[1] / (PANEL_INCHES * DPI)
+
+
+def fake_experiment(root: Path, competition: str, table: Path, oof: dict[str, np.ndarray]) -> Path:
+    config = ExperimentConfig(name="fake", data=DataConfig(competition=competition, table=table))
+    fold = root / "fake" / "fold_0"
+    fold.mkdir(parents=True)
+    save_config(config, fold / "config.yaml")
+    save_oof(oof, fold / "oof.npz", "float16")
+    return root / "fake"
+
+
+# ---- dsb2018: real images, fake probabilities ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dsb(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Four real DSB images; probabilities perfect (two as mask + border), one inverted (bad)."""
+    from skimage.segmentation import find_boundaries
+
+    root = tmp_path_factory.mktemp("dsb_show")
+    source = shared_data / "dsb2018" / "stage1_train"
+    ids = sorted(p.name for p in source.iterdir())[:4]
+    for image_id in ids:
+        (root / "data" / "stage1_train").mkdir(parents=True, exist_ok=True)
+        (root / "data" / "stage1_train" / image_id).symlink_to(source / image_id)
+    competition = get_competition("dsb2018")
+    table = competition.read_table(root / "data", build_data_config("dsb2018"))
+    table_path = write_csv_atomic(table, root / "table.csv")
+    table = read_table(table_path)
+    oof = {}
+    for position, image_id in enumerate(ids):
+        labels = competition.read_instances(table.iloc[position])
+        union = (labels > 0).astype(np.float32)
+        if position < 2:
+            border = find_boundaries(labels, mode="inner").astype(np.float32)
+            oof[image_id] = np.stack([union, border])
+        elif position == 2:
+            oof[image_id] = 1 - union[None]
+        else:
+            oof[image_id] = union[None]
+    experiment = fake_experiment(root / "runs", "dsb2018", table_path, oof)
+    return {"ids": ids, "bad": ids[2], "table": table, "experiment": experiment, "oof": oof}
+
+
+def test_image_scores_rank_the_bad_image_last(dsb: dict):
+    scores = image_scores("dsb2018", dsb["table"], dsb["oof"])
+    assert list(scores.columns) == ["id", "score", "dice"]
+    assert scores["id"].tolist() == dsb["ids"]
+    by_id = scores.set_index("id")
+    assert by_id.loc[dsb["bad"], "score"] < 0.05 and by_id.loc[dsb["bad"], "dice"] < 0.5
+    good = by_id.drop(dsb["bad"])
+    assert (good["dice"] == 1.0).all()
+    # With the border channel the instance split recovers the nuclei exactly.
+    assert (by_id.loc[dsb["ids"][:2], "score"] > 0.9).all()
+
+
+def test_worst_picks_the_bad_image_and_writes_both_pngs(dsb: dict, tmp_path: Path):
+    written = show_experiment(dsb["experiment"], tmp_path, worst=1)
+    bad = dsb["bad"]
+    assert written == [tmp_path / f"{bad}_panel.png", tmp_path / f"{bad}_overlay.png"]
+    assert panel_columns(written[0]) == pytest.approx(3)
+    assert panel_columns(written[1]) == pytest.approx(1)
+    overlay = read_rgb(written[1])  # BGR
+    red = (overlay[..., 2] > 200) & (overlay[..., 1] < 60) & (overlay[..., 0] < 60)
+    green = (overlay[..., 1] > 200) & (overlay[..., 2] < 60) & (overlay[..., 0] < 60)
+    assert red.any() and green.any()
+
+
+def test_random_is_reproducible_with_a_seed(dsb: dict, tmp_path: Path):
+    available = list(reversed(dsb["ids"]))
+    first = select_ids(None, available, random=2, seed=7)
+    assert len(first) == 2 and len(set(first)) == 2 and set(first) <= set(dsb["ids"])
+    assert select_ids(None, dsb["ids"], random=2, seed=7) == first
+    draws = {tuple(select_ids(None, dsb["ids"], random=2, seed=s)) for s in range(10)}
+    assert len(draws) > 1
+    written = show_experiment(dsb["experiment"], tmp_path, random=2, seed=7)
+    assert [p.name for p in written] == [f"{i}_{kind}.png" for i in first
+                                         for kind in ("panel", "overlay")]  # fmt: skip
+    assert all(read_rgb(p).size for p in written)
+
+
+def test_panel_omits_the_truth_column_without_labels(dsb: dict, tmp_path: Path):
+    image_id = dsb["ids"][0]
+    unlabelled = dsb["table"].copy()
+    unlabelled[["mask_dir", "labels_csv", "mask_path"]] = ""
+    [labelled_panel, _] = write_panels("dsb2018", dsb["table"], dsb["oof"], [image_id], tmp_path)
+    [test_panel, _] = write_panels("dsb2018", unlabelled, dsb["oof"], [image_id], tmp_path / "t")
+    assert panel_columns(labelled_panel) == pytest.approx(3)
+    assert panel_columns(test_panel) == pytest.approx(2)
+    assert image_scores("dsb2018", unlabelled, dsb["oof"]).empty
+
+
+def test_predictions_and_table_override_the_oof(dsb: dict, tmp_path: Path):
+    image_id = dsb["ids"][3]
+    save_oof({image_id: dsb["oof"][image_id]}, tmp_path / "pred.npz", "uint8")
+    table = tmp_path / "table.csv"
+    write_csv_atomic(dsb["table"], table)
+    written = show_experiment(
+        tmp_path / "no_run", tmp_path / "out", worst=3, predictions=tmp_path / "pred.npz",
+        table=table, competition="dsb2018",
+    )  # fmt: skip
+    assert [p.name for p in written] == [f"{image_id}_panel.png", f"{image_id}_overlay.png"]
+    with pytest.raises(KsegError, match="not in the predictions: " + dsb["ids"][0]):
+        show_experiment(dsb["experiment"], tmp_path, ids=[dsb["ids"][0]],
+                        predictions=tmp_path / "pred.npz")  # fmt: skip
+
+
+def test_clear_errors(dsb: dict, tmp_path: Path):
+    with pytest.raises(KsegError, match="not in the predictions: nope, nada"):
+        show_experiment(dsb["experiment"], tmp_path, ids=[dsb["ids"][0], "nope", "nada"])
+    with pytest.raises(KsegError, match="train first"):
+        show_experiment(tmp_path / "empty", tmp_path, worst=1)
+    with pytest.raises(KsegError, match="exactly one of"):
+        show_experiment(dsb["experiment"], tmp_path, random=1, worst=1)
+    with pytest.raises(KsegError, match="exactly one of"):
+        select_ids(None, dsb["ids"])
+    with pytest.raises(KsegError, match="worst: needs per-image scores"):
+        select_ids(None, dsb["ids"], worst=1)
+    with pytest.raises(KsegError, match="table not found"):
+        show_experiment(dsb["experiment"], tmp_path, worst=1, table=tmp_path / "missing.csv")
+    moved = tmp_path / "moved"
+    fake_experiment(moved, "dsb2018", tmp_path / "gone.csv", {"x": np.zeros((1, 4, 4))})
+    with pytest.raises(KsegError, match=r"gone\.csv: table not found.*data\.table"):
+        show_experiment(moved / "fake", tmp_path, random=1)
+
+
+def test_worst_ranks_by_score_then_id():
+    scores = pd.DataFrame({"id": ["c", "a", "b", "d"], "score": [0.5, 0.2, 0.2, np.nan]})
+    assert select_ids(scores, ["a", "b", "c", "d"], worst=2) == ["a", "b"]
+    assert select_ids(scores, ["b", "c", "d"], worst=5) == ["b", "c"]
+
+
+# ---- uwmgi: a phantom with three overlapping classes ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uwmgi(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from kaggle_seg.competitions.uwmgi_phantom import make_uwmgi_phantom
+
+    root = tmp_path_factory.mktemp("uwmgi_show")
+    data = make_uwmgi_phantom(root / "data", case_days=("case12_day0",), n_slices=6, seed=1)
+    prepare_table("uwmgi", data, root / "table.csv")
+    table = read_table(root / "table.csv")
+    competition = get_competition("uwmgi")
+    oof = {
+        row["id"]: np.moveaxis(competition.read_mask(row), -1, 0).astype(np.float32)
+        for _, row in table.iterrows()
+    }
+    labelled = table[~table["empty"]]
+    bad = labelled["id"].iloc[len(labelled) // 2]
+    oof[bad] = np.roll(oof[bad], 40, axis=2)
+    experiment = fake_experiment(root / "runs", "uwmgi", root / "table.csv", oof)
+    return {"table": table, "oof": oof, "bad": bad, "experiment": experiment}
+
+
+def test_uwmgi_panels_show_three_classes_and_worst_finds_the_shifted_slice(
+    uwmgi: dict, tmp_path: Path
+):
+    scores = image_scores("uwmgi", uwmgi["table"], uwmgi["oof"])
+    assert len(scores) == len(uwmgi["table"])
+    assert (scores["score"] == scores["dice"]).all()
+    assert (scores.set_index("id").drop(uwmgi["bad"])["score"] == 1.0).all()
+    panel, overlay = show_experiment(uwmgi["experiment"], tmp_path, worst=1)
+    assert panel.name == f"{uwmgi['bad']}_panel.png"
+    assert panel_columns(panel) == pytest.approx(3)
+    image = read_rgb(overlay)
+    assert image.shape[1] == PANEL_INCHES * DPI
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 10  # gray scan + class fills
+
+
+def test_uwmgi_test_rows_without_rle_columns_get_two_columns(uwmgi: dict, tmp_path: Path):
+    table = uwmgi["table"].drop(columns=["rle_large_bowel", "rle_small_bowel", "rle_stomach"])
+    [panel, _] = write_panels("uwmgi", table, uwmgi["oof"], [uwmgi["bad"]], tmp_path)
+    assert panel_columns(panel) == pytest.approx(2)
