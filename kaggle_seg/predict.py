@@ -1,8 +1,33 @@
-"""Probabilities from checkpoints: undoing the input geometry (TTA and ensembles build on this)."""
+"""Probabilities from checkpoints: TTA, fold and model ensembles, streamed one image at a time.
+
+A checkpoint carries its resolved config, so prediction rebuilds each model and its input
+pipeline (size, padding or resizing, normalisation, 2.5D depth) without the training command
+line. Images are read and pre-processed in DataLoader workers, batched by input shape, run under
+`torch.inference_mode` (with AMP on GPU), and each image's ensembled probabilities are yielded at
+the image's own size, so the whole test set is never held in memory.
+"""
 
 from __future__ import annotations
 
+import logging
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
 import numpy as np
+import pandas as pd
+
+from kaggle_seg import paths
+from kaggle_seg.errors import InputError, KsegError
+
+log = logging.getLogger(__name__)
+
+EnsembleMode = Literal["mean", "logit"]
+OnError = Literal["skip", "fail"]
+# Encoder-decoders halve the input 5 times: inputs are padded to a multiple of this.
+SIZE_DIVISOR = 32
 
 
 def restore_size(
@@ -26,3 +51,442 @@ def restore_size(
     resized = cv2.resize(np.moveaxis(probabilities, 0, -1), (width, height),
                          interpolation=cv2.INTER_LINEAR)  # fmt: skip
     return resized[None] if resized.ndim == 2 else np.moveaxis(resized, -1, 0)
+
+
+# -- checkpoints --
+
+
+def find_checkpoints(source: str | Path) -> list[Path]:
+    """Checkpoints under `source`: an experiment folder (every `fold_<k>/best.pt`), a fold
+    folder (its best.pt) or a .pt file."""
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise KsegError(f"{source}: no such checkpoint, fold folder or experiment folder")
+    if (source / paths.BEST_CHECKPOINT).is_file():
+        return [source / paths.BEST_CHECKPOINT]
+    found = sorted(
+        source.glob(f"fold_*/{paths.BEST_CHECKPOINT}"),
+        key=lambda p: int(p.parent.name.removeprefix("fold_") or 0),
+    )
+    if not found:
+        raise KsegError(
+            f"{source}: no checkpoints (expected fold_<k>/{paths.BEST_CHECKPOINT}); "
+            "train with `kseg train` first"
+        )
+    return found
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How one model's inputs are made from an image: what `build_transforms` and 2.5D need."""
+
+    height: int
+    width: int
+    resize_mode: str
+    normalize: str
+    stack_depth: int
+    stack_stride: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> InputSpec:
+        augment, data = config.augment, config.data
+        return cls(
+            augment.height,
+            augment.width,
+            augment.resize_mode,
+            augment.normalize,
+            data.stack_depth,
+            data.stack_stride,
+        )
+
+    def input_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The (h, w) an image of this size reaches the model at (before the /32 padding)."""
+        if self.resize_mode == "resize":
+            return self.height, self.width
+        return max(self.height, height), max(self.width, width)
+
+
+@dataclass
+class Member:
+    """One model of an ensemble, with what it needs to be fed."""
+
+    model: Any  # torch.nn.Module, in eval mode on its device
+    config: Any  # ExperimentConfig
+    spec: InputSpec
+    classes: tuple[str, ...]
+    in_channels: int
+    weight: float
+    source: Path
+
+
+def load_member(path: Path, weight: float, device: Any) -> Member:
+    """Rebuild a model from a checkpoint's embedded config and load its weights."""
+    import torch
+
+    from kaggle_seg.config import ExperimentConfig
+    from kaggle_seg.models import build_model
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file: name it
+        raise KsegError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise KsegError(f"{path}: not a kseg checkpoint (no embedded config / model weights)")
+    config = ExperimentConfig.model_validate(state["config"])
+    # Weights come from the checkpoint: local pre-training paths of the training machine are
+    # neither needed nor present where predictions run (a Kaggle kernel).
+    model_config = config.model.model_copy(
+        update={"encoder_weights_path": None, "weights_path": None}
+    )
+    classes = tuple(state["classes"])
+    model = build_model(model_config, int(state["in_channels"]), len(classes))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise KsegError(f"{path}: weights do not fit the embedded config: {exc}") from exc
+    model.eval().to(device)
+    if device.type == "cuda" and config.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return Member(
+        model=model,
+        config=config,
+        spec=InputSpec.from_config(config),
+        classes=classes,
+        in_channels=int(state["in_channels"]),
+        weight=float(weight),
+        source=path,
+    )
+
+
+def load_ensemble(
+    sources: Sequence[str | Path], weights: Sequence[float] | None = None, device: Any = "cpu"
+) -> list[Member]:
+    """Every checkpoint under `sources`; `weights` (one per source) split evenly over its folds.
+
+    Members must agree on competition, classes and input channels: otherwise their
+    probabilities cannot be averaged, and the error names both checkpoints.
+    """
+    import torch
+
+    device = torch.device(device)
+    if weights is not None and len(weights) != len(sources):
+        raise KsegError(
+            f"--weights: {len(weights)} weight(s) for {len(sources)} checkpoint source(s)"
+        )
+    members: list[Member] = []
+    for k, source in enumerate(sources):
+        found = find_checkpoints(source)
+        weight = (weights[k] if weights is not None else 1.0) / len(found)
+        members.extend(load_member(path, weight, device) for path in found)
+    if not members:
+        raise KsegError("no checkpoints given")
+    first = members[0]
+    for other in members[1:]:
+        for what in ("classes", "in_channels"):
+            if getattr(other, what) != getattr(first, what):
+                raise KsegError(
+                    f"checkpoints disagree on {what}: {first.source} has "
+                    f"{getattr(first, what)}, {other.source} has {getattr(other, what)}"
+                )
+        first_name, other_name = first.config.data.competition, other.config.data.competition
+        if other_name != first_name:
+            raise KsegError(
+                f"checkpoints disagree on competition: {first.source} is {first_name}, "
+                f"{other.source} is {other_name}"
+            )
+    if sum(m.weight for m in members) <= 0:
+        raise KsegError("--weights: the weights must sum to more than 0")
+    return members
+
+
+# -- reading test images --
+
+
+class PredictionDataset:
+    """Test rows -> {"index", "inputs": one float32 [C, h, w] tensor per InputSpec, "ok"}.
+
+    A read failure names the file; with on_error="skip" the image becomes a blank input, marked
+    not ok, so its prediction is empty and the run goes on.
+    """
+
+    def __init__(
+        self,
+        competition: Any,
+        table: pd.DataFrame,
+        specs: Sequence[InputSpec],
+        on_error: OnError = "fail",
+    ):
+        from kaggle_seg.config import AugmentConfig
+        from kaggle_seg.data.transforms import build_transforms
+
+        self.competition = competition
+        self.rows = table.to_dict("records")
+        self.specs = list(specs)
+        self.on_error = on_error
+        self.transforms = [
+            build_transforms(
+                AugmentConfig(
+                    preset="none",
+                    height=s.height,
+                    width=s.width,
+                    resize_mode=s.resize_mode,
+                    normalize=s.normalize,
+                ),
+                train=False,
+            )
+            for s in self.specs
+        ]
+        self.stacks = []
+        for s in self.specs:
+            if s.stack_depth > 1:
+                from kaggle_seg.competitions.uwmgi import stack_positions
+
+                self.stacks.append(stack_positions(table, s.stack_depth, s.stack_stride))
+            else:
+                self.stacks.append(None)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _read(self, position: int, cache: dict[int, np.ndarray]) -> np.ndarray:
+        if position not in cache:
+            cache[position] = self.competition.read_image(self.rows[position])
+        return cache[position]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import torch
+
+        cache: dict[int, np.ndarray] = {}
+        row = self.rows[i]
+        try:
+            images = []
+            for stack in self.stacks:
+                if stack is None:
+                    images.append(self._read(i, cache))
+                else:
+                    images.append(np.concatenate([self._read(p, cache) for p in stack[i]], -1))
+            ok = True
+        except (InputError, OSError, ValueError) as exc:
+            if self.on_error == "fail":
+                raise InputError(f"{exc} (pass --on-error skip to predict it as empty)") from exc
+            log.warning("skipping %s: %s", row["id"], exc)
+            channels = self.competition.channels
+            blank = np.zeros((int(row["height"]), int(row["width"]), channels), np.float32)
+            images = [np.repeat(blank, s.stack_depth, axis=-1) for s in self.specs]
+            ok = False
+        inputs = [
+            torch.from_numpy(np.ascontiguousarray(t(image=img)["image"].transpose(2, 0, 1)))
+            for t, img in zip(self.transforms, images, strict=True)
+        ]
+        return {"index": i, "inputs": inputs, "ok": ok}
+
+
+def shape_batches(
+    table: pd.DataFrame, specs: Sequence[InputSpec], batch_size: int
+) -> list[list[int]]:
+    """Row positions in table order, cut into batches whose inputs share one shape.
+
+    Consecutive rows only, so results come back in table order (uwmgi volumes stay whole).
+    """
+    heights = table["height"].astype(int).to_numpy()
+    widths = table["width"].astype(int).to_numpy()
+    batches: list[list[int]] = []
+    current: list[int] = []
+    current_key = None
+    for i, (h, w) in enumerate(zip(heights, widths, strict=True)):
+        key = tuple(s.input_shape(h, w) for s in specs)
+        if current and (key != current_key or len(current) == batch_size):
+            batches.append(current)
+            current = []
+        current.append(i)
+        current_key = key
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    return {
+        "index": [item["index"] for item in items],
+        "ok": [item["ok"] for item in items],
+        "inputs": [
+            torch.stack(group) for group in zip(*(item["inputs"] for item in items), strict=True)
+        ],
+    }
+
+
+# -- the loop --
+
+
+def _pad_to_divisor(images: Any) -> tuple[Any, int, int]:
+    import torch.nn.functional as F
+
+    h, w = images.shape[-2:]
+    pad_h = (-h) % SIZE_DIVISOR
+    pad_w = (-w) % SIZE_DIVISOR
+    if pad_h or pad_w:
+        images = F.pad(images, (0, pad_w, 0, pad_h))
+    return images, h, w
+
+
+def predict_probabilities(
+    members: Sequence[Member],
+    competition: Any,
+    table: pd.DataFrame,
+    *,
+    tta: str = "none",
+    merge: str = "mean",
+    ensemble: EnsembleMode = "mean",
+    batch_size: int = 8,
+    num_workers: int = 2,
+    on_error: OnError = "fail",
+    batched_tta: bool = True,
+) -> Iterator[tuple[int, str, np.ndarray]]:
+    """Yield (table position, id, float32 [K, H, W] probabilities) for every row, in order.
+
+    `ensemble`: "mean" averages the members' probabilities with their weights (after each merged
+    its TTA views with `merge`); "logit" averages logits over views and members, then applies the
+    sigmoid once. A row that failed to read (on_error="skip") yields zeros.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from kaggle_seg.tta import get_tta, merge_probabilities, tta_logits
+
+    if ensemble not in ("mean", "logit"):
+        raise KsegError(f"unknown ensemble mode {ensemble!r}; choose mean or logit")
+    if len(table) == 0:
+        return
+    transforms = get_tta(tta)
+    specs = list(dict.fromkeys(m.spec for m in members))
+    spec_index = [specs.index(m.spec) for m in members]
+    device = next(members[0].model.parameters()).device
+    dataset = PredictionDataset(competition, table, specs, on_error)
+    loader = DataLoader(
+        dataset,  # type: ignore[arg-type]
+        batch_sampler=shape_batches(table, specs, batch_size),
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    heights = table["height"].astype(int).to_numpy()
+    widths = table["width"].astype(int).to_numpy()
+    ids = table["id"].astype(str).to_numpy()
+    total_weight = sum(m.weight for m in members)
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    with torch.inference_mode():
+        for batch in loader:
+            positions = batch["index"]
+            sums: list[np.ndarray | None] = [None] * len(positions)
+            for member, k in zip(members, spec_index, strict=True):
+                images = batch["inputs"][k].to(device, non_blocking=True)
+                if device.type == "cuda" and member.config.train.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                images, h, w = _pad_to_divisor(images)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    logits = tta_logits(member.model, images, transforms, batched=batched_tta)
+                logits = logits[..., :h, :w].float()
+                if ensemble == "logit":
+                    merged = logits.mean(0)
+                else:
+                    merged = merge_probabilities(torch.sigmoid(logits), merge)
+                merged_np = merged.cpu().numpy()
+                for j, position in enumerate(positions):
+                    restored = member.weight * restore_size(
+                        merged_np[j], heights[position], widths[position], member.spec.resize_mode
+                    )
+                    sums[j] = restored if sums[j] is None else sums[j] + restored
+            for j, position in enumerate(positions):
+                result = sums[j] / total_weight
+                if ensemble == "logit":
+                    result = 1.0 / (1.0 + np.exp(-result))
+                if not batch["ok"][j]:
+                    result = np.zeros_like(result)
+                yield position, ids[position], result.astype(np.float32, copy=False)
+
+
+# -- saving --
+
+
+class ProbabilityWriter:
+    """Streams id -> [K, H, W] probabilities into one .npz (float16, or uint8 = value / 255),
+    one array at a time: readable with `kaggle_seg.train.load_oof`. Written to a temporary file
+    and renamed on success, so an interrupted run leaves no partial file."""
+
+    def __init__(self, path: str | Path, dtype: Literal["float16", "uint8"] = "float16"):
+        if dtype not in ("float16", "uint8"):
+            raise KsegError(f"unknown probability dtype {dtype!r}; choose float16 or uint8")
+        self.path = Path(path)
+        self.dtype = dtype
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_DEFLATED)
+
+    def add(self, image_id: str, probabilities: np.ndarray) -> None:
+        if self.dtype == "uint8":
+            array = np.round(probabilities * 255).astype(np.uint8)
+        else:
+            array = probabilities.astype(np.float16)
+        with self._zip.open(f"{image_id}.npy", "w", force_zip64=True) as handle:
+            np.lib.format.write_array(handle, array, allow_pickle=False)
+
+    def __enter__(self) -> ProbabilityWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self._zip.close()
+        if exc_type is None:
+            self._tmp.replace(self.path)
+        else:
+            self._tmp.unlink(missing_ok=True)
+
+
+def predict_folder(
+    checkpoints: Sequence[str | Path],
+    test_dir: str | Path,
+    save: str | Path | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+    dtype: Literal["float16", "uint8"] = "float16",
+    device: str | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """`kseg predict`: the ensemble over every image of `test_dir`; probabilities are written to
+    `save` (streamed, one array per image) only when it is given. `options` go to
+    `predict_probabilities` (tta, merge, ensemble, batch_size, num_workers, on_error)."""
+    import time
+
+    import torch
+
+    from kaggle_seg.competitions import get_competition
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    members = load_ensemble(checkpoints, weights, device)
+    competition = get_competition(members[0].config.data.competition)
+    table = competition.read_test_table(Path(test_dir))
+    if table.empty:
+        raise InputError(f"{test_dir}: no test images to predict")
+    started = time.perf_counter()
+    stream = predict_probabilities(members, competition, table, **options)
+    n_images = 0
+    if save is None:
+        for _ in stream:
+            n_images += 1
+    else:
+        with ProbabilityWriter(save, dtype) as writer:
+            for _, image_id, probabilities in stream:
+                writer.add(image_id, probabilities)
+                n_images += 1
+    seconds = time.perf_counter() - started
+    return {
+        "images": n_images,
+        "models": len(members),
+        "seconds": seconds,
+        "images_per_s": n_images / seconds if seconds else float("inf"),
+        "saved": str(save) if save else None,
+    }

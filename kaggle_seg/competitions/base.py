@@ -24,9 +24,16 @@ class Competition(Protocol):
     channels: int  # image channels of one slice / image
     # RLE pixel order of the competition's CSVs; None where there is no RLE format.
     rle_order: Literal["C", "F"] | None
+    kaggle_slug: str | None  # the competition's name in kaggle.com URLs; None for a dataset
+    code_competition: bool  # submitted by a kernel (internet off), not by uploading a CSV
 
     def read_table(self, data_dir: Path, config: DataConfig) -> pd.DataFrame:
         """The raw Kaggle layout under `data_dir` as one table, one row per image."""
+        ...
+
+    def read_test_table(self, test_dir: Path) -> pd.DataFrame:
+        """The unlabelled images under `test_dir` (as Kaggle mounts a test folder), one row each,
+        with `id`, `group`, `image_path`, `height`, `width`; empty when the folder holds none."""
         ...
 
     def read_image(self, row: Any) -> np.ndarray:

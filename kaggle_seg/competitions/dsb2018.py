@@ -44,6 +44,8 @@ class DSB2018:
     classes = CLASSES
     channels = 3  # image channels before 2.5D stacking
     rle_order = "F"
+    kaggle_slug = "data-science-bowl-2018"  # the competition on kaggle.com
+    code_competition = False  # True: submitted by a kernel, not a CSV upload
 
     def read_table(self, data_dir: Path, config: DataConfig) -> pd.DataFrame:
         data_dir = Path(data_dir)
@@ -125,6 +127,34 @@ class DSB2018:
         if union.ndim == 3:
             union = union[..., 0]
         return label(union > 127, connectivity=1).astype(np.int32)
+
+    def read_test_table(self, test_dir: Path) -> pd.DataFrame:
+        """`stage1_test/<id>/images/<id>.png` folders (Kaggle layout), or image files directly in
+        `test_dir`; sorted by id."""
+        test_dir = Path(test_dir)
+        if not test_dir.is_dir():
+            raise InputError(f"{test_dir}: test folder not found")
+        paths = {
+            folder.name: folder / "images" / f"{folder.name}.png"
+            for folder in test_dir.iterdir()
+            if (folder / "images" / f"{folder.name}.png").is_file()
+        }
+        paths.update(
+            (name, path) for name, path in _image_files(test_dir).items() if name not in paths
+        )
+        rows = []
+        for image_id in sorted(paths):
+            height, width = image_size(paths[image_id])
+            rows.append(
+                {
+                    "id": image_id,
+                    "group": image_id,
+                    "image_path": str(paths[image_id].resolve()),
+                    "height": height,
+                    "width": width,
+                }
+            )
+        return pd.DataFrame(rows, columns=["id", "group", "image_path", "height", "width"])
 
     def read_image(self, row: Any) -> np.ndarray:
         """float32 [H, W, 3] RGB in [0, 1]; alpha dropped, grayscale repeated."""

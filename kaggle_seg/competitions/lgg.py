@@ -27,6 +27,8 @@ class LGG:
     classes = CLASSES
     channels = 3  # image channels before 2.5D stacking
     rle_order = None
+    kaggle_slug = None  # the competition on kaggle.com
+    code_competition = False  # True: submitted by a kernel, not a CSV upload
 
     def read_table(self, data_dir: Path, config: DataConfig) -> pd.DataFrame:
         data_dir = Path(data_dir)
@@ -60,6 +62,33 @@ class LGG:
                     }
                 )
         table = pd.DataFrame(rows)
+        return table.sort_values(["series", "slice_index"]).reset_index(drop=True)
+
+    def read_test_table(self, test_dir: Path) -> pd.DataFrame:
+        """Every `*.tif` slice that is not a `_mask.tif`, in patient folders or directly in
+        `test_dir`; sorted by series then slice number."""
+        test_dir = Path(test_dir)
+        if not test_dir.is_dir():
+            raise InputError(f"{test_dir}: test folder not found")
+        rows = []
+        for path in sorted([*test_dir.glob("*.tif"), *test_dir.glob("*/*.tif")]):
+            match = _SLICE.match(path.name)
+            if match is None or path.stem.endswith("_mask"):
+                continue
+            height, width = read_tiff(path).shape[:2]
+            rows.append(
+                {
+                    "id": path.stem,
+                    "group": "_".join(path.parent.name.split("_")[:3]),
+                    "series": path.parent.name,
+                    "slice_index": int(match["index"]),
+                    "image_path": str(path.resolve()),
+                    "height": int(height),
+                    "width": int(width),
+                }
+            )
+        columns = ["id", "group", "series", "slice_index", "image_path", "height", "width"]
+        table = pd.DataFrame(rows, columns=columns)
         return table.sort_values(["series", "slice_index"]).reset_index(drop=True)
 
     def read_image(self, row: Any) -> np.ndarray:

@@ -151,6 +151,8 @@ class UWMGI:
     classes = CLASSES
     channels = 1  # image channels before 2.5D stacking
     rle_order = "C"
+    kaggle_slug = "uw-madison-gi-tract-image-segmentation"  # on kaggle.com
+    code_competition = True  # submitted by a kernel (internet off), not a CSV upload
 
     def read_table(self, data_dir: Path, config: DataConfig) -> pd.DataFrame:
         data_dir = Path(data_dir)
@@ -182,6 +184,11 @@ class UWMGI:
             "empty",
         ]
         return sort_slices(table[columns])
+
+    def read_test_table(self, test_dir: Path) -> pd.DataFrame:
+        """`test/<case>/<case>_<day>/scans/*.png` in case-day, slice order (empty on Kaggle's
+        public re-run, where the folder is empty)."""
+        return scan_slices(test_dir)
 
     def read_image(self, row: Any) -> np.ndarray:
         """float32 [H, W, 1], the 16-bit intensities divided by the slice's maximum."""
