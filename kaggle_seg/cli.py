@@ -163,6 +163,219 @@ def plot(
     typer.echo(f"wrote {plot_history(run_dir, out)}")
 
 
+Checkpoints = Annotated[
+    list[Path],
+    typer.Option(
+        "--checkpoints",
+        help="An experiment folder (all its folds), a fold folder or a .pt file; repeat to "
+        "ensemble experiments.",
+    ),
+]
+Weights = Annotated[
+    str | None, typer.Option(help="One weight per --checkpoints, e.g. 1,0.5 (default equal).")
+]
+Tta = Annotated[str, typer.Option(help="Test-time augmentation: none, hflip, flip or d4.")]
+Merge = Annotated[str, typer.Option(help="How TTA views merge: mean, gmean, max, tsharpen.")]
+Ensemble = Annotated[
+    str, typer.Option(help="mean: weighted mean of probabilities; logit: of logits.")
+]
+BatchSize = Annotated[int, typer.Option(help="Images per forward pass.")]
+Workers = Annotated[int, typer.Option(help="DataLoader workers reading images.")]
+Device = Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when visible).")]
+OnError = Annotated[
+    str, typer.Option(help="An image that fails to decode: fail, or skip (predicted empty).")
+]
+
+
+def _parse_weights(weights: str | None) -> list[float] | None:
+    if weights is None:
+        return None
+    try:
+        return [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise KsegError(f"--weights {weights!r}: expected numbers like 1,0.5") from None
+
+
+def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise KsegError(f"{option} {value!r}: choose one of {', '.join(choices)}")
+
+
+@app.command()
+def predict(
+    checkpoints: Checkpoints,
+    test_dir: Annotated[Path, typer.Option(help="Folder of test images (Kaggle layout).")],
+    save: Annotated[
+        Path | None, typer.Option(help="Write probabilities here (.npz, one array per image).")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="Saved probabilities: float16 or uint8.")] = "float16",
+    weights: Weights = None,
+    tta: Tta = "flip",
+    merge: Merge = "mean",
+    ensemble: Ensemble = "mean",
+    batch_size: BatchSize = 8,
+    num_workers: Workers = 2,
+    device: Device = None,
+    on_error: OnError = "fail",
+) -> None:
+    """Ensemble probabilities for a folder of test images, with TTA, streamed image by image."""
+    from kaggle_seg.predict import predict_folder
+
+    _check_choice("--on-error", on_error, ("fail", "skip"))
+    _check_choice("--dtype", dtype, ("float16", "uint8"))
+    result = predict_folder(
+        checkpoints,
+        test_dir,
+        save,
+        weights=_parse_weights(weights),
+        dtype=dtype,  # type: ignore[arg-type]
+        device=device,
+        tta=tta,
+        merge=merge,
+        ensemble=ensemble,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        on_error=on_error,
+    )
+    typer.echo(
+        f"predicted {result['images']} images with {result['models']} model(s) in "
+        f"{result['seconds']:.1f} s ({result['images_per_s']:.1f} images/s)"
+        + (f"; wrote {result['saved']}" if result["saved"] else "")
+    )
+
+
+@app.command()
+def tune(
+    experiment: Annotated[Path, typer.Option(help="Experiment folder runs/<experiment>.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the settings (default EXP/postprocess.json)."),
+    ] = None,
+    max_images: Annotated[
+        int | None, typer.Option(help="Tune on a sample of this many images (whole groups).")
+    ] = None,
+) -> None:
+    """Search thresholds, minimum areas and the empty-slice gate on the out-of-fold predictions,
+    scored with the competition metric; write them for `kseg submit`."""
+    from kaggle_seg.tune import tune_experiment
+
+    result = tune_experiment(experiment, out=out, max_images=max_images)
+    target = out or experiment / "postprocess.json"
+    typer.echo(
+        f"OOF of folds {','.join(map(str, result.folds))} ({result.n_images} images): "
+        f"CV {result.before['score']:.4f} with defaults -> {result.after['score']:.4f} tuned"
+    )
+    typer.echo(f"wrote {target}: {result.settings.model_dump_json()}")
+
+
+@app.command()
+def submit(
+    checkpoints: Checkpoints,
+    data_dir: Annotated[
+        Path,
+        typer.Option(help="The competition folder as Kaggle mounts it (test/ or stage1_test/)."),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="CSV path (default submissions/<competition>_<experiment>_<date>.csv)."),
+    ] = None,
+    test_dir: Annotated[
+        Path | None, typer.Option(help="The test images folder, when not the usual one.")
+    ] = None,
+    postprocess: Annotated[
+        Path | None,
+        typer.Option(help="Settings JSON (default: postprocess.json beside the checkpoints)."),
+    ] = None,
+    weights: Weights = None,
+    tta: Tta = "flip",
+    merge: Merge = "mean",
+    ensemble: Ensemble = "mean",
+    batch_size: BatchSize = 8,
+    num_workers: Workers = 2,
+    device: Device = None,
+    on_error: OnError = "fail",
+    upload: Annotated[
+        bool, typer.Option(help="Submit the CSV to the competition through the Kaggle API.")
+    ] = False,
+    message: Annotated[str, typer.Option(help="Submission message for --upload.")] = "kseg",
+    kernel: Annotated[
+        str | None,
+        typer.Option(help="Code competitions: the pushed kernel (user/slug) --upload submits."),
+    ] = None,
+) -> None:
+    """Predict the test set and write a validated submission CSV in the competition's format."""
+    from kaggle_seg.submit import write_submission
+
+    _check_choice("--on-error", on_error, ("fail", "skip"))
+    result = write_submission(
+        checkpoints,
+        data_dir,
+        out,
+        weights=_parse_weights(weights),
+        test_dir=test_dir,
+        postprocess=postprocess,
+        tta=tta,
+        merge=merge,
+        ensemble=ensemble,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        on_error=on_error,
+    )
+    for note in result.notes:
+        typer.echo(note)
+    typer.echo(
+        f"wrote {result.path}: {result.rows} rows for {result.images} images in "
+        f"{result.seconds:.1f} s (validated)"
+    )
+    if upload:
+        from kaggle_seg.submit import upload_submission
+
+        typer.echo(upload_submission(result.path, checkpoints, message, kernel))
+
+
+@app.command()
+def show(
+    experiment: Annotated[
+        Path | None, typer.Option(help="Experiment folder: its out-of-fold predictions.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs.")] = Path("runs/show"),
+    ids: Annotated[str | None, typer.Option(help="Comma-separated image ids.")] = None,
+    random: Annotated[int | None, typer.Option(help="This many random images.")] = None,
+    worst: Annotated[int | None, typer.Option(help="The N worst-scoring images.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of --random.")] = 0,
+    predictions: Annotated[
+        Path | None, typer.Option(help="A probabilities .npz from `kseg predict --save`.")
+    ] = None,
+    table: Annotated[
+        Path | None, typer.Option(help="The table those predictions' images are in.")
+    ] = None,
+    competition: Annotated[
+        str | None,
+        typer.Option("--competition", "-c", help="With --predictions and no --experiment."),
+    ] = None,
+    threshold: Annotated[float, typer.Option(help="Probability threshold of the masks.")] = 0.5,
+) -> None:
+    """Write image | truth | prediction panels and overlays as PNG (no display needed)."""
+    from kaggle_seg.show import show_experiment
+
+    if experiment is None and predictions is None:
+        raise KsegError("pass --experiment runs/<experiment>, or --predictions with --table")
+    written = show_experiment(
+        experiment,
+        out,
+        ids=ids.split(",") if ids else None,
+        random=random,
+        worst=worst,
+        seed=seed,
+        predictions=predictions,
+        table=table,
+        competition=competition,
+        threshold=threshold,
+    )
+    typer.echo(f"wrote {len(written)} PNG(s) to {out}")
+
+
 def _format_result(result: dict, indent: str = "") -> list[str]:
     """Nested score dicts as indented `key: value` lines, floats to 6 places."""
     lines = []
@@ -179,15 +392,19 @@ def _format_result(result: dict, indent: str = "") -> list[str]:
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the example's files.")] = Path("runs/demo"),
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(help="A uwmgi folder (train.csv + train/); default: a generated phantom."),
+    competition: Annotated[
+        str, typer.Option("--competition", "-c", help="uwmgi (phantom scans) or dsb2018.")
+    ] = "uwmgi",
+    epochs: Annotated[
+        int | None, typer.Option(help="Training epochs (default 8 for uwmgi, 40 for dsb2018).")
     ] = None,
+    device: Device = "cpu",
 ) -> None:
-    """The main job on an example: prepare, folds, and score a stand-in prediction (uwmgi)."""
+    """The whole path on a small embedded example: prepare, folds, train, tune, predict with
+    TTA, submit, score and show."""
     from kaggle_seg.demo import run_demo
 
-    for line in run_demo(out, data_dir):
+    for line in run_demo(out, competition, epochs=epochs, device=device):
         typer.echo(line)
 
 

@@ -1,83 +1,161 @@
-"""The README's main job on a small embedded example (until training lands):
+"""`kseg demo`: the whole path on a small embedded example, in a few minutes on a laptop CPU.
 
-phantom uwmgi data -> `prepare` -> `folds` -> a stand-in prediction for fold 0 -> `score`.
-The stand-in is the truth shifted by 3 px and eroded by 1 px: it exercises the whole scoring path
-with a result that is good but not perfect, as a model's would be.
+prepare -> folds -> train a small model (fold 0) -> tune post-processing on its OOF -> predict
+the held-out test images with flip TTA -> submit (validated CSV) -> score -> show.
+
+The examples:
+- dsb2018: 34 CC0 stage-1 training images shipped in the package (kaggle_seg/examples/dsb2018,
+  written by scripts/make_dsb_example.py): 26 to train on, 8 as the test set with their solution.
+- uwmgi: phantom scans in Kaggle's exact layout; two extra phantom cases form the hidden test,
+  listed in sample_submission.csv as on Kaggle's private re-run.
 """
 
 from __future__ import annotations
 
+import shutil
+import time
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pandas as pd
 
+from kaggle_seg.config import ExperimentConfig, save_config
+from kaggle_seg.errors import KsegError
 from kaggle_seg.io import write_csv_atomic
 
-
-def stand_in_prediction(mask: np.ndarray) -> np.ndarray:
-    """[H, W] 0/1 -> the same mask shifted 3 px right and down, eroded by 1 px."""
-    from scipy.ndimage import binary_erosion, shift
-
-    moved = shift(mask.astype(np.uint8), (3, 3), order=0, mode="constant")
-    return binary_erosion(moved).astype(np.uint8)
+DEMO_COMPETITIONS = ("uwmgi", "dsb2018")
+UWMGI_TEST_CASE_DAYS = ("case101_day0", "case101_day4", "case123_day20")
 
 
-def stand_in_submission(table: pd.DataFrame) -> pd.DataFrame:
-    """`id,class,predicted` for every row of a uwmgi table."""
-    from kaggle_seg.competitions.uwmgi import CLASSES, RLE_COLUMNS
-    from kaggle_seg.data.rle import decode_rle, encode_rle
+def _experiment(competition: str, out: Path, epochs: int) -> ExperimentConfig:
+    """A small, quick model: the seed U-Net at 128x128 (2.5D for uwmgi), BCE + Dice."""
+    uwmgi = competition == "uwmgi"
+    return ExperimentConfig.model_validate(
+        {
+            "name": f"demo_{competition}",
+            "data": {
+                "competition": competition,
+                "table": str(out / "table.csv"),
+                "folds": str(out / "folds.csv"),
+                "n_folds": 4 if uwmgi else 5,
+                "stack_depth": 3 if uwmgi else 1,
+                "exclude_case_days": ["case7_day0"] if uwmgi else [],
+            },
+            "augment": {"preset": "light", "height": 128, "width": 128, "resize_mode": "resize"},
+            "model": {"architecture": "unet", "params": {"base_channels": 16}},
+            "train": {
+                "epochs": epochs,
+                "batch_size": 8,
+                "num_workers": 0,
+                "optimizer": {"name": "adamw", "lr": 3e-3},
+                "scheduler": {"name": "cosine", "warmup_epochs": 0.5},
+                "loss": [{"name": "bce", "weight": 0.5}, {"name": "dice", "weight": 0.5}],
+                "oof_dtype": "uint8",
+            },
+        }
+    )
 
-    rows = []
-    for row in table.itertuples(index=False):
-        shape = (row.height, row.width)
-        for organ, column in zip(CLASSES, RLE_COLUMNS, strict=True):
-            mask = decode_rle(getattr(row, column), shape, "C")
-            predicted = encode_rle(stand_in_prediction(mask), "C")
-            rows.append({"id": row.id, "class": organ, "predicted": predicted})
-    return pd.DataFrame(rows)
 
-
-def run_demo(out: Path, data_dir: Path | None = None) -> Iterator[str]:
-    """Run the pipeline under `out`, yielding one progress line per step."""
-    from kaggle_seg.competitions.uwmgi import RLE_COLUMNS
+def _uwmgi_example(root: Path) -> tuple[Path, Path, Path]:
+    """(Kaggle root with train/ + test/ + sample_submission.csv, test truth CSV, test images)."""
     from kaggle_seg.competitions.uwmgi_phantom import make_uwmgi_phantom
-    from kaggle_seg.prepare import folds_for_table, prepare_table, read_table
+
+    make_uwmgi_phantom(root, seed=0)
+    hidden = make_uwmgi_phantom(root.parent / "hidden", case_days=UWMGI_TEST_CASE_DAYS, seed=1)
+    if (root / "test").exists():
+        shutil.rmtree(root / "test")
+    shutil.move(str(hidden / "train"), str(root / "test"))
+    truth = pd.read_csv(hidden / "train.csv", dtype=str, keep_default_na=False)
+    write_csv_atomic(truth[["id", "class"]].assign(predicted=""), root / "sample_submission.csv")
+    truth_csv = root.parent / "test_truth.csv"
+    shutil.move(str(hidden / "train.csv"), str(truth_csv))
+    shutil.rmtree(hidden)
+    return root, truth_csv, root / "test"
+
+
+def _dsb_example(root: Path) -> tuple[Path, Path, Path]:
+    """(Kaggle root with stage1_train/ + labels CSV + stage1_test/, solution CSV, test images)."""
+    source = resources.files("kaggle_seg") / "examples" / "dsb2018"
+    with resources.as_file(source) as folder:
+        if root.exists():
+            shutil.rmtree(root)
+        shutil.copytree(folder, root)
+    return root, root / "stage1_solution.csv", root / "stage1_test"
+
+
+def run_demo(
+    out: Path,
+    competition: str = "uwmgi",
+    *,
+    epochs: int | None = None,
+    device: str | None = "cpu",
+) -> Iterator[str]:
+    """Run the pipeline under `out`, yielding one progress line per step."""
+    from kaggle_seg.prepare import folds_for_table, prepare_table
     from kaggle_seg.scoring import score_submission
+    from kaggle_seg.show import show_experiment
+    from kaggle_seg.submit import write_submission
+    from kaggle_seg.train import train_fold
+    from kaggle_seg.tune import tune_experiment
 
+    if competition not in DEMO_COMPETITIONS:
+        choices = ", ".join(DEMO_COMPETITIONS)
+        raise KsegError(f"--competition {competition!r}: choose one of {choices}")
+    started = time.perf_counter()
     out = Path(out)
-    if data_dir is None:
-        data_dir = make_uwmgi_phantom(out / "data")
-        yield f"phantom uwmgi data written to {data_dir} (Kaggle layout: train.csv + train/)"
-    summary = prepare_table("uwmgi", data_dir, out / "table.csv")
-    yield (
-        f"kseg prepare: {summary['images']} slices, {summary['groups']} cases, "
-        f"{summary['empty_fraction']:.1%} empty, excluded {summary['excluded']}"
-    )
-    n_folds = min(5, summary["groups"])
-    folds, _reused = folds_for_table(
-        "uwmgi", out / "table.csv", out / "folds.csv", n_folds, 42, force=True
-    )
-    yield f"kseg folds: {n_folds} folds, sizes {folds.groupby('fold').size().tolist()}"
+    out.mkdir(parents=True, exist_ok=True)
+    uwmgi = competition == "uwmgi"
+    epochs = epochs or (8 if uwmgi else 40)
+    example = _uwmgi_example if uwmgi else _dsb_example
+    root, truth_csv, test_images = example(out / "kaggle" / competition)
+    yield f"example data in Kaggle's layout: {root}"
 
-    table = read_table(out / "table.csv").merge(folds[["id", "fold"]], on="id")
-    valid = table[table["fold"] == 0]
-    truth = valid.melt(
-        id_vars="id", value_vars=list(RLE_COLUMNS), var_name="class", value_name="segmentation"
-    )
-    truth["class"] = truth["class"].str.removeprefix("rle_")
-    truth = truth.sort_values(["id", "class"])  # the class names sort in CLASSES order
-    write_csv_atomic(truth, out / "truth_fold0.csv")
-    write_csv_atomic(stand_in_submission(valid), out / "submission_fold0.csv")
-    result = score_submission(
-        "uwmgi", out / "truth_fold0.csv", out / "submission_fold0.csv", Path(data_dir) / "train"
-    )
+    config = _experiment(competition, out, epochs)
+    summary = prepare_table(competition, root, out / "table.csv")
     yield (
-        f"kseg score (fold 0, stand-in prediction): score {result['score']:.4f} = "
-        f"0.4 x dice {result['dice']:.4f} + 0.6 x (1 - hausdorff {result['hausdorff']:.4f})"
+        f"kseg prepare: {summary['images']} images in {summary['groups']} groups, "
+        f"{summary['empty_fraction']:.1%} empty"
     )
+    folds, _ = folds_for_table(
+        competition, out / "table.csv", out / "folds.csv", config.data.n_folds, 42, force=True
+    )
+    yield f"kseg folds: sizes {folds.groupby('fold').size().tolist()}"
+
+    save_config(config, out / f"{config.name}.yaml")
+    runs = out / "runs"
+    result = train_fold(config, 0, run_root=runs, device=device)
+    experiment = runs / config.name
     yield (
-        f"same with the CLI: kseg score --competition uwmgi {out / 'truth_fold0.csv'} "
-        f"{out / 'submission_fold0.csv'} --images {Path(data_dir) / 'train'}"
+        f"kseg train --config {out / (config.name + '.yaml')} --fold 0: best score "
+        f"{result.best_value:.4f} at epoch {result.best_epoch + 1} of {epochs} ({result.run_dir})"
+    )
+
+    tuned = tune_experiment(experiment)
+    yield (
+        f"kseg tune: CV (fold 0 OOF) {tuned.before['score']:.4f} with defaults -> "
+        f"{tuned.after['score']:.4f} tuned ({experiment / 'postprocess.json'})"
+    )
+
+    csv = out / "submissions" / f"{competition}_{config.name}.csv"
+    submitted = write_submission([experiment], root, csv, tta="flip", device=device,
+                                 num_workers=0)  # fmt: skip
+    yield f"kseg submit (flip TTA): {submitted.rows} rows for {submitted.images} images -> {csv}"
+
+    scored: dict[str, Any] = score_submission(
+        competition, truth_csv, csv, test_images if uwmgi else None
+    )
+    if uwmgi:
+        parts = f"0.4 x dice {scored['dice']:.4f} + 0.6 x (1 - hausdorff {scored['hausdorff']:.4f})"
+    else:
+        parts = f"mAP over {scored['n_images']} images"
+    yield f"kseg score (held-out test): {scored['score']:.4f} = {parts}"
+
+    pictures = out / "show"
+    written = show_experiment(experiment, pictures, worst=3)
+    yield f"kseg show: {len(written)} PNGs of the 3 worst validation images in {pictures}"
+    yield (
+        f"CV {tuned.after['score']:.4f}, test score {scored['score']:.4f}; "
+        f"done in {(time.perf_counter() - started) / 60:.1f} min"
     )

@@ -164,10 +164,18 @@ def test_score_dsb_solution_against_itself(shared_data: Path):
     )
 
 
-def test_demo_runs_the_main_job(tmp_path: Path):
-    out = kseg("demo", "--out", str(tmp_path / "demo")).stdout
-    assert "kseg prepare" in out and "kseg folds" in out
-    match = re.search(r"score (\d\.\d+) =", out)
-    assert match is not None and 0.5 < float(match.group(1)) < 1.0
-    for name in ("table.csv", "folds.csv", "truth_fold0.csv", "submission_fold0.csv"):
-        assert (tmp_path / "demo" / name).is_file()
+@pytest.mark.parametrize("competition", ["uwmgi", "dsb2018"])
+def test_demo_runs_the_whole_path(tmp_path: Path, competition: str):
+    # Two epochs keep the test short; the README's `kseg demo` trains longer.
+    out = kseg("demo", "-c", competition, "--out", str(tmp_path), "--epochs", "2").stdout
+    for step in ("kseg prepare", "kseg folds", "kseg train", "kseg tune", "kseg submit",
+                 "kseg score", "kseg show"):  # fmt: skip
+        assert step in out
+    cv, test = re.search(r"CV (\d\.\d+), test score (\d\.\d+)", out).groups()
+    assert 0.0 <= float(cv) <= 1.0 and 0.0 <= float(test) <= 1.0
+    experiment = tmp_path / "runs" / f"demo_{competition}"
+    for name in ("fold_0/best.pt", "fold_0/oof.npz", "fold_0/history.csv", "postprocess.json"):
+        assert (experiment / name).is_file()
+    (submission,) = (tmp_path / "submissions").glob("*.csv")
+    assert submission.stat().st_size > 0
+    assert len(list((tmp_path / "show").glob("*_panel.png"))) == 3

@@ -1,0 +1,84 @@
+"""Write the embedded DSB 2018 example that `kseg demo --competition dsb2018` runs on.
+
+A reproducible sample of the CC0 stage-1 training images (BBBC038) from ../shared/data/dsb2018,
+in Kaggle's layout, spread over the imaging types (fluorescence, histology, brightfield) and kept
+small (about 1 MB): images are re-saved losslessly (the constant alpha dropped, grayscale as one
+channel), nuclei as column-major RLE rows instead of one PNG each. The last images become a
+"test" folder with a `stage1_solution.csv`, so the demo can score its submission.
+
+    python scripts/make_dsb_example.py [--source ../shared/data/dsb2018]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from kaggle_seg.data.rle import encode_rle
+
+OUT = Path(__file__).resolve().parents[1] / "kaggle_seg" / "examples" / "dsb2018"
+# (width, height, grayscale) -> how many images of that kind; test images are taken per kind too.
+KINDS = {(256, 256, True): 18, (320, 256, False): 7, (360, 360, True): 6, (347, 260, True): 3}
+N_TEST_PER_KIND = {
+    (256, 256, True): 4,
+    (320, 256, False): 2,
+    (360, 360, True): 1,
+    (347, 260, True): 1,
+}
+SEED = 2018
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--source", type=Path, default=Path("../shared/data/dsb2018"))
+    args = parser.parse_args()
+    train_dir = args.source / "stage1_train"
+    rng = np.random.default_rng(SEED)
+    by_kind: dict[tuple[int, int, bool], list[str]] = {kind: [] for kind in KINDS}
+    for folder in sorted(train_dir.iterdir()):
+        image = cv2.imread(str(folder / "images" / f"{folder.name}.png"), cv2.IMREAD_UNCHANGED)
+        rgb = image[..., :3]
+        gray = bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+        kind = (image.shape[1], image.shape[0], gray)
+        if kind in by_kind:
+            by_kind[kind].append(folder.name)
+    train_rows, test_rows = [], []
+    for kind, n in KINDS.items():
+        chosen = rng.choice(by_kind[kind], size=n, replace=False)
+        for k, image_id in enumerate(sorted(chosen)):
+            split = "stage1_test" if k < N_TEST_PER_KIND[kind] else "stage1_train"
+            rows = test_rows if split == "stage1_test" else train_rows
+            source = train_dir / image_id
+            image = cv2.imread(str(source / "images" / f"{image_id}.png"), cv2.IMREAD_UNCHANGED)
+            image = image[..., 0] if kind[2] else image[..., :3]
+            target = OUT / split / image_id / "images" / f"{image_id}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(target), image, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+            height, width = image.shape[:2]
+            for mask_path in sorted((source / "masks").glob("*.png")):
+                nucleus = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE) > 127
+                rows.append(
+                    {
+                        "ImageId": image_id,
+                        "EncodedPixels": encode_rle(nucleus, "F"),
+                        "Height": height,
+                        "Width": width,
+                    }
+                )
+    train = pd.DataFrame(train_rows)
+    train[["ImageId", "EncodedPixels"]].to_csv(OUT / "stage1_train_labels.csv", index=False)
+    test = pd.DataFrame(test_rows).assign(Usage="Public")
+    test.to_csv(OUT / "stage1_solution.csv", index=False)
+    size = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
+    print(
+        f"wrote {OUT}: {train['ImageId'].nunique()} train + {test['ImageId'].nunique()} test "
+        f"images, {len(train) + len(test)} nuclei, {size / 1e6:.2f} MB"
+    )
+
+
+if __name__ == "__main__":
+    main()

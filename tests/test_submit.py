@@ -1,0 +1,186 @@
+"""`kseg submit`: the exact CSV formats, validated, in Kaggle's row order; the public re-run
+fallback; clear messages for mismatched inputs; `--upload` against the fake Kaggle API."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import pytest
+from test_predict import write_checkpoint
+
+from kaggle_seg.errors import InputError, KsegError
+from kaggle_seg.postprocess import default_postprocess, save_postprocess
+from kaggle_seg.scoring import score_submission
+from kaggle_seg.submit import default_submission_path, write_submission
+
+if TYPE_CHECKING:
+    from fake_kaggle import FakeKaggle
+
+pytest_plugins = ["fake_kaggle"]  # the fake_kaggle fixture
+
+UWMGI_CLASSES = ("large_bowel", "small_bowel", "stomach")
+
+
+@pytest.fixture(scope="module")
+def uwmgi_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Kaggle's uwmgi folder: train.csv + train/, and a hidden test/ listed by
+    sample_submission.csv in an order that is not the folder order."""
+    from kaggle_seg.competitions.uwmgi_phantom import make_uwmgi_phantom
+
+    base = tmp_path_factory.mktemp("uwmgi_root")
+    root = make_uwmgi_phantom(base / "comp", case_days=("case1_day0", "case2_day1"), n_slices=6)
+    hidden = make_uwmgi_phantom(
+        base / "hidden", case_days=("case9_day3", "case8_day0"), n_slices=5, seed=4
+    )
+    shutil.move(str(hidden / "train"), str(root / "test"))
+    truth = pd.read_csv(hidden / "train.csv", dtype=str, keep_default_na=False)
+    truth.to_csv(base / "truth.csv", index=False)
+    sample = truth[["id", "class"]].iloc[::-1].assign(predicted="")  # reversed on purpose
+    sample.to_csv(root / "sample_submission.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def uwmgi_experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    experiment = tmp_path_factory.mktemp("runs") / "tiny_uwmgi"
+    for fold in range(2):
+        write_checkpoint(experiment / f"fold_{fold}" / "best.pt", competition="uwmgi",
+                         classes=UWMGI_CLASSES, stack_depth=3, seed=fold,
+                         resize_mode="pad", size=64, name="tiny_uwmgi")  # fmt: skip
+    return experiment
+
+
+def test_uwmgi_hidden_test_follows_the_sample_order_and_scores(
+    uwmgi_root: Path, uwmgi_experiment: Path, tmp_path: Path
+):
+    out = tmp_path / "submission.csv"
+    result = write_submission([uwmgi_experiment], uwmgi_root, out, tta="flip", num_workers=0)
+    frame = pd.read_csv(out, dtype=str, keep_default_na=False)
+    sample = pd.read_csv(uwmgi_root / "sample_submission.csv", dtype=str, keep_default_na=False)
+    assert list(frame.columns) == ["id", "class", "predicted"]
+    assert frame[["id", "class"]].equals(sample[["id", "class"]])
+    assert result.images == 10 and result.rows == 30
+    assert (frame["predicted"] != "").any()
+    scored = score_submission("uwmgi", uwmgi_root.parent / "truth.csv", out, uwmgi_root / "test")
+    assert 0.0 <= scored["score"] <= 1.0
+
+
+def test_uwmgi_public_rerun_predicts_train_slices(
+    uwmgi_root: Path, uwmgi_experiment: Path, tmp_path: Path
+):
+    root = tmp_path / "public"
+    shutil.copytree(uwmgi_root, root, ignore=shutil.ignore_patterns("test"))
+    (root / "test").mkdir()
+    pd.DataFrame(columns=["id", "class", "predicted"]).to_csv(
+        root / "sample_submission.csv", index=False
+    )
+    result = write_submission([uwmgi_experiment], root, tmp_path / "s.csv", num_workers=0,
+                              fallback_case_days=1)  # fmt: skip
+    assert "public re-run" in result.notes[0] and "case1_day0" in result.notes[0]
+    frame = pd.read_csv(tmp_path / "s.csv", dtype=str, keep_default_na=False)
+    assert frame["id"].str.startswith("case1_day0_slice_").all()
+    assert len(frame) == 6 * 3
+
+
+def test_uwmgi_sample_mismatch_and_missing_test_are_named(
+    uwmgi_root: Path, uwmgi_experiment: Path, tmp_path: Path
+):
+    root = tmp_path / "mismatch"
+    shutil.copytree(uwmgi_root, root)
+    sample = pd.read_csv(root / "sample_submission.csv", dtype=str, keep_default_na=False)
+    sample.loc[0, "id"] = "case77_day7_slice_0001"
+    sample.to_csv(root / "sample_submission.csv", index=False)
+    with pytest.raises(InputError, match=r"sample_submission.csv does not match.*case77_day7"):
+        write_submission([uwmgi_experiment], root, tmp_path / "s.csv", num_workers=0)
+    shutil.rmtree(root / "test")
+    (root / "test").mkdir()
+    with pytest.raises(InputError, match=r"test: no slices, but .*sample_submission.csv lists"):
+        write_submission([uwmgi_experiment], root, tmp_path / "s.csv", num_workers=0)
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_postprocess_for_other_classes_is_refused(uwmgi_root: Path, uwmgi_experiment: Path,
+                                                  tmp_path: Path):  # fmt: skip
+    settings = tmp_path / "pp.json"
+    save_postprocess(default_postprocess(["nuclei"]), settings)
+    with pytest.raises(KsegError, match=r"pp.json is for classes \['nuclei'\]"):
+        write_submission([uwmgi_experiment], uwmgi_root, tmp_path / "s.csv", postprocess=settings)
+
+
+@pytest.fixture(scope="module")
+def dsb_root(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five real stage-1 test images with their solution rows."""
+    source = shared_data / "dsb2018"
+    root = tmp_path_factory.mktemp("dsb_root")
+    ids = sorted(p.name for p in (source / "stage1_test").iterdir())[:5]
+    for image_id in ids:
+        shutil.copytree(source / "stage1_test" / image_id / "images",
+                        root / "stage1_test" / image_id / "images")  # fmt: skip
+    solution = pd.read_csv(source / "stage1_solution.csv")
+    solution[solution["ImageId"].isin(ids)].to_csv(root / "solution.csv", index=False)
+    return root
+
+
+def test_dsb_submission_is_one_row_per_nucleus_and_scores(dsb_root: Path, tmp_path: Path):
+    checkpoint = write_checkpoint(tmp_path / "exp" / "fold_0" / "best.pt", size=64)
+    out = tmp_path / "dsb.csv"
+    write_submission([tmp_path / "exp"], dsb_root, out, num_workers=0)
+    frame = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert list(frame.columns) == ["ImageId", "EncodedPixels"]
+    assert frame["ImageId"].nunique() == 5
+    scored = score_submission("dsb2018", dsb_root / "solution.csv", out)
+    assert 0.0 <= scored["score"] <= 1.0
+    # A threshold no probability reaches: every image gets its `<id>,` row.
+    settings = default_postprocess(["nuclei"]).model_copy(update={"thresholds": [1.0]})
+    save_postprocess(settings, checkpoint.parent.parent / "postprocess.json")
+    write_submission([tmp_path / "exp"], dsb_root, out, num_workers=0)
+    empty = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert len(empty) == 5 and (empty["EncodedPixels"] == "").all()
+    assert score_submission("dsb2018", dsb_root / "solution.csv", out)["score"] == 0.0
+
+
+def test_lgg_has_no_submission_format(tmp_path: Path):
+    checkpoint = write_checkpoint(tmp_path / "best.pt", competition="lgg", classes=("lesion",))
+    with pytest.raises(KsegError, match="lgg has no Kaggle submission format"):
+        write_submission([checkpoint], tmp_path, tmp_path / "s.csv")
+
+
+def test_default_path_names_competition_experiment_and_date():
+    path = default_submission_path("uwmgi", "effb3", dt.date(2026, 11, 22))
+    assert path == Path("submissions/uwmgi_effb3_2026-11-22.csv")
+
+
+def test_cli_submit_writes_the_default_path_and_upload_needs_a_kernel_for_code_competitions(
+    uwmgi_root: Path, uwmgi_experiment: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from test_cli import kseg
+
+    monkeypatch.chdir(tmp_path)
+    out = kseg("submit", "--checkpoints", str(uwmgi_experiment), "--data-dir", str(uwmgi_root),
+               "--tta", "none", "--num-workers", "0").stdout  # fmt: skip
+    expected = default_submission_path("uwmgi", "tiny_uwmgi")
+    assert f"wrote {expected}: 30 rows for 10 images" in out
+    assert (tmp_path / expected).is_file()
+    upload = kseg("submit", "--checkpoints", str(uwmgi_experiment), "--data-dir",
+                  str(uwmgi_root), "--tta", "none", "--upload", check=False)  # fmt: skip
+    assert upload.returncode == 1 and "code competition" in upload.stderr
+    assert "--kernel" in upload.stderr
+
+
+def test_upload_of_a_file_competition_goes_through_the_kaggle_api(
+    dsb_root: Path, tmp_path: Path, fake_kaggle: FakeKaggle
+):
+    from kaggle_seg.submit import upload_submission
+
+    checkpoint = write_checkpoint(tmp_path / "best.pt")
+    csv = tmp_path / "dsb.csv"
+    write_submission([checkpoint], dsb_root, csv, num_workers=0)
+    upload_submission(csv, [checkpoint], "first try")
+    assert "dsb.csv" in fake_kaggle.uploaded()
+    (call,) = fake_kaggle.calls("CreateSubmission")
+    assert call["competitionName"] == "data-science-bowl-2018"
+    assert "first try" in str(call)
