@@ -1,0 +1,92 @@
+"""2018 Data Science Bowl: an offline submission made with kaggle_seg (`kseg`).
+
+Written by `kseg kernel build` from kernels/templates/dsb2018/kernel.py. It runs with the internet
+off, so kaggle_seg and the packages the Kaggle image lacks are installed from the attached wheels
+dataset (`pip install --no-index`); the checkpoints come from the weights dataset. The test images
+are read from `stage2_test_final/` or `stage1_test/` (extracted first where Kaggle mounts only the
+zip). It writes /kaggle/working/submission.csv.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+SETTINGS: dict = {}  # written by `kseg kernel build`
+
+# `kseg kernel rehearse` points this at a temporary Kaggle-like folder; on Kaggle it is /kaggle.
+KAGGLE_ROOT = Path(os.environ.get("KSEG_KAGGLE_ROOT", "/kaggle"))
+INPUT = KAGGLE_ROOT / "input"
+WORKING = KAGGLE_ROOT / "working"
+TEST_FOLDERS = ("stage2_test_final", "stage1_test")  # the final stage first
+
+
+def find_source(slug: str) -> Path:
+    """The folder an attached competition or dataset is mounted at: input/<slug> (or deeper)."""
+    for pattern in (slug, f"*/{slug}", f"*/*/{slug}"):
+        hits = sorted(path for path in INPUT.glob(pattern) if path.is_dir())
+        if hits:
+            return hits[0]
+    raise SystemExit(f"error: {slug!r} is not attached to this kernel (nothing in {INPUT})")
+
+
+def test_data_dir(data: Path) -> Path:
+    """A folder holding <stage>_test/<id>/images/<id>.png; zips are extracted outside input/."""
+    for name in TEST_FOLDERS:
+        if (data / name).is_dir():
+            return data
+    for name in TEST_FOLDERS:
+        archive = data / f"{name}.zip"
+        if archive.is_file():
+            extracted = Path(tempfile.gettempdir()) / "dsb2018"
+            with zipfile.ZipFile(archive) as zipped:
+                zipped.extractall(extracted / name)
+            return extracted
+    raise SystemExit(f"error: no {' or '.join(TEST_FOLDERS)} folder or zip in {data}")
+
+
+def run(command: list[str], check: bool = True) -> bool:
+    print("+", " ".join(command), flush=True)
+    result = subprocess.run(command, check=False)
+    if check and result.returncode != 0:
+        raise SystemExit(f"error: {' '.join(command[2:4])} exited with {result.returncode}")
+    return result.returncode == 0
+
+
+def install(wheels: Path) -> None:
+    """kaggle_seg and what the image lacks, from the wheels dataset: no index, no network."""
+    pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels),
+           "--disable-pip-version-check", "--no-warn-script-location", "--quiet"]  # fmt: skip
+    if run([*pip, SETTINGS["requirement"]], check=False):
+        return
+    # The resolver also checks the image's own packages against one another and gives up on
+    # any old conflict there; `kseg kernel build` checked kaggle_seg's requirements against
+    # the image's versions, so install the dataset's wheels as they are.
+    print("KSEG_WARNING pip could not resolve the requirements: installing the wheels with "
+          "--no-deps", flush=True)  # fmt: skip
+    run([*pip, "--no-deps", *sorted(str(path) for path in wheels.glob("*.whl"))])
+
+
+def main() -> None:
+    start = time.time()
+    wheels = find_source(SETTINGS["wheels_source"])
+    weights = find_source(SETTINGS["weights_source"])
+    data = test_data_dir(find_source(SETTINGS["competition_source"]))
+    install(wheels)
+    installed = time.time()
+    print(f"KSEG_TIMING install {installed - start:.2f}", flush=True)
+
+    # kseg submit's arguments, with the folders Kaggle mounted filled in.
+    folders = {"data": str(data), "weights": str(weights), "working": str(WORKING)}
+    command = [sys.executable, "-m", "kaggle_seg", "submit"]
+    command += [argument.format(**folders) for argument in SETTINGS["submit_args"]]
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # offline: no version check
+    run(command)
+    print(f"KSEG_TIMING predict {time.time() - installed:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
