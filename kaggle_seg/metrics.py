@@ -596,8 +596,9 @@ def dsb_score_frames(
     truth, submission: `ImageId,EncodedPixels`, one row per nucleus, column-major RLE (an image
     with no predicted nucleus has one row with an empty RLE). shapes: ImageId -> (H, W). The images
     scored are those of the truth (in order of first appearance); one missing from the submission
-    scores as predicted empty. Returns {"score": mean over images, "per_image":
-    DataFrame(ImageId, score, n_truth, n_pred), "n_images"}.
+    scores as predicted empty. Returns {"score": mean over images, "pixel_dice": mean Dice of
+    the nuclei unions (both empty: 1), "per_image": DataFrame(ImageId, score, pixel_dice,
+    n_truth, n_pred), "n_images"}.
     """
     _require_columns(truth, ("ImageId", "EncodedPixels"), "truth")
     _require_columns(submission, ("ImageId", "EncodedPixels"), "submission")
@@ -614,14 +615,25 @@ def dsb_score_frames(
         prediction_rles = predicted.get(image_id, pd.Series([], dtype=object))
         prediction_labels = _dsb_labels(prediction_rles, shape)
         precisions, n_truth, n_prediction = _dsb_precisions(truth_labels, prediction_labels)
+        truth_pixels, predicted_pixels = truth_labels > 0, prediction_labels > 0
+        total = int(truth_pixels.sum()) + int(predicted_pixels.sum())
+        overlap = int(np.count_nonzero(truth_pixels & predicted_pixels))
         rows.append(
             {
                 "ImageId": image_id,
                 "score": float(precisions.mean()),
+                "pixel_dice": 2.0 * overlap / total if total else 1.0,
                 "n_truth": n_truth,
                 "n_pred": n_prediction,
             }
         )
-    per_image = pd.DataFrame(rows, columns=["ImageId", "score", "n_truth", "n_pred"])
+    columns = ["ImageId", "score", "pixel_dice", "n_truth", "n_pred"]
+    per_image = pd.DataFrame(rows, columns=columns)
     score = float(per_image["score"].mean()) if len(per_image) else math.nan
-    return {"score": score, "per_image": per_image, "n_images": len(per_image)}
+    pixel_dice = float(per_image["pixel_dice"].mean()) if len(per_image) else math.nan
+    return {
+        "score": score,
+        "pixel_dice": pixel_dice,
+        "per_image": per_image,
+        "n_images": len(per_image),
+    }

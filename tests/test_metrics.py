@@ -581,5 +581,20 @@ def test_dsb_score_frames_missing_image_and_shape() -> None:
     # "b" has no submission row: predicted empty -> 0; "a" is perfect -> 1.
     assert result["score"] == 0.5
     assert result["per_image"]["ImageId"].tolist() == ["a", "b"]
+    assert result["per_image"]["pixel_dice"].tolist() == [1.0, 0.0]
+    assert result["pixel_dice"] == 0.5
+
+
+def test_dsb_pixel_dice_counts_the_union_of_nuclei() -> None:
+    truth = pd.DataFrame({"ImageId": ["a", "a"], "EncodedPixels": ["1 2", "5 2"]})  # 4 pixels
+    # 2 of the truth's pixels and 1 more: Dice = 2 * 2 / (4 + 3)
+    submission = pd.DataFrame({"ImageId": ["a"], "EncodedPixels": ["1 3"]})  # pixels 1-3
+    result = dsb_score_frames(truth, submission, {"a": (3, 3)})
+    assert result["pixel_dice"] == pytest.approx(4 / 7)
+
+
+def test_dsb_score_frames_shape_missing() -> None:
+    truth = pd.DataFrame({"ImageId": ["a", "a", "b"], "EncodedPixels": ["1 2", "5 1", "3 2"]})
+    submission = pd.DataFrame({"ImageId": ["a", "a"], "EncodedPixels": ["1 2", "5 1"]})
     with pytest.raises(InputError, match="shapes"):
         dsb_score_frames(truth, submission, {"a": (3, 3)})
