@@ -182,6 +182,10 @@ Ensemble = Annotated[
 BatchSize = Annotated[int, typer.Option(help="Images per forward pass.")]
 Workers = Annotated[int, typer.Option(help="DataLoader workers reading images.")]
 Device = Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when visible).")]
+BatchedTta = Annotated[
+    bool,
+    typer.Option(help="Run all TTA views in one forward pass (--no-batched-tta: one per view)."),
+]
 OnError = Annotated[
     str, typer.Option(help="An image that fails to decode: fail, or skip (predicted empty).")
 ]
@@ -217,6 +221,7 @@ def predict(
     num_workers: Workers = 2,
     device: Device = None,
     on_error: OnError = "fail",
+    batched_tta: BatchedTta = True,
 ) -> None:
     """Ensemble probabilities for a folder of test images, with TTA, streamed image by image."""
     from kaggle_seg.predict import predict_folder
@@ -236,6 +241,7 @@ def predict(
         batch_size=batch_size,
         num_workers=num_workers,
         on_error=on_error,
+        batched_tta=batched_tta,
     )
     typer.echo(
         f"predicted {result['images']} images with {result['models']} model(s) in "
@@ -294,6 +300,7 @@ def submit(
     num_workers: Workers = 2,
     device: Device = None,
     on_error: OnError = "fail",
+    batched_tta: BatchedTta = True,
     upload: Annotated[
         bool, typer.Option(help="Submit the CSV to the competition through the Kaggle API.")
     ] = False,
@@ -321,6 +328,7 @@ def submit(
         num_workers=num_workers,
         device=device,
         on_error=on_error,
+        batched_tta=batched_tta,
     )
     for note in result.notes:
         typer.echo(note)

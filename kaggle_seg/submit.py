@@ -214,6 +214,7 @@ def write_submission(
     device: str | None = None,
     on_error: str = "fail",
     fallback_case_days: int = 2,
+    batched_tta: bool = True,
 ) -> SubmitResult:
     """Predict the test images with the checkpoints' ensemble and write the submission CSV."""
     import torch
@@ -253,6 +254,7 @@ def write_submission(
         batch_size=batch_size,
         num_workers=num_workers,
         on_error=on_error,  # type: ignore[arg-type]
+        batched_tta=batched_tta,
     )
     table = test.table
     experiment = "+".join(dict.fromkeys(m.config.name for m in members))
