@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from kaggle_seg.competitions import get_competition
 from kaggle_seg.config import AugmentConfig, build_data_config
-from kaggle_seg.data.cache import ImageStore, fingerprint
+from kaggle_seg.data.cache import ImageStore, fingerprint, from_uint16
 from kaggle_seg.data.dataset import (
     SegmentationDataset,
     build_stores,
@@ -124,6 +124,31 @@ def test_phantom_training_sample_at_320x384(uw_table):
     assert sample["image"].shape == (5, 320, 384) and sample["image"].dtype == torch.float32
     assert sample["mask"].shape == (3, 320, 384) and sample["mask"].dtype == torch.float32
     assert set(torch.unique(sample["mask"]).tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_store_samples_match_direct_reads_through_the_uint16_path(uw_table, compact):
+    # With stores, build_transforms' pipelines take the stacks as uint16 (geometric ops on
+    # uint16): the sample equals the direct float32 reads' up to rounding.
+    competition = get_competition("uwmgi")
+    config = AugmentConfig(preset="heavy", height=320, width=384, resize_mode="pad")
+    transform = build_transforms(config, train=False)
+    kwargs: dict[str, Any] = {"stack_depth": 3, "stack_stride": 2, "compact": compact}
+    direct = SegmentationDataset(competition, uw_table, transform, **kwargs)
+    images, masks = build_stores(competition, uw_table, "memory", threads=2)
+    stored = SegmentationDataset(
+        competition, uw_table, transform, image_store=images, mask_store=masks, **kwargs
+    )
+    assert stored._stack(0).dtype == np.uint16
+    for i in (0, 3, len(uw_table) - 1):
+        want, got = direct[i], stored[i]
+        assert got["image"].dtype == (torch.float16 if compact else torch.float32)
+        assert got["mask"].dtype == (torch.uint8 if compact else torch.float32)
+        assert got["image"].is_contiguous() and got["mask"].is_contiguous()
+        torch.testing.assert_close(got["mask"], want["mask"], rtol=0, atol=0)
+        torch.testing.assert_close(
+            got["image"].float(), want["image"].float(), rtol=0, atol=1e-3 if compact else 1e-5
+        )
 
 
 # --- DSB instance targets -----------------------------------------------------------------------
@@ -238,7 +263,7 @@ def test_store_matches_direct_reads_and_decodes_each_image_once(dsb_table, tmp_p
         threads=2,
     )
     assert sorted(calls) == list(range(len(rows)))
-    assert store.nbytes == sum(r["height"] * r["width"] * 3 for r in rows) * 2  # float16
+    assert store.nbytes == sum(r["height"] * r["width"] * 3 for r in rows) * 2  # uint16
     for i, row in enumerate(rows):
         got = store.get(i)
         assert got.dtype == np.float32
@@ -253,6 +278,32 @@ def test_store_without_sizes_packs_items_of_any_shape():
         np.testing.assert_array_equal(store.get(i), array)
     store.get(2)[...] = 99  # a copy: the store itself is untouched
     np.testing.assert_array_equal(store.get(2), arrays[2])
+
+
+def test_image_store_holds_uint16_exact_for_16_bit_slices_divided_by_their_max():
+    # UW-Madison: 16-bit values / the slice maximum; stored as round(65535 x value).
+    rng = np.random.default_rng(0)
+    raws = [rng.integers(0, peak, (7, 9, 1), endpoint=True) for peak in (1, 255, 3000, 65535)]
+    images = [(raw / max(raw.max(), 1)).astype(np.float32) for raw in raws]
+    store = ImageStore("memory", "image").fill(lambda i: images[i], len(images), threads=2)
+    for i, image in enumerate(images):
+        view = store.view(i)
+        assert view.dtype == np.uint16
+        np.testing.assert_allclose(from_uint16(view), image, rtol=0, atol=0.5 / 65535 + 1e-7)
+        got = store.get(i)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, from_uint16(view))
+        # Distinct 16-bit levels stay distinct.
+        assert len(np.unique(view)) == len(np.unique(raws[i]))
+
+
+def test_image_store_rejects_values_outside_0_1():
+    store = ImageStore("memory", "image")
+    with pytest.raises(InputError, match=r"must be in \[0, 1\]"):
+        store.fill(lambda i: np.full((4, 4, 1), 255.0, np.float32), 1)
+    # Rounding just outside the range is clipped.
+    store = ImageStore("memory", "image").fill(lambda i: np.full((4, 4, 1), 1.0001, np.float32), 1)
+    assert store.view(0).max() == 65535
 
 
 def test_store_rejects_items_of_another_size():
@@ -291,17 +342,17 @@ def test_memmap_index_reused_and_rebuilt_when_a_file_changes(tmp_path):
     second, calls = fill()
     assert second.reused and calls == []
     for i in range(4):
-        np.testing.assert_allclose(second.get(i), arrays[i], rtol=1e-3)
+        np.testing.assert_allclose(second.get(i), arrays[i], rtol=0, atol=1e-5)
     # A source file edited: new mtime and size.
     sources[2].write_bytes(b"changed!")
     os.utime(sources[2], ns=(1, 1))
     arrays[2] = arrays[2] * 0.5
     third, calls = fill()
     assert not third.reused and sorted(calls) == [0, 1, 2, 3]
-    np.testing.assert_allclose(third.get(2), arrays[2], rtol=1e-3)
+    np.testing.assert_allclose(third.get(2), arrays[2], rtol=0, atol=1e-5)
     assert len(list(cache.glob("imgs.*.bin"))) == 1  # the old data file is gone
     # The first store still reads its (now unlinked) file through its mapping.
-    np.testing.assert_allclose(first.get(0), arrays[0], rtol=1e-3)
+    np.testing.assert_allclose(first.get(0), arrays[0], rtol=0, atol=1e-5)
 
 
 def test_interrupted_fill_keeps_the_previous_cache_trusted_and_complete(tmp_path):

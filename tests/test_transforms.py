@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kaggle_seg.config import AugmentConfig
+from kaggle_seg.data.cache import to_uint16
 from kaggle_seg.data.transforms import (
     GREY_MEAN,
     GREY_STD,
@@ -16,6 +17,8 @@ from kaggle_seg.data.transforms import (
     IMAGENET_STD,
     PRESETS,
     ChannelCLAHE,
+    ToUnitFloat,
+    accepts_uint16,
     build_transforms,
     get_preset,
     pad_offsets,
@@ -194,3 +197,43 @@ def test_get_preset_lists_names():
         get_preset("medium")
     with pytest.raises(KeyError, match="heavy"):
         build_transforms(AugmentConfig(preset="medium"), train=True)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("train", [True, False])
+def test_uint16_input_gives_the_float_result(preset, train):
+    # The store's uint16 images (65535 x pixel) go through the leading geometric ops as uint16:
+    # with the same random draws the output is the float32 input's, up to rounding.
+    config = AugmentConfig(preset=preset, height=64, width=80, resize_mode="pad")
+    transform = build_transforms(config, train=train)
+    assert accepts_uint16(transform)
+    names = [type(t).__name__ for t in transform.transforms]
+    assert names.count("ToUnitFloat") == 1
+    rng = np.random.default_rng(3)
+    for seed in range(8):
+        image = cv_smooth(rng.random((60, 70, 3), dtype=np.float32))
+        mask = blobs(60, 70, 3, seed=seed)
+        as_uint16 = to_uint16(image)
+        transform.set_random_seed(seed)
+        want = transform(image=as_uint16.astype(np.float32) / 65535, mask=mask)
+        transform.set_random_seed(seed)
+        got = transform(image=as_uint16, mask=mask)
+        assert got["image"].dtype == np.float32 and got["image"].shape == want["image"].shape
+        np.testing.assert_array_equal(got["mask"], want["mask"])
+        # gi's CLAHE quantises to 8 bits first, before any uint16 op: identical there too.
+        np.testing.assert_allclose(got["image"], want["image"], rtol=0, atol=2e-4)
+
+
+def cv_smooth(image: np.ndarray) -> np.ndarray:
+    """A smooth image (interpolation differences stay at the rounding level)."""
+    import cv2
+
+    return cv2.GaussianBlur(image, (0, 0), 3).reshape(image.shape)
+
+
+def test_to_unit_float_passes_float_through():
+    image = np.random.default_rng(0).random((5, 6, 2), dtype=np.float32)
+    assert ToUnitFloat(p=1.0).apply(image) is image
+    out = ToUnitFloat(p=1.0).apply(np.full((5, 6, 2), 65535, np.uint16))
+    assert out.dtype == np.float32 and np.all(out == 1.0)
+    assert not accepts_uint16(A.Compose([A.HorizontalFlip()])) and not accepts_uint16(None)

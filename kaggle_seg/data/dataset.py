@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import albumentations as A
+import cv2
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from kaggle_seg.competitions.base import Competition
-from kaggle_seg.data.cache import ImageStore, StoreMode, fingerprint
+from kaggle_seg.data.cache import ImageStore, StoreMode, fingerprint, from_uint16
+from kaggle_seg.data.transforms import accepts_uint16
 from kaggle_seg.errors import InputError, KsegError
 
 Targets = Literal["mask", "mask_border"]
@@ -204,6 +206,9 @@ class SegmentationDataset(Dataset):
         self.mask_store = mask_store
         self._image_slots = image_store.positions(ids) if image_store is not None else None
         self._mask_slots = mask_store.positions(ids) if mask_store is not None else None
+        # Stacks assembled straight from the store's uint16 views when the pipeline takes uint16
+        # (`build_transforms`'): no float copy, and the geometric augmentations run on uint16.
+        self._store_views = image_store is not None and image_store.mode != "none"
         self._seeded_pid: int | None = None
 
     def __len__(self) -> int:
@@ -223,16 +228,34 @@ class SegmentationDataset(Dataset):
         return read_target(self.competition, self._rows[position], self.targets)
 
     def _stack(self, i: int) -> np.ndarray:
+        if self._store_views and accepts_uint16(self.transform):
+            return self._stack_uint16(i)
         if self.stack_depth == 1:
             return self.read_image(i)
         slices = [self.read_image(int(p)) for p in self.stacks[i]]
+        self._check_stack(i, slices)
+        return np.concatenate(slices, axis=-1)
+
+    def _stack_uint16(self, i: int) -> np.ndarray:
+        """uint16 [H, W, C] (value = round(65535 x pixel)) of the stack at `i`, a new array."""
+        store, slots = self.image_store, self._image_slots
+        assert store is not None and slots is not None
+        views = [store.view(int(slots[int(p)])) for p in self.stacks[i]]
+        if len(views) == 1:
+            return np.array(views[0])
+        self._check_stack(i, views)
+        if views[0].shape[-1] == 1:
+            # cv2.merge interleaves single-channel planes ~3x faster than np.concatenate.
+            return cv2.merge([v[..., 0] for v in views])
+        return np.concatenate(views, axis=-1)
+
+    def _check_stack(self, i: int, slices: list[np.ndarray]) -> None:
         if len({s.shape for s in slices}) != 1:
             names = ", ".join(
                 f"{self._rows[int(p)]['image_path']} {s.shape[1]}x{s.shape[0]}"
                 for p, s in zip(self.stacks[i], slices, strict=True)
             )
             raise InputError(f"2.5D stack of {self._rows[i]['id']}: slice sizes differ: {names}")
-        return np.concatenate(slices, axis=-1)
 
     def _seed_transform_in_worker(self) -> None:
         # Albumentations 2 draws from generators made when the pipeline was built, so forked
@@ -258,24 +281,35 @@ class SegmentationDataset(Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        image = np.ascontiguousarray(image.transpose(2, 0, 1))
-        mask = np.ascontiguousarray(mask.transpose(2, 0, 1))
-        if self.compact:
-            # Half the bytes through the worker -> main process queue, which costs more than
-            # decoding here; the training step casts back to float32 on its device.
-            image_tensor, mask_tensor = (
-                torch.from_numpy(image.astype(np.float16)),
-                torch.from_numpy(mask),
-            )
-        else:
-            image_tensor = torch.from_numpy(image)
-            mask_tensor = torch.from_numpy(mask.astype(np.float32))
+        if image.dtype == np.uint16:  # no transform
+            image = from_uint16(image)
+        # compact: half the bytes through the worker -> main process queue, which costs more
+        # than decoding here; the training step casts back to float32 on its device.
+        image_tensor = _chw_tensor(image, torch.float16 if self.compact else torch.float32)
+        mask_tensor = _chw_tensor(mask, torch.uint8 if self.compact else torch.float32)
         return {
             "image": image_tensor,
             "mask": mask_tensor,
             "index": i,
             "id": str(row["id"]),
         }
+
+
+def _chw_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A new contiguous `dtype` [C, H, W] tensor of an [H, W, C] (or [H, W]) array.
+
+    One pass where the dtype changes: torch converts float32 to float16 while transposing, ~10x
+    faster than numpy's astype (0.2 vs 1.8 ms at 320x384x3).
+    """
+    if array.ndim == 2:
+        array = array[..., None]
+    source = torch.from_numpy(np.ascontiguousarray(array))
+    if source.dtype != dtype or array.shape[-1] > 4:
+        height, width, channels = array.shape
+        return torch.empty((channels, height, width), dtype=dtype).copy_(source.permute(2, 0, 1))
+    # Same dtype, a few channels: cv2.split de-interleaves with SIMD, faster than a strided copy.
+    planes = cv2.split(array)
+    return torch.from_numpy(np.stack(planes) if len(planes) > 1 else planes[0][None])
 
 
 def weighted_sampler(

@@ -5,6 +5,13 @@ a 2.5D stack of 3, 5 for a deeper stack); masks arrive uint8 0/1 [H, W, K]. Ever
 works for any C: the ones albumentations restricts to 1 or 3 channels (CLAHE) are replaced by
 per-channel versions, since the channels of a 2.5D stack are separate slices, not colours.
 
+Pipelines from `build_transforms` also take uint16 images, value = round(65535 x pixel) (the
+`ImageStore` format): the leading transforms that only move or zero pixels (sizing, flips, affine,
+elastic and grid warps, dropout) run on uint16, about twice as fast as on float32 for the affine
+warp, and `ToUnitFloat` converts to float32 [0, 1] before the first transform that needs values
+(noise, blur, brightness / contrast, CLAHE, normalisation) or at the end. Float32 input passes
+through unchanged; either way the output is float32.
+
 A pipeline is always: bring to height x width first (resize, or pad + crop), then the preset, then
 the normalisation. Sizing first gives every preset a known input size, and keeps the warps at the
 model's input size, far below e.g. a 1024x1024 DSB image (padding a 266x266 UW slice to 320x384
@@ -21,6 +28,7 @@ import cv2
 import numpy as np
 
 from kaggle_seg.config import AugmentConfig
+from kaggle_seg.data.cache import from_uint16
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,6 +78,61 @@ class ChannelCLAHE(A.ImageOnlyTransform):
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("clip_limit", "tile_grid_size")
+
+
+class ToUnitFloat(A.ImageOnlyTransform):
+    """uint16 images (value = round(65535 x pixel), the `ImageStore` format) to float32 [0, 1];
+    float32 images pass through unchanged. `build_transforms` places it; see the module docstring.
+    """
+
+    def __init__(self, p: float = 1.0):
+        super().__init__(p=p)
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        return from_uint16(img) if img.dtype == np.uint16 else img
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ()
+
+
+# Transforms that only move, copy or zero pixels: on uint16 images they give the float32 result
+# x 65535, up to rounding (interpolated values are rounded to integers: below 1e-5 of the range).
+_UINT16_SAFE = (
+    A.PadIfNeeded,
+    A.RandomCrop,
+    A.Resize,
+    A.RandomSizedCrop,
+    A.HorizontalFlip,
+    A.VerticalFlip,
+    A.Transpose,
+    A.RandomRotate90,
+    A.Affine,
+    A.ElasticTransform,  # FastElasticTransform too
+    A.GridDistortion,
+    A.CoarseDropout,
+)
+
+
+def _fills_zero(transform: A.BasicTransform) -> bool:
+    fill = getattr(transform, "fill", 0)
+    try:
+        return bool(np.all(np.asarray(fill, dtype=np.float64) == 0))
+    except (TypeError, ValueError):  # e.g. CoarseDropout's fill "random"
+        return False
+
+
+def _uint16_safe(transform: A.BasicTransform) -> bool:
+    if isinstance(transform, A.BaseCompose):
+        return all(_uint16_safe(t) for t in transform.transforms)
+    return isinstance(transform, _UINT16_SAFE) and _fills_zero(transform)
+
+
+def accepts_uint16(transform: Any) -> bool:
+    """Whether `transform` takes uint16 images (value = round(65535 x pixel)) as well as float32
+    ones: the pipelines of `build_transforms`, which hold a top-level `ToUnitFloat`."""
+    return isinstance(transform, A.Compose) and any(
+        isinstance(t, ToUnitFloat) for t in transform.transforms
+    )
 
 
 class ImagenetNormalize(A.ImageOnlyTransform):
@@ -130,6 +193,35 @@ class BrightnessContrast(A.ImageOnlyTransform):
         return ("brightness_limit", "contrast_limit")
 
 
+class FastElasticTransform(A.ElasticTransform):
+    """albumentations' ElasticTransform with its displacement maps built in float32.
+
+    The same fields (uniform noise in [-1, 1) per pixel and axis, smoothed by the same Gaussian,
+    times alpha, added to the pixel grid), but drawn and summed in float32: albumentations 2.0.8
+    draws the noise in float64 and adds an int64 grid in float64, ~2 of the ~3 ms a warp takes
+    at 320x384. Other settings (Gaussian noise, same_dxdy) defer to albumentations.
+    """
+
+    def get_params_dependent_on_data(
+        self, params: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        if self.noise_distribution != "uniform" or self.same_dxdy:
+            return super().get_params_dependent_on_data(params, data)
+        height, width = params["shape"][:2]
+        fields = self.random_generator.random((2 * height, width), dtype=np.float32)
+        fields *= 2.0
+        fields -= 1.0
+        kernel_size = (17, 17) if self.approximate else (0, 0)
+        cv2.GaussianBlur(
+            fields, kernel_size, self.sigma, dst=fields, borderType=cv2.BORDER_REPLICATE
+        )
+        fields *= np.float32(self.alpha)
+        map_x, map_y = fields[:height], fields[height:]
+        map_x += np.arange(width, dtype=np.float32)
+        map_y += np.arange(height, dtype=np.float32)[:, None]
+        return {"map_x": map_x, "map_y": map_y}
+
+
 def _affine(shift: float, scale: float, rotate: float, p: float) -> A.Affine:
     """The old ShiftScaleRotate (deprecated in albumentations 2) as an Affine."""
     return A.Affine(
@@ -151,7 +243,7 @@ def _distortion(strength: float, p: float) -> A.OneOf:
     # wide) and uniform noise (smoothed, it is as Gaussian as Gaussian noise) make it ~2x faster.
     return A.OneOf(
         [
-            A.ElasticTransform(
+            FastElasticTransform(
                 alpha=50.0 * strength,
                 sigma=8.0,
                 approximate=True,
@@ -288,7 +380,8 @@ def _pad(height: int, width: int) -> A.PadIfNeeded:
 
 
 def build_transforms(config: AugmentConfig, train: bool) -> A.Compose:
-    """The pipeline for float32 [H, W, C] images in [0, 1] and uint8 [H, W, K] masks.
+    """The pipeline for float32 [H, W, C] images in [0, 1] (or uint16, see the module docstring)
+    and uint8 [H, W, K] masks; images come out float32.
 
     Training: bring to config.height x config.width (resize_mode "resize": Resize; "pad": centre
     PadIfNeeded then RandomCrop, so larger images give random crops), then the preset, then the
@@ -309,4 +402,7 @@ def build_transforms(config: AugmentConfig, train: bool) -> A.Compose:
         sizing = [_pad(height, width)]
     augment = get_preset(config.preset)(height, width) if train else []
     normalize = [ImagenetNormalize()] if config.normalize == "imagenet" else []
-    return A.Compose([*sizing, *augment, *normalize])
+    steps = [*sizing, *augment]
+    # uint16 input stays uint16 through the leading transforms that only move pixels.
+    split = next((k for k, t in enumerate(steps) if not _uint16_safe(t)), len(steps))
+    return A.Compose([*steps[:split], ToUnitFloat(), *steps[split:], *normalize])
