@@ -111,6 +111,9 @@ class TrainConfig(StrictModel):
     cache: Literal["none", "memory", "memmap"] = "memory"
     oof_dtype: Literal["float16", "uint8"] = "float16"
     tensorboard: bool = False
+    # Models with a classification head (model.params.aux_params): weight of the head's BCE on
+    # "does mask channel k have any foreground" added to the segmentation loss.
+    class_loss_weight: float = Field(0.4, ge=0)
 
 
 class ExperimentConfig(StrictModel):

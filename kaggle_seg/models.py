@@ -376,7 +376,9 @@ def build_model(config: ModelConfig, in_channels: int, classes: int) -> nn.Modul
     `tu-<timm model>`); `config.params` go to the constructor. "unet" names both: smp's exact
     spelling `Unet` (the config default) builds smp's U-Net, any other (`unet`, `UNet`) the
     seed U-Net. Returns a module mapping `[B, in_channels, H, W]` to logits
-    `[B, classes, H, W]`.
+    `[B, classes, H, W]`; with `params.aux_params` (smp only: a classification head, e.g.
+    `{dropout: 0.2}`; its `classes` defaults to, and must equal, `classes`) it returns a tuple
+    (mask logits `[B, classes, H, W]`, class logits `[B, classes]`).
 
     Raises KeyError for an unknown architecture or encoder (listing the valid names) and
     KsegError for bad params or weight files that are missing or do not fit.
@@ -386,6 +388,11 @@ def build_model(config: ModelConfig, in_channels: int, classes: int) -> nn.Modul
     # "Unet" (smp's spelling, the config default) is smp's U-Net; "unet" / "UNet" the seed.
     smp_spelling = config.architecture in smp_architectures()
     if arch in SEED_MODELS and not smp_spelling:
+        if "aux_params" in params:
+            raise KsegError(
+                f"model '{config.architecture}': the seed models have no classification head; "
+                "model.params.aux_params needs an smp architecture (e.g. Unet, FPN)"
+            )
         model_class = SEED_MODELS[arch]
         try:
             model = model_class(in_channels=in_channels, classes=classes, **params)
@@ -398,6 +405,8 @@ def build_model(config: ModelConfig, in_channels: int, classes: int) -> nn.Modul
                 "model params: 'encoder_weights' would download; "
                 "use model.encoder_weights_path (a local file) instead"
             )
+        if params.get("aux_params") is not None:
+            params["aux_params"] = _head_params(params["aux_params"], classes)
         try:
             model = smp.create_model(
                 arch=config.architecture,
@@ -424,6 +433,40 @@ def build_model(config: ModelConfig, in_channels: int, classes: int) -> nn.Modul
     if config.weights_path is not None:
         load_model_weights(model, config.weights_path)
     return model
+
+
+def _head_params(aux_params: Any, classes: int) -> dict[str, Any]:
+    """smp `aux_params` with the head's classes filled in and checked: one logit per mask
+    channel, no activation (the loss and the prediction code apply the sigmoid)."""
+    if not isinstance(aux_params, Mapping):
+        raise KsegError(
+            "model params: aux_params must be a mapping (e.g. {dropout: 0.2}), "
+            f"got {aux_params!r}"
+        )
+    head = {"classes": classes, **aux_params}
+    if head["classes"] != classes:
+        raise KsegError(
+            f"model params: aux_params.classes is {head['classes']} but the model predicts "
+            f"{classes} mask channel(s): the classification head needs one logit per channel"
+        )
+    if head.get("activation") is not None:
+        raise KsegError(
+            f"model params: aux_params.activation {head['activation']!r}: the head must output "
+            "logits (leave activation unset)"
+        )
+    return head
+
+
+def has_class_head(config: ModelConfig) -> bool:
+    """Whether a model of `config` returns (mask logits, class logits): smp `aux_params` set."""
+    return config.params.get("aux_params") is not None
+
+
+def split_outputs(outputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A model's output -> (mask logits `[B, K, H, W]`, class logits `[B, K]` or None)."""
+    if isinstance(outputs, tuple | list):
+        return outputs[0], outputs[1]
+    return outputs, None
 
 
 def _check_encoder_name(encoder: str) -> None:

@@ -17,3 +17,4 @@ LAST_CHECKPOINT = "last.pt"
 HISTORY_FILE = "history.csv"
 CONFIG_FILE = "config.yaml"
 OOF_FILE = "oof.npz"
+OOF_CLASSES_FILE = "oof_classes.npz"  # classification-head models: id -> [K] probabilities

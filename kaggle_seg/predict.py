@@ -4,7 +4,8 @@ A checkpoint carries its resolved config, so prediction rebuilds each model and 
 pipeline (size, padding or resizing, normalisation, 2.5D depth) without the training command
 line. Images are read and pre-processed in DataLoader workers, batched by input shape, run under
 `torch.inference_mode` (with AMP on GPU), and each image's ensembled probabilities are yielded at
-the image's own size, so the whole test set is never held in memory.
+the image's own size, so the whole test set is never held in memory. Models with a
+classification head (smp `aux_params`) also give per-image class probabilities on request.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ class Member:
     in_channels: int
     weight: float
     source: Path
+    has_class_head: bool = False  # the model returns (mask logits, class logits)
 
 
 def load_member(path: Path, weight: float, device: Any) -> Member:
@@ -126,7 +128,7 @@ def load_member(path: Path, weight: float, device: Any) -> Member:
     import torch
 
     from kaggle_seg.config import ExperimentConfig
-    from kaggle_seg.models import build_model
+    from kaggle_seg.models import build_model, has_class_head
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -157,6 +159,7 @@ def load_member(path: Path, weight: float, device: Any) -> Member:
         in_channels=int(state["in_channels"]),
         weight=float(weight),
         source=path,
+        has_class_head=has_class_head(config.model),
     )
 
 
@@ -333,6 +336,23 @@ def _pad_to_divisor(images: Any) -> tuple[Any, int, int]:
     return images, h, w
 
 
+class _ClassLogitsCapture:
+    """A head model as `tta_logits` wants one: returns the mask logits `[N, K, H, W]` and keeps
+    the class logits `[N, K]` of every call, in call order (views stacked along the batch)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.class_logits: list[Any] = []
+
+    def __call__(self, images: Any) -> Any:
+        from kaggle_seg.models import split_outputs
+
+        logits, class_logits = split_outputs(self.model(images))
+        if class_logits is not None:
+            self.class_logits.append(class_logits)
+        return logits
+
+
 def predict_probabilities(
     members: Sequence[Member],
     competition: Any,
@@ -345,12 +365,18 @@ def predict_probabilities(
     num_workers: int = 2,
     on_error: OnError = "fail",
     batched_tta: bool = True,
-) -> Iterator[tuple[int, str, np.ndarray]]:
+    with_class_probabilities: bool = False,
+) -> Iterator[tuple[Any, ...]]:
     """Yield (table position, id, float32 [K, H, W] probabilities) for every row, in order.
 
     `ensemble`: "mean" averages the members' probabilities with their weights (after each merged
     its TTA views with `merge`); "logit" averages logits over views and members, then applies the
     sigmoid once. A row that failed to read (on_error="skip") yields zeros.
+
+    `with_class_probabilities`: yield (position, id, probabilities, class probabilities) instead,
+    the last float32 [K] from the members with a classification head (None when none has one):
+    per member the sigmoid averaged over the TTA views (the head sees the whole image, so a flip
+    changes its answer only a little), then the members' weighted mean whatever `ensemble` is.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -377,19 +403,31 @@ def predict_probabilities(
     widths = table["width"].astype(int).to_numpy()
     ids = table["id"].astype(str).to_numpy()
     total_weight = sum(m.weight for m in members)
+    head_weight = sum(m.weight for m in members if m.has_class_head)
+    want_classes = with_class_probabilities and head_weight > 0
     use_amp = device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     with torch.inference_mode():
         for batch in loader:
             positions = batch["index"]
             sums: list[np.ndarray | None] = [None] * len(positions)
+            class_sums = np.zeros((len(positions), len(members[0].classes)), np.float64)
             for member, k in zip(members, spec_index, strict=True):
                 images = batch["inputs"][k].to(device, non_blocking=True)
                 if device.type == "cuda" and member.config.train.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 images, h, w = _pad_to_divisor(images)
+                model = _ClassLogitsCapture(member.model) if member.has_class_head else None
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    logits = tta_logits(member.model, images, transforms, batched=batched_tta)
+                    logits = tta_logits(
+                        model or member.model, images, transforms, batched=batched_tta
+                    )
+                if model is not None and want_classes:
+                    # [views * B, K] in call order -> [views, B, K]: every call is whole views
+                    class_logits = torch.cat(model.class_logits).float()
+                    class_logits = class_logits.reshape(-1, len(positions), class_logits.shape[-1])
+                    class_probabilities = torch.sigmoid(class_logits).mean(0).cpu().numpy()
+                    class_sums += member.weight * class_probabilities
                 logits = logits[..., :h, :w].float()
                 if ensemble == "logit":
                     merged = logits.mean(0)
@@ -407,7 +445,16 @@ def predict_probabilities(
                     result = 1.0 / (1.0 + np.exp(-result))
                 if not batch["ok"][j]:
                     result = np.zeros_like(result)
-                yield position, ids[position], result.astype(np.float32, copy=False)
+                result = result.astype(np.float32, copy=False)
+                if not with_class_probabilities:
+                    yield position, ids[position], result
+                    continue
+                classes = None
+                if want_classes:
+                    classes = (class_sums[j] / head_weight).astype(np.float32)
+                    if not batch["ok"][j]:
+                        classes = np.zeros_like(classes)
+                yield position, ids[position], result, classes
 
 
 # -- saving --

@@ -115,37 +115,52 @@ def _check_sample_ids(found: pd.Series, expected: pd.Series, sample_path: Path) 
 
 
 def _volumes(
-    stream: Iterator[tuple[int, str, np.ndarray]], table: pd.DataFrame
-) -> Iterator[tuple[list[str], list[np.ndarray]]]:
-    """Group a uwmgi prediction stream (table order) into case-day volumes."""
+    stream: Iterator[tuple[Any, ...]], table: pd.DataFrame
+) -> Iterator[tuple[list[str], list[np.ndarray], list[np.ndarray | None]]]:
+    """Group a uwmgi prediction stream (table order) into case-day volumes: ids, probabilities
+    and class probabilities (None where the stream has none: its items are 3-tuples, or 4-tuples
+    from `predict_probabilities(..., with_class_probabilities=True)`)."""
     case_days = table["case_day"].to_numpy()
     ids: list[str] = []
     probabilities: list[np.ndarray] = []
+    class_probabilities: list[np.ndarray | None] = []
     current = None
-    for position, image_id, probs in stream:
+    for position, image_id, probs, *rest in stream:
         if ids and case_days[position] != current:
-            yield ids, probabilities
-            ids, probabilities = [], []
+            yield ids, probabilities, class_probabilities
+            ids, probabilities, class_probabilities = [], [], []
         current = case_days[position]
         ids.append(image_id)
         probabilities.append(probs)
+        class_probabilities.append(rest[0] if rest else None)
     if ids:
-        yield ids, probabilities
+        yield ids, probabilities, class_probabilities
 
 
 def uwmgi_rows(
-    stream: Iterator[tuple[int, str, np.ndarray]],
+    stream: Iterator[tuple[Any, ...]],
     table: pd.DataFrame,
     settings: Any,
     classes: Sequence[str],
 ) -> list[dict[str, str]]:
-    """`id,class,predicted` rows (row-major RLE) for every slice and class, in table order."""
+    """`id,class,predicted` rows (row-major RLE) for every slice and class, in table order.
+
+    `stream`: (position, id, [K, H, W] probabilities) items, or with a fourth, the [K] class
+    probabilities of a classification head, which `settings.gate_probability` needs.
+    """
     from kaggle_seg.data.rle import encode_rle
     from kaggle_seg.postprocess import apply_z_continuity, postprocess_masks
 
     rows = []
-    for ids, probabilities in _volumes(stream, table):
-        masks = np.stack([postprocess_masks(p, settings) for p in probabilities])
+    for ids, probabilities, class_probabilities in _volumes(stream, table):
+        if settings.gate_probability is not None and any(c is None for c in class_probabilities):
+            raise KsegError(_NO_HEAD)
+        masks = np.stack(
+            [
+                postprocess_masks(p, settings, class_probabilities=c)
+                for p, c in zip(probabilities, class_probabilities, strict=True)
+            ]
+        )
         if settings.z_continuity:
             masks = apply_z_continuity(masks)
         for image_id, slice_masks in zip(ids, masks, strict=True):
@@ -153,6 +168,13 @@ def uwmgi_rows(
                 rle = encode_rle(mask, "C") if mask.any() else ""
                 rows.append({"id": image_id, "class": organ, "predicted": rle})
     return rows
+
+
+_NO_HEAD = (
+    "the post-processing sets gate_probability (an empty-slice gate on a classification head's "
+    "probability) but no checkpoint has a classification head (model.params.aux_params): "
+    "remove gate_probability or add a model with a head"
+)
 
 
 def dsb_rows(stream: Iterator[tuple[int, str, np.ndarray]], settings: Any) -> list[dict[str, str]]:
@@ -243,6 +265,13 @@ def write_submission(
             f"post-processing {source} is for classes {settings.classes}, the checkpoints "
             f"predict {list(members[0].classes)}"
         )
+    gate_on_head = settings.gate_probability is not None
+    if gate_on_head and not any(m.has_class_head for m in members):
+        raise KsegError(f"{source}: {_NO_HEAD}")
+    if gate_on_head and competition_name != "uwmgi":
+        raise KsegError(
+            f"{source}: gate_probability is not applied to {competition_name} instances; remove it"
+        )
     notes = [*test.notes, f"post-processing: {source}"]
     stream = predict_probabilities(
         members,
@@ -255,6 +284,7 @@ def write_submission(
         num_workers=num_workers,
         on_error=on_error,  # type: ignore[arg-type]
         batched_tta=batched_tta,
+        with_class_probabilities=gate_on_head,
     )
     table = test.table
     experiment = "+".join(dict.fromkeys(m.config.name for m in members))

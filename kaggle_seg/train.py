@@ -6,7 +6,11 @@ and clipping, timm's EMA, cosine-with-warm-up / plateau / step schedules, two-ph
 freezing, early stopping, exact resume, and out-of-fold probabilities of the best checkpoint.
 
 A run folder `runs/<experiment>/fold_<k>/` holds config.yaml, best.pt, last.pt (both carry the
-resolved config), history.csv and oof.npz.
+resolved config), history.csv and oof.npz. A model with a classification head (smp
+`aux_params`: it returns mask logits and class logits) also learns, with weight
+`train.class_loss_weight`, the BCE of "mask channel k of this sample has foreground", logged as
+`train_class_bce` / `valid_class_bce`, and its best checkpoint's class probabilities go to
+oof_classes.npz.
 """
 
 from __future__ import annotations
@@ -241,9 +245,10 @@ class Trainer:
     """One fold's training state; `fit()` runs it. Kept as an object so resume is one load."""
 
     def __init__(self, config: ExperimentConfig, fold: int, run_root: Path, runtime: Runtime):
-        from kaggle_seg.models import build_model
+        from kaggle_seg.models import build_model, has_class_head
 
         self.config, self.fold, self.runtime = config, fold, runtime
+        self.class_head = has_class_head(config.model)
         self.run_dir = paths.fold_dir(config.name, fold, run_root)
         self.competition = get_competition(config.data.competition)
         seed_everything(config.train.seed + runtime.rank)
@@ -283,6 +288,24 @@ class Trainer:
 
     def _n_outputs(self) -> int:
         return 2 if self.config.data.targets == "mask_border" else len(self.competition.classes)
+
+    def _losses(
+        self, outputs: Any, masks: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(mask logits, loss, the head's BCE or None) of a model's output on a batch.
+
+        A classification head learns whether each mask channel of each sample has any
+        foreground after augmentation: target `[B, K]` from masks `[B, K, H, W]`.
+        """
+        from kaggle_seg.models import split_outputs
+
+        logits, class_logits = split_outputs(outputs)
+        loss = self.criterion(logits, masks)
+        if class_logits is None:
+            return logits, loss, None
+        present = (masks.flatten(2) > 0.5).any(dim=2).to(torch.float32)
+        class_bce = nn.functional.binary_cross_entropy_with_logits(class_logits.float(), present)
+        return logits, loss + self.config.train.class_loss_weight * class_bce, class_bce
 
     def _loss(self) -> nn.Module:
         from kaggle_seg.losses import build_loss
@@ -478,8 +501,7 @@ class Trainer:
             )
             with sync:
                 with self._autocast():
-                    logits = self.ddp_model(images)
-                    loss = self.criterion(logits, masks)
+                    _, loss, class_bce = self._losses(self.ddp_model(images), masks)
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(
                         f"non-finite loss ({loss.item()}) at epoch {self.epoch + 1}, step {step}; "
@@ -502,6 +524,10 @@ class Trainer:
             totals["train_loss"] = totals.get("train_loss", 0.0) + loss.item() * batch_size
             for name, value in getattr(self.criterion, "last_terms", {}).items():
                 totals[f"train_{name}"] = totals.get(f"train_{name}", 0.0) + value * batch_size
+            if class_bce is not None:
+                totals["train_class_bce"] = (
+                    totals.get("train_class_bce", 0.0) + class_bce.item() * batch_size
+                )
             if hasattr(batches, "set_postfix"):
                 batches.set_postfix(loss=f"{totals['train_loss'] / n_images:.4f}")
         seconds = time.perf_counter() - start
@@ -511,26 +537,40 @@ class Trainer:
         return result
 
     @torch.inference_mode()
-    def predict_valid(self, keep: bool = False) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        """Validation loss and fold metrics; with `keep`, this rank's probabilities by id."""
+    def predict_valid(
+        self, keep: bool = False
+    ) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Validation loss and fold metrics; with `keep`, this rank's probabilities by id
+        ([K, H, W]) and, for a model with a classification head, its class probabilities by id
+        ([K] float32; empty otherwise)."""
         from kaggle_seg.predict import restore_size
 
         model = self.eval_model()
         model.eval()
         evaluator = FoldEvaluator(self.competition, self.valid_table, self.truth_cache)
         kept: dict[str, np.ndarray] = {}
+        kept_classes: dict[str, np.ndarray] = {}
         loss_sum, n_images = 0.0, 0
+        class_bce_sum = 0.0
         for batch in self.valid_loader:
             images = batch["image"].to(self.runtime.device, non_blocking=True).float()
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             masks = batch["mask"].to(self.runtime.device, non_blocking=True).float()
             with self._autocast():
-                logits = model(images)
-                loss = self.criterion(logits, masks)
+                outputs = model(images)
+                logits, loss, class_bce = self._losses(outputs, masks)
             loss_sum += loss.item() * images.shape[0]
             n_images += images.shape[0]
             probabilities = torch.sigmoid(logits.float()).cpu().numpy()
+            if class_bce is not None:
+                class_bce_sum += class_bce.item() * images.shape[0]
+                class_probabilities = torch.sigmoid(outputs[1].float()).cpu().numpy()
+                for position, class_probs in zip(
+                    batch["index"].tolist(), class_probabilities, strict=True
+                ):
+                    if keep:
+                        kept_classes[self.valid_table.iloc[position]["id"]] = class_probs
             for position, probs in zip(batch["index"].tolist(), probabilities, strict=True):
                 row = self.valid_table.iloc[position]
                 probs = restore_size(
@@ -539,11 +579,16 @@ class Trainer:
                 evaluator.add(position, probs)
                 if keep:
                     kept[row["id"]] = probs
-        parts = gather({**evaluator.finish(), "loss": (loss_sum, n_images)}, self.runtime)
+        losses = {"loss": (loss_sum, n_images)}
+        if self.class_head:
+            losses["class_bce"] = (class_bce_sum, n_images)
+        parts = gather({**evaluator.finish(), **losses}, self.runtime)
         summary = summarize_fold(parts, self.competition.name)
-        total_loss = sum(p["loss"][0] for p in parts)
-        summary["valid_loss"] = total_loss / max(1, sum(p["loss"][1] for p in parts))
-        return summary, kept
+        for name, column in (("loss", "valid_loss"), ("class_bce", "valid_class_bce")):
+            if name in losses:
+                total = sum(p[name][0] for p in parts)
+                summary[column] = total / max(1, sum(p[name][1] for p in parts))
+        return summary, kept, kept_classes
 
     def _progress(self, iterable, description: str):
         if not self.runtime.is_main or not sys.stderr.isatty():
@@ -579,7 +624,7 @@ class Trainer:
                     break
                 self._apply_freezing()
                 train_metrics = self.train_one_epoch()
-                valid_metrics, _ = self.predict_valid()
+                valid_metrics, _, _ = self.predict_valid()
                 self._end_epoch({**train_metrics, **valid_metrics})
         except KeyboardInterrupt:
             last = self.run_dir / paths.LAST_CHECKPOINT
@@ -667,12 +712,15 @@ class Trainer:
             return
         state = torch.load(best, map_location=self.runtime.device, weights_only=False)
         self.eval_model().load_state_dict(state["model"])
-        _, kept = self.predict_valid(keep=True)
-        parts = gather(kept, self.runtime)
+        _, kept, kept_classes = self.predict_valid(keep=True)
+        parts = gather((kept, kept_classes), self.runtime)
         if not self.runtime.is_main:
             return
-        merged = {k: v for part in parts for k, v in part.items()}
+        merged = {k: v for part, _ in parts for k, v in part.items()}
         save_oof(merged, self.run_dir / paths.OOF_FILE, self.config.train.oof_dtype)
+        if self.class_head:
+            merged_classes = {k: v for _, part in parts for k, v in part.items()}
+            save_class_oof(merged_classes, self.run_dir / paths.OOF_CLASSES_FILE)
 
 
 def save_oof(probabilities: dict[str, np.ndarray], path: Path, dtype: str) -> None:
@@ -683,6 +731,21 @@ def save_oof(probabilities: dict[str, np.ndarray], path: Path, dtype: str) -> No
         arrays = {k: v.astype(np.float16) for k, v in probabilities.items()}
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(handle, **arrays)
+
+
+def save_class_oof(class_probabilities: dict[str, np.ndarray], path: Path) -> None:
+    """id -> [K] classification-head probabilities as float32, in one npz."""
+    arrays = {
+        k: np.asarray(v, dtype=np.float32).reshape(-1) for k, v in class_probabilities.items()
+    }
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+
+
+def load_class_oof(path: Path) -> dict[str, np.ndarray]:
+    """oof_classes.npz back as id -> float32 [K] class probabilities."""
+    with np.load(path) as data:
+        return {k: data[k].astype(np.float32) for k in data.files}
 
 
 def load_oof(path: Path) -> dict[str, np.ndarray]:

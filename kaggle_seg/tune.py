@@ -8,9 +8,11 @@ below the defaults on the OOF images. For uwmgi / lgg a class's score only depen
 masks, and every rule but the threshold only decides which connected components survive: the
 components of each (class, threshold) are found once, with their areas and their overlap with the
 truth, so Dice needs no mask at all and only the 3D Hausdorff of a case-day whose masks changed is
-recomputed. The before / after numbers come from the public path (`postprocess_masks`,
-`apply_z_continuity`, `postprocess_instances` and the metric functions), not from the search's
-bookkeeping.
+recomputed. With a classification head's out-of-fold class probabilities (oof_classes.npz in every
+fold) the per-class `gate_probability` is searched too: it only decides whether a whole (image,
+class) mask survives, so it is one more filter on the kept components. The before / after numbers
+come from the public path (`postprocess_masks`, `apply_z_continuity`, `postprocess_instances` and
+the metric functions), not from the search's bookkeeping.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ THRESHOLD_GRID: tuple[float, ...] = tuple(float(t) for t in np.round(np.linspace
 # Pixel counts for a 256 x 256 image, scaled by the OOF images' median area.
 MIN_AREA_GRID: tuple[int, ...] = (0, 16, 32, 64, 128, 256)
 GATE_PIXELS_GRID: tuple[int, ...] = (0, 32, 64, 128, 256, 512, 1024)
+# A class is emptied where the head's probability is below this; 0.0: off (no probability is).
+GATE_PROBABILITY_GRID: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_NUCLEUS_GRID: tuple[int, ...] = (0, 4, 8, 16, 32, 64)
 REFERENCE_AREA = 256 * 256
 # Score differences this small are float rounding, not an improvement: ties keep the default.
@@ -172,6 +176,37 @@ def _compact(probabilities: np.ndarray) -> np.ndarray:
     return half if np.array_equal(half, probabilities) else probabilities
 
 
+def _load_class_probabilities(
+    folds: Sequence[tuple[int, Path]], table: pd.DataFrame, classes: Sequence[str]
+) -> dict[str, np.ndarray] | None:
+    """id -> float32 [K] head probabilities of the table's rows when every fold has an
+    oof_classes.npz (a model with a classification head), else None."""
+    from kaggle_seg.train import load_class_oof
+
+    if not all((fold_dir / paths.OOF_CLASSES_FILE).is_file() for _, fold_dir in folds):
+        return None
+    wanted = set(table["id"])
+    found: dict[str, np.ndarray] = {}
+    for _, fold_dir in folds:
+        path = fold_dir / paths.OOF_CLASSES_FILE
+        for image_id, array in load_class_oof(path).items():
+            if image_id not in wanted:
+                continue
+            if array.shape != (len(classes),):
+                raise KsegError(
+                    f"{path}: {image_id} has class probabilities {array.shape}, expected "
+                    f"({len(classes)},) ({', '.join(classes)})"
+                )
+            found[image_id] = array
+    missing = wanted - set(found)
+    if missing:
+        raise KsegError(
+            f"{len(missing)} image(s) with out-of-fold masks have no class probabilities in "
+            f"{paths.OOF_CLASSES_FILE}, first {sorted(missing)[0]!r}"
+        )
+    return found
+
+
 def _load_probabilities(
     folds: Sequence[tuple[int, Path]],
     table: pd.DataFrame,
@@ -242,6 +277,8 @@ class MaskData:
     truths: list[np.ndarray]
     volumes: list[list[int]]
     names: list[str]
+    # float32 [K] per image from a classification head, or None without one
+    class_probabilities: list[np.ndarray] | None = None
 
 
 @dataclass
@@ -265,6 +302,7 @@ class _ClassRule:
     threshold: float = 0.5
     min_area: int = 0
     gate_pixels: int = 0
+    gate_probability: float = 0.0
 
 
 class MaskSearch:
@@ -294,6 +332,14 @@ class MaskSearch:
         self._peaks = [
             [np.float32(p[k].max()) for p in data.probabilities] for k in range(len(data.classes))
         ]
+        # Head probability per class and image, as postprocess_masks compares it (float64).
+        self._class_probabilities = (
+            None
+            if data.class_probabilities is None
+            else np.asarray(data.class_probabilities, dtype=np.float64).reshape(
+                len(data.probabilities), len(data.classes)
+            )
+        )
         self._components: dict[tuple[int, float], list[tuple[np.ndarray, np.ndarray]]] = {}
         self._hausdorff: dict[tuple, float] = {}
         self._parts: dict[tuple, _ClassPart] = {}
@@ -352,6 +398,10 @@ class MaskSearch:
                 select_components(components[i][0], rule.min_area, largest, rule.gate_pixels)
                 for i in positions
             ]
+            if self._class_probabilities is not None:
+                # The head's gate empties the whole (image, class) mask, before z-continuity.
+                gated = self._class_probabilities[positions, k] < rule.gate_probability
+                keeps = [keep & ~g for keep, g in zip(keeps, gated, strict=True)]
             if z_rule:
                 present = z_continuous(np.array([keep.any() for keep in keeps]))
                 keeps = [keep & p for keep, p in zip(keeps, present, strict=True)]
@@ -392,10 +442,16 @@ class MaskSearch:
 
     def score_settings(self, settings: PostprocessConfig) -> float:
         """The score of full settings by this bookkeeping (what the search compares)."""
+        gates = settings.gate_probability or [0.0] * len(self.data.classes)
         parts = [
             self.part(
                 k,
-                _ClassRule(settings.thresholds[k], settings.min_area[k], settings.gate_pixels[k]),
+                _ClassRule(
+                    settings.thresholds[k],
+                    settings.min_area[k],
+                    settings.gate_pixels[k],
+                    float(gates[k]),
+                ),
                 settings.largest_component,
                 settings.z_continuity,
             )
@@ -427,8 +483,9 @@ def _scaled_grid(grid: Sequence[int], scale: float) -> list[int]:
 def search_mask_settings(
     data: MaskData, *, volumetric: bool, tune_z: bool, rounds: int = 2
 ) -> tuple[PostprocessConfig, float]:
-    """Coordinate descent: per class threshold, min_area, gate_pixels; then largest_component
-    (and z_continuity when `tune_z`) for all classes. Returns the settings and their score."""
+    """Coordinate descent: per class threshold, min_area, gate_pixels (and gate_probability when
+    `data` has class probabilities); then largest_component (and z_continuity when `tune_z`) for
+    all classes. Returns the settings and their score."""
     search = MaskSearch(data, volumetric)
     n_classes = len(data.classes)
     areas = [p.shape[1] * p.shape[2] for p in data.probabilities]
@@ -438,6 +495,8 @@ def search_mask_settings(
         "min_area": _scaled_grid(MIN_AREA_GRID, scale),
         "gate_pixels": _scaled_grid(GATE_PIXELS_GRID, scale),
     }
+    if data.class_probabilities is not None:
+        grids["gate_probability"] = list(GATE_PROBABILITY_GRID)
     rules = [_ClassRule() for _ in range(n_classes)]
     flags = {"largest_component": False, "z_continuity": False}
 
@@ -478,6 +537,11 @@ def search_mask_settings(
         thresholds=[rule.threshold for rule in rules],
         min_area=[rule.min_area for rule in rules],
         gate_pixels=[rule.gate_pixels for rule in rules],
+        gate_probability=(
+            [rule.gate_probability for rule in rules]
+            if any(rule.gate_probability > 0 for rule in rules)
+            else None
+        ),
         **flags,
     )
     return settings, best
@@ -487,10 +551,15 @@ def _mask_volumes(
     data: MaskData, settings: PostprocessConfig
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """(name, truth, prediction) per volume, both bool [D, H, W, K], by the public functions."""
+    heads = data.class_probabilities
     for name, positions, truth in zip(data.names, data.volumes, data.truths, strict=True):
         masks = np.stack(
             [
-                postprocess_masks(data.probabilities[i].astype(np.float32), settings)
+                postprocess_masks(
+                    data.probabilities[i].astype(np.float32),
+                    settings,
+                    class_probabilities=None if heads is None else heads[i],
+                )
                 for i in positions
             ]
         )
@@ -525,9 +594,11 @@ def read_mask_data(
     probabilities: dict[str, np.ndarray],
     classes: Sequence[str],
     volume_column: str | None,
+    class_probabilities: dict[str, np.ndarray] | None = None,
 ) -> MaskData:
     """`MaskData` of table rows: truths read once with `competition.read_mask`; volumes are the
-    groups of `volume_column` (rows already in slice order), or single images when None."""
+    groups of `volume_column` (rows already in slice order), or single images when None.
+    `class_probabilities`: id -> [K] of a classification head, to tune its gate."""
     records = rows.to_dict("records")
     if volume_column is None:
         groups = [[i] for i in range(len(records))]
@@ -555,18 +626,25 @@ def read_mask_data(
         truths=truths,
         volumes=groups,
         names=names,
+        class_probabilities=(
+            None
+            if class_probabilities is None
+            else [np.asarray(class_probabilities[r["id"]], np.float32) for r in records]
+        ),
     )
 
 
-def _tune_uwmgi(competition, rows, probabilities, classes, rounds):
+def _tune_uwmgi(competition, rows, probabilities, classes, rounds, class_probabilities=None):
     rows = rows.sort_values(["case_day", "slice_index"], kind="stable").reset_index(drop=True)
-    data = read_mask_data(competition, rows, probabilities, classes, "case_day")
+    data = read_mask_data(
+        competition, rows, probabilities, classes, "case_day", class_probabilities
+    )
     settings, _ = search_mask_settings(data, volumetric=True, tune_z=True, rounds=rounds)
     return settings, data, score_uwmgi_settings
 
 
-def _tune_lgg(competition, rows, probabilities, classes, rounds):
-    data = read_mask_data(competition, rows, probabilities, classes, None)
+def _tune_lgg(competition, rows, probabilities, classes, rounds, class_probabilities=None):
+    data = read_mask_data(competition, rows, probabilities, classes, None, class_probabilities)
     settings, _ = search_mask_settings(data, volumetric=False, tune_z=False, rounds=rounds)
     return settings, data, score_image_dice_settings
 
@@ -656,7 +734,8 @@ def score_instance_settings(data: InstanceData, settings: PostprocessConfig) -> 
     return {"score": value, "map": value}
 
 
-def _tune_dsb2018(competition, rows, probabilities, classes, rounds):
+def _tune_dsb2018(competition, rows, probabilities, classes, rounds, class_probabilities=None):
+    # The nuclei split has no per-class gate: a head's probabilities are not used.
     records = rows.to_dict("records")
     data = InstanceData(
         classes=list(classes),
@@ -696,10 +775,11 @@ def tune_experiment(
     """Choose post-processing settings on the experiment's out-of-fold probabilities.
 
     experiment_dir: `runs/<exp>/` with `fold_<k>/{config.yaml, oof.npz}`; every fold with an
-    oof.npz is used, its truth read through the config's `data.table`. max_images: score whole
-    groups (uwmgi case-days, lgg patients, dsb images) drawn with `seed`, up to this many images.
-    rounds: passes of coordinate descent. Writes the settings to `out` (default
-    `experiment_dir / "postprocess.json"`); `after["score"] >= before["score"]` always.
+    oof.npz is used, its truth read through the config's `data.table`. When every such fold also
+    has oof_classes.npz (a classification head), uwmgi / lgg also tune `gate_probability`.
+    max_images: score whole groups (uwmgi case-days, lgg patients, dsb images) drawn with `seed`,
+    up to this many images. rounds: passes of coordinate descent. Writes the settings to `out`
+    (default `experiment_dir / "postprocess.json"`); `after["score"] >= before["score"]` always.
     """
     experiment_dir = Path(experiment_dir)
     folds = oof_folds(experiment_dir)
@@ -710,7 +790,10 @@ def tune_experiment(
     group_column = "case_day" if competition.name == "uwmgi" else "group"
     rows = _read_rows(folds, config, experiment_dir, group_column, max_images, seed)
     probabilities = _load_probabilities(folds, rows, classes)
-    settings, data, score = tuner(competition, rows, probabilities, classes, rounds)
+    class_probabilities = _load_class_probabilities(folds, rows, classes)
+    settings, data, score = tuner(
+        competition, rows, probabilities, classes, rounds, class_probabilities=class_probabilities
+    )
     before = score(data, default_postprocess(classes))
     after = score(data, settings)
     if after["score"] < before["score"] or math.isnan(after["score"]):

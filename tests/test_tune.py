@@ -158,6 +158,28 @@ def test_search_bookkeeping_matches_the_metric(uwmgi_root: Path) -> None:
             score_image_dice_settings(images, settings)["score"], abs=1e-12
         )
 
+    # A classification head's empty-slice gate: random class probabilities, so gates that help
+    # and gates that hurt are both scored.
+    heads = {image_id: rng.uniform(0.0, 1.0, 3).astype(np.float32) for image_id in oof}
+    gated_volumes = read_mask_data(competition, table, oof, classes, "case_day", heads)
+    gated_images = read_mask_data(competition, table, oof, classes, None, heads)
+    for trial in range(3):
+        settings = PostprocessConfig(
+            classes=classes,
+            thresholds=rng.choice([0.3, 0.5], 3).tolist(),
+            min_area=rng.choice([0, 40], 3).tolist(),
+            gate_pixels=rng.choice([0, 50], 3).tolist(),
+            gate_probability=rng.choice([0.0, 0.25, 0.5, 0.9], 3).tolist(),
+            z_continuity=trial == 1,
+        )
+        fast = MaskSearch(gated_volumes, volumetric=True).score_settings(settings)
+        expected = score_uwmgi_settings(gated_volumes, settings)["score"]
+        assert fast == pytest.approx(expected, abs=1e-12)
+        settings.z_continuity = False
+        fast = MaskSearch(gated_images, volumetric=False).score_settings(settings)
+        expected = score_image_dice_settings(gated_images, settings)["score"]
+        assert fast == pytest.approx(expected, abs=1e-12)
+
 
 def test_tune_keeps_the_defaults_on_ties(tmp_path: Path, uwmgi_root: Path) -> None:
     # Probabilities that are the truth itself: nothing can beat the defaults.
