@@ -169,6 +169,114 @@ def test_large_numbers() -> None:
     assert rle_area("100009996 5 100010001 0000000000000000000000001") == 6
 
 
+def test_text_writer_tiers_in_one_mask() -> None:
+    # The text writer packs numbers below 10**6 in one word with their byte count and
+    # handles 10**6..10**8 separately; it chooses per batch of runs, by the batch's last end,
+    # so that one mask can use both. Runs around the switch, and starts / lengths of every
+    # digit count on both sides of it.
+    n = 1_000_300
+    row = np.zeros((1, n), bool)
+    edges = [0, 1, 9, 10, 99, 100, 999, 1000, 9999, 10_000, 99_999, 100_000, 100_001]
+    for k, edge in enumerate(edges):  # runs ending at 1-6 digit positions, lengths growing
+        row[0, edge : edge + k + 1] = True
+    row[0, 200_000:299_999] = True  # a 5-digit length
+    row[0, 300_000:400_000] = True  # a 6-digit length
+    for start in range(500_000, 999_000, 3_000):  # > 128 short runs: several batches
+        row[0, start : start + 7] = True
+    row[0, 999_990:999_999] = True  # ends at 999 999 (1-indexed), just below 10**6
+    row[0, 999_999:1_000_000] = False
+    row[0, 1_000_000:1_000_002] = True  # starts at 1 000 001
+    row[0, 1_000_100:n] = True  # open to the end
+    rle = encode_rle(row, "C")
+    assert rle == reference_encode(row, "C")
+    np.testing.assert_array_equal(decode_rle(rle, row.shape, "C"), row)
+    assert encode_rle(row[:, :999_999], "C") == reference_encode(row[:, :999_999], "C")
+
+
+def test_digit_kernels_exhaustive_below_10_6() -> None:
+    import numba
+
+    from kaggle_seg.data import rle as rle_module
+
+    ascii8, spaced6 = rle_module._ascii_digits8, rle_module._spaced_digits6
+
+    @numba.njit
+    def first_wrong(lo: int, hi: int, step: int) -> int:
+        for value in range(lo, hi, step):
+            v = np.uint64(value)
+            digits = np.uint64(0)  # the reference: one digit at a time, first in byte 0
+            n_digits = 0
+            while True:
+                digits = (digits << np.uint64(8)) | np.uint64(48 + value // 10**n_digits % 10)
+                n_digits += 1
+                if value < 10**n_digits:
+                    break
+            if ascii8(v) != digits:
+                return value
+            if value < 10**6:
+                expected = (digits << np.uint64(8)) | np.uint64(32)
+                expected |= np.uint64(n_digits + 1) << np.uint64(56)
+                if spaced6(v) != expected:
+                    return value
+        return 0
+
+    assert first_wrong(1, 10**6, 1) == 0
+    assert first_wrong(10**6, 10**8, 997) == 0
+    assert first_wrong(10**8 - 1000, 10**8, 1) == 0
+
+
+@pytest.mark.parametrize("n_runs", [1, 2, 63, 64, 127, 128, 129, 255, 256, 257, 1000])
+@pytest.mark.parametrize("open_end", [False, True])
+def test_run_counts_around_text_batches(n_runs: int, open_end: bool) -> None:
+    # The encoder writes text every few hundred boundaries; a run may stay open across one.
+    width = 3 * n_runs + (0 if open_end else 1)
+    row = np.zeros((1, width), bool)
+    for r in range(n_runs):
+        row[0, 3 * r + 1 : 3 * r + 3] = True
+    if open_end:
+        row[0, -1] = True
+    rle = encode_rle(row, "C")
+    assert rle == reference_encode(row, "C")
+    # The same pixels folded into rows of 7: tails of 0-6 pixels past the 64-pixel blocks.
+    pad = -width % 7
+    folded = np.concatenate([row, np.zeros((1, pad), bool)], axis=1).reshape(-1, 7)
+    for order in ("C", "F"):
+        assert encode_rle(folded, order) == reference_encode(folded, order)
+
+
+def test_runs_across_word_and_block_edges() -> None:
+    # Runs that start, end or span at every offset around the 8- and 64-pixel words.
+    n = 3 * 64 + 5
+    for length in (1, 2, 7, 8, 9, 63, 64, 65, 130):
+        for start in range(0, n - length + 1, 3):
+            row = np.zeros((1, n), np.uint8)
+            row[0, start : start + length] = 1
+            row[0, -1] = 1  # and a second run at the very end
+            assert encode_rle(row, "C") == reference_encode(row, "C"), (length, start)
+    for n in range(1, 200):  # every tail length, all-ones and alternating
+        assert encode_rle(np.ones((1, n), bool), "C") == f"1 {n}"
+        alternating = (np.arange(n) % 2).astype(bool)[None]
+        assert encode_rle(alternating, "C") == reference_encode(alternating, "C")
+
+
+def test_encode_returns_plain_str_from_threads() -> None:
+    # The kernels build the str themselves and release the GIL while they scan.
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    masks = [rng.random((int(h), int(w))) < rng.random() for h, w in rng.integers(1, 90, (60, 2))]
+    masks.insert(30, np.zeros((0, 5), bool))
+    expected = [reference_encode(m, "C") for m in masks]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda m: encode_rle(m, "C"), masks))
+            assert got == expected
+    assert all(type(text) is str and text.isascii() for text in got)
+    assert encode_rle(np.zeros((0, 5), bool), "F") == "" == encode_rle([[0, 0]], "F")
+    subclass = type("MaskArray", (np.ndarray,), {})
+    assert encode_rle(np.array([[0, 1], [1, 1]], np.uint8).view(subclass), "C") == "2 3"
+
+
 def test_adjacent_runs_accepted_on_decode_never_emitted() -> None:
     decoded = decode_rle("1 2 3 2", (2, 3), "C")
     np.testing.assert_array_equal(decoded, [[1, 1, 1], [1, 0, 0]])
