@@ -934,7 +934,8 @@ def build_kernel(
             ),
         }
         code_file = f"{name}.py"
-        template = (templates / "kernel.py").read_text()
+        # One script for every competition: what differs is in SETTINGS and the metadata.
+        template = (templates.parent / "kernel.py").read_text()
         (staging / code_file).write_text(render_script(template, settings))
         meta = json.loads((templates / KERNEL_METADATA).read_text())
         meta.update(

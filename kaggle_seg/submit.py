@@ -87,8 +87,7 @@ def dsb_test_set(data_dir: Path, test_dir: Path | None = None) -> TestSet:
 
     data_dir = Path(data_dir)
     if test_dir is None:
-        candidates = [data_dir / name for name in DSB_TEST_SAMPLES]
-        test_dir = next((c for c in candidates if c.is_dir()), data_dir)
+        test_dir = _dsb_test_folder(data_dir)
     test_dir = Path(test_dir)
     table = get_competition("dsb2018").read_test_table(test_dir)
     if table.empty:
@@ -98,6 +97,28 @@ def dsb_test_set(data_dir: Path, test_dir: Path | None = None) -> TestSet:
         sample = read_csv_checked(sample_path, ["ImageId", "EncodedPixels"])
         _check_sample_ids(table["id"], sample["ImageId"], sample_path)
     return TestSet(table)
+
+
+def _dsb_test_folder(data_dir: Path) -> Path:
+    """The stage-2 test folder, else stage 1's; where Kaggle mounts only `<folder>.zip`, it is
+    extracted to the temporary folder (the input folder is read-only) beside its sample CSV."""
+    import shutil
+    import tempfile
+    import zipfile
+
+    for name in DSB_TEST_SAMPLES:
+        if (data_dir / name).is_dir():
+            return data_dir / name
+    for name, sample in DSB_TEST_SAMPLES.items():
+        archive = data_dir / f"{name}.zip"
+        if archive.is_file():
+            extracted = Path(tempfile.gettempdir()) / "kseg_dsb2018"
+            with zipfile.ZipFile(archive) as zipped:
+                zipped.extractall(extracted / name)
+            if (data_dir / sample).is_file():
+                shutil.copy(data_dir / sample, extracted / sample)
+            return extracted / name
+    return data_dir
 
 
 def _check_sample_ids(found: pd.Series, expected: pd.Series, sample_path: Path) -> None:

@@ -184,3 +184,15 @@ def test_upload_of_a_file_competition_goes_through_the_kaggle_api(
     (call,) = fake_kaggle.calls("CreateSubmission")
     assert call["competitionName"] == "data-science-bowl-2018"
     assert "first try" in str(call)
+
+
+def test_dsb_test_zip_is_extracted_where_kaggle_mounts_only_the_archive(
+    dsb_root: Path, tmp_path: Path
+):
+    mounted = tmp_path / "input"
+    mounted.mkdir()
+    shutil.make_archive(str(mounted / "stage1_test"), "zip", dsb_root / "stage1_test")
+    checkpoint = write_checkpoint(tmp_path / "best.pt")
+    result = write_submission([checkpoint], mounted, tmp_path / "s.csv", num_workers=0)
+    assert result.images == 5
+    assert sorted(p.name for p in mounted.iterdir()) == ["stage1_test.zip"]  # input untouched

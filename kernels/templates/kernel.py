@@ -1,10 +1,12 @@
-"""UW-Madison GI Tract Image Segmentation: an offline submission made with kaggle_seg (`kseg`).
+"""An offline Kaggle submission made with kaggle_seg (`kseg`).
 
-Written by `kseg kernel build` from kernels/templates/uwmgi/kernel.py. Kaggle runs it with the
-internet off, so kaggle_seg and the packages the Kaggle image lacks are installed from the
-attached wheels dataset (`pip install --no-index`); the checkpoints come from the weights dataset.
-It writes /kaggle/working/submission.csv. On the public re-run the test folder is empty and
-`kseg submit` predicts a few train slices instead, so the notebook still runs end to end.
+Written by `kseg kernel build` from kernels/templates/kernel.py (the competition's metadata comes
+from kernels/templates/<competition>/). Kaggle runs it with the internet off, so kaggle_seg and
+the packages the Kaggle image lacks are installed from the attached wheels dataset
+(`pip install --no-index`); the checkpoints come from the weights dataset. `kseg submit` writes
+/kaggle/working/submission.csv: on uwmgi's public re-run the test folder is empty and it predicts
+a few train slices instead, so the notebook still runs end to end; for dsb2018 it reads
+`stage2_test_final/` or `stage1_test/`, extracting their zip where Kaggle mounts only that.
 """
 
 import os
