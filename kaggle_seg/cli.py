@@ -266,12 +266,11 @@ def tune(
     from kaggle_seg.tune import tune_experiment
 
     result = tune_experiment(experiment, out=out, max_images=max_images)
-    target = out or experiment / "postprocess.json"
     typer.echo(
         f"OOF of folds {','.join(map(str, result.folds))} ({result.n_images} images): "
         f"CV {result.before['score']:.4f} with defaults -> {result.after['score']:.4f} tuned"
     )
-    typer.echo(f"wrote {target}: {result.settings.model_dump_json()}")
+    typer.echo(f"wrote {result.path}: {result.settings.model_dump_json()}")
 
 
 @app.command()
@@ -339,7 +338,7 @@ def submit(
     if upload:
         from kaggle_seg.submit import upload_submission
 
-        typer.echo(upload_submission(result.path, checkpoints, message, kernel))
+        typer.echo(upload_submission(result.path, result.competition, message, kernel))
 
 
 @app.command()

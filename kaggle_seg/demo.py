@@ -135,7 +135,7 @@ def run_demo(
     tuned = tune_experiment(experiment)
     yield (
         f"kseg tune: CV (fold 0 OOF) {tuned.before['score']:.4f} with defaults -> "
-        f"{tuned.after['score']:.4f} tuned ({experiment / 'postprocess.json'})"
+        f"{tuned.after['score']:.4f} tuned ({tuned.path})"
     )
 
     csv = out / "submissions" / f"{competition}_{config.name}.csv"

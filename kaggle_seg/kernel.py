@@ -41,14 +41,13 @@ from typing import Any
 
 from kaggle_seg import __version__
 from kaggle_seg.errors import KsegError
-from kaggle_seg.paths import BEST_CHECKPOINT, CONFIG_FILE
+from kaggle_seg.paths import BEST_CHECKPOINT, CONFIG_FILE, POSTPROCESS_FILE
 
 PROJECT = "kaggle-seg"
 KERNEL_METADATA = "kernel-metadata.json"
 DATASET_METADATA = "dataset-metadata.json"
 BUILD_RECORD = "kseg-kernel.json"
 WEIGHTS_MANIFEST = "kseg-weights.json"
-POSTPROCESS_FILE = "postprocess.json"
 WHEELS_DIR = "wheels"
 WEIGHTS_DIR = "weights"
 REHEARSAL_DIR = "rehearsal"

@@ -17,4 +17,5 @@ LAST_CHECKPOINT = "last.pt"
 HISTORY_FILE = "history.csv"
 CONFIG_FILE = "config.yaml"
 OOF_FILE = "oof.npz"
+POSTPROCESS_FILE = "postprocess.json"  # written by kseg tune beside the fold folders
 OOF_CLASSES_FILE = "oof_classes.npz"  # classification-head models: id -> [K] probabilities

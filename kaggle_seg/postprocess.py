@@ -22,7 +22,6 @@ from kaggle_seg.errors import InputError, KsegError
 # 4-connectivity so two nuclei touching at a corner stay apart.
 MASK_CONNECTIVITY = 8
 SEED_CONNECTIVITY = 4
-POSTPROCESS_FILE = "postprocess.json"
 
 
 class PostprocessConfig(StrictModel):

@@ -11,7 +11,6 @@ classification head (smp `aux_params`) also give per-image class probabilities o
 from __future__ import annotations
 
 import logging
-import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import pandas as pd
 
 from kaggle_seg import paths
 from kaggle_seg.errors import InputError, KsegError
+from kaggle_seg.probabilities import ProbabilityWriter
 
 log = logging.getLogger(__name__)
 
@@ -455,42 +455,6 @@ def predict_probabilities(
                     if not batch["ok"][j]:
                         classes = np.zeros_like(classes)
                 yield position, ids[position], result, classes
-
-
-# -- saving --
-
-
-class ProbabilityWriter:
-    """Streams id -> [K, H, W] probabilities into one .npz (float16, or uint8 = value / 255),
-    one array at a time: readable with `kaggle_seg.train.load_oof`. Written to a temporary file
-    and renamed on success, so an interrupted run leaves no partial file."""
-
-    def __init__(self, path: str | Path, dtype: Literal["float16", "uint8"] = "float16"):
-        if dtype not in ("float16", "uint8"):
-            raise KsegError(f"unknown probability dtype {dtype!r}; choose float16 or uint8")
-        self.path = Path(path)
-        self.dtype = dtype
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
-        self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_DEFLATED)
-
-    def add(self, image_id: str, probabilities: np.ndarray) -> None:
-        if self.dtype == "uint8":
-            array = np.round(probabilities * 255).astype(np.uint8)
-        else:
-            array = probabilities.astype(np.float16)
-        with self._zip.open(f"{image_id}.npy", "w", force_zip64=True) as handle:
-            np.lib.format.write_array(handle, array, allow_pickle=False)
-
-    def __enter__(self) -> ProbabilityWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
-        self._zip.close()
-        if exc_type is None:
-            self._tmp.replace(self.path)
-        else:
-            self._tmp.unlink(missing_ok=True)
 
 
 def predict_folder(

@@ -388,10 +388,9 @@ class NpzProbabilities(Mapping[str, np.ndarray]):
             raise
 
     def __getitem__(self, image_id: str) -> np.ndarray:
-        array = self._where[image_id][image_id]
-        if array.dtype == np.uint8:
-            return array.astype(np.float32) / 255
-        return array.astype(np.float32)
+        from kaggle_seg.probabilities import decode_probabilities
+
+        return decode_probabilities(self._where[image_id][image_id])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

@@ -20,9 +20,9 @@ import pandas as pd
 
 from kaggle_seg.errors import InputError, KsegError
 from kaggle_seg.io import read_csv_checked, write_csv_atomic
+from kaggle_seg.paths import POSTPROCESS_FILE
 
 SUBMISSIONS_ROOT = Path("submissions")
-POSTPROCESS_FILE = "postprocess.json"
 # Kaggle's uwmgi sample submission; empty on the public re-run, the hidden test's rows otherwise.
 UWMGI_SAMPLE = "sample_submission.csv"
 # dsb2018's test folders and the sample submission listing each one's images.
@@ -235,6 +235,7 @@ def load_settings(members: Sequence[Any], postprocess: Path | None) -> tuple[Any
 @dataclass
 class SubmitResult:
     path: Path
+    competition: str
     rows: int
     images: int
     seconds: float
@@ -310,6 +311,7 @@ def write_submission(
     table = test.table
     experiment = "+".join(dict.fromkeys(m.config.name for m in members))
     out = Path(out) if out else default_submission_path(competition_name, experiment)
+    shapes = dict(zip(table["id"], zip(table["height"], table["width"], strict=True), strict=True))
     if competition_name == "uwmgi":
         frame = pd.DataFrame(
             uwmgi_rows(stream, table, settings, competition.classes),
@@ -318,33 +320,27 @@ def write_submission(
         if test.sample is not None:  # the hidden test: Kaggle's row order
             order = test.sample[["id", "class"]]
             frame = order.merge(frame, on=["id", "class"], how="left").fillna("")
-        shapes = dict(
-            zip(table["id"], zip(table["height"], table["width"], strict=True), strict=True)
-        )
         frame = validate_uwmgi_submission(
             frame, list(table["id"]), shapes, competition.classes, source=str(out)
         )
     else:
         frame = pd.DataFrame(dsb_rows(stream, settings), columns=["ImageId", "EncodedPixels"])
-        shapes = dict(
-            zip(table["id"], zip(table["height"], table["width"], strict=True), strict=True)
-        )
         frame = validate_dsb_submission(frame, shapes, source=str(out))
     write_csv_atomic(frame, out)
-    return SubmitResult(out, len(frame), len(table), time.perf_counter() - started, notes)
+    return SubmitResult(
+        out, competition_name, len(frame), len(table), time.perf_counter() - started, notes
+    )
 
 
 def upload_submission(
-    csv: Path, checkpoints: Sequence[Path], message: str, kernel: str | None = None
+    csv: Path, competition_name: str, message: str, kernel: str | None = None
 ) -> str:
     """`kseg submit --upload`: a file competition gets the CSV; a code competition (uwmgi) is
     submitted as a kernel version, named by `kernel` (user/slug, pushed with kseg kernel push)."""
     from kaggle_seg import kaggle_api
     from kaggle_seg.competitions import get_competition
-    from kaggle_seg.predict import find_checkpoints
 
-    state_source = find_checkpoints(checkpoints[0])[0]
-    competition = get_competition(_competition_of(state_source))
+    competition = get_competition(competition_name)
     if competition.kaggle_slug is None:
         raise KsegError(f"{competition.name} is a dataset, not a Kaggle competition")
     if competition.code_competition:
@@ -355,10 +351,3 @@ def upload_submission(
             )
         return kaggle_api.submit_kernel(competition.kaggle_slug, kernel, message)
     return kaggle_api.submit_file(competition.kaggle_slug, csv, message)
-
-
-def _competition_of(checkpoint: Path) -> str:
-    import torch
-
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    return str(state["competition"])

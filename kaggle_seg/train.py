@@ -38,6 +38,9 @@ from kaggle_seg.errors import KsegError
 from kaggle_seg.evaluation import FoldEvaluator, summarize_fold
 from kaggle_seg.io import atomic_path, write_csv_atomic
 
+# The probability files live in their own torch-free module; loaders re-exported for callers.
+from kaggle_seg.probabilities import load_class_oof, load_oof, save_class_oof, save_oof  # noqa: F401
+
 
 class NonFiniteLoss(KsegError):
     """The loss became NaN or infinite; the message names the step and the batch ids."""
@@ -721,44 +724,6 @@ class Trainer:
         if self.class_head:
             merged_classes = {k: v for _, part in parts for k, v in part.items()}
             save_class_oof(merged_classes, self.run_dir / paths.OOF_CLASSES_FILE)
-
-
-def save_oof(probabilities: dict[str, np.ndarray], path: Path, dtype: str) -> None:
-    """id -> [K, H, W] probabilities as float16, or uint8 (value / 255), in one npz."""
-    if dtype == "uint8":
-        arrays = {k: np.round(v * 255).astype(np.uint8) for k, v in probabilities.items()}
-    else:
-        arrays = {k: v.astype(np.float16) for k, v in probabilities.items()}
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez_compressed(handle, **arrays)
-
-
-def save_class_oof(class_probabilities: dict[str, np.ndarray], path: Path) -> None:
-    """id -> [K] classification-head probabilities as float32, in one npz."""
-    arrays = {
-        k: np.asarray(v, dtype=np.float32).reshape(-1) for k, v in class_probabilities.items()
-    }
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez_compressed(handle, **arrays)
-
-
-def load_class_oof(path: Path) -> dict[str, np.ndarray]:
-    """oof_classes.npz back as id -> float32 [K] class probabilities."""
-    with np.load(path) as data:
-        return {k: data[k].astype(np.float32) for k in data.files}
-
-
-def load_oof(path: Path) -> dict[str, np.ndarray]:
-    """oof.npz back as id -> float32 [K, H, W] probabilities."""
-    with np.load(path) as data:
-        return {
-            k: (
-                data[k].astype(np.float32) / 255
-                if data[k].dtype == np.uint8
-                else data[k].astype(np.float32)
-            )
-            for k in data.files
-        }
 
 
 def train_fold(

@@ -42,8 +42,8 @@ from kaggle_seg.metrics import (
     pixel_metrics,
     uwmgi_score_volumes,
 )
+from kaggle_seg.paths import POSTPROCESS_FILE
 from kaggle_seg.postprocess import (
-    POSTPROCESS_FILE,
     PostprocessConfig,
     apply_z_continuity,
     default_postprocess,
@@ -181,7 +181,7 @@ def _load_class_probabilities(
 ) -> dict[str, np.ndarray] | None:
     """id -> float32 [K] head probabilities of the table's rows when every fold has an
     oof_classes.npz (a model with a classification head), else None."""
-    from kaggle_seg.train import load_class_oof
+    from kaggle_seg.probabilities import load_class_oof
 
     if not all((fold_dir / paths.OOF_CLASSES_FILE).is_file() for _, fold_dir in folds):
         return None
@@ -213,7 +213,7 @@ def _load_probabilities(
     classes: Sequence[str],
 ) -> dict[str, np.ndarray]:
     """id -> [K, H, W] probabilities (float16 / float32) of the table's rows, from every fold."""
-    from kaggle_seg.train import load_oof
+    from kaggle_seg.probabilities import load_oof
 
     wanted = set(table["id"])
     shapes = dict(zip(table["id"], zip(table["height"], table["width"], strict=True), strict=True))

@@ -178,8 +178,8 @@ def test_upload_of_a_file_competition_goes_through_the_kaggle_api(
 
     checkpoint = write_checkpoint(tmp_path / "best.pt")
     csv = tmp_path / "dsb.csv"
-    write_submission([checkpoint], dsb_root, csv, num_workers=0)
-    upload_submission(csv, [checkpoint], "first try")
+    result = write_submission([checkpoint], dsb_root, csv, num_workers=0)
+    upload_submission(csv, result.competition, "first try")
     assert "dsb.csv" in fake_kaggle.uploaded()
     (call,) = fake_kaggle.calls("CreateSubmission")
     assert call["competitionName"] == "data-science-bowl-2018"
