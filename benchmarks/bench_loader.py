@@ -4,7 +4,7 @@ Run from the repository root:
 
     python benchmarks/bench_loader.py            # full run, results as Markdown tables
     python benchmarks/bench_loader.py --quick    # small data, one repeat: a smoke test
-    python benchmarks/bench_loader.py --presets heavy --loaders compact   # the issue's row only
+    python benchmarks/bench_loader.py --presets heavy --loaders compact,pooled  # issue's rows
 
 Data: phantom UW-Madison scans in the Kaggle layout (`make_uwmgi_phantom`), by default 8
 case-days x 80 slices, half 266x266 and half 360x310 (two cases, one size each). Every sample is
@@ -16,15 +16,21 @@ workers, shuffled, workers restarted each epoch as by default). Loaders:
   PNGs, divide by the max, decode the three RLEs with the common numpy slice-fill decoder, the
   same albumentations pipeline as kseg, `torch.tensor` of the transposed arrays;
 - kseg memory / kseg memmap: `SegmentationDataset` over `build_stores(..., "memory" | "memmap")`;
-- kseg memory, compact batch: the same with `compact=True`, as training uses it: float16 image
-  and uint8 mask tensors from the worker (cast to float32 on the device), half / a quarter of the
-  float32 bytes between processes.
+- kseg memory, compact batch: the same with `compact=True`: float16 image and uint8 mask tensors
+  from the worker (cast to float32 on the device), half / a quarter of the float32 bytes between
+  processes, through a plain DataLoader with persistent workers: the training loader before
+  `kaggle_seg/data/loader.py`;
+- kseg memory, compact + worker malloc: `make_train_loader(..., pooled=False)`, the same with
+  `WorkerInit` (glibc keeps freed memory in the workers instead of faulting it in again);
+- kseg memory, pooled batch: `make_train_loader(...)`, what training uses: the workers write
+  each sample into a batch slot of preallocated shared memory (`kaggle_seg/data/loader.py`).
 
 Each configuration runs `--epochs` epochs per repeat; repeats are interleaved across
 configurations. Reported: the best repeat's images/s (the machine is shared, so slower repeats
 are noise) and the median CPU time per image over all processes (main + workers), which other
-jobs on the machine disturb less. A "floor" row sends zero tensors of the same shapes through
-the same DataLoader: the collate + inter-process cost no dataset can go below.
+jobs on the machine disturb less. "floor" rows send zero tensors of the same shapes through
+the same DataLoader (or the pooled loader): the collate + inter-process cost no dataset can go
+below.
 Cache fill time is measured separately (memmap: a cold build, then a reuse of the index) and
 amortised over `--amortise` epochs in a second column. A last table gives the per-sample cost of
 each stage in one process (one torch thread, as in a worker), which shows the decoding share.
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import platform
 import resource
@@ -59,6 +66,7 @@ from kaggle_seg.competitions.uwmgi_phantom import make_uwmgi_phantom  # noqa: E4
 from kaggle_seg.config import AugmentConfig, build_data_config  # noqa: E402
 from kaggle_seg.data.cache import ImageStore  # noqa: E402
 from kaggle_seg.data.dataset import SegmentationDataset, build_stores  # noqa: E402
+from kaggle_seg.data.loader import make_train_loader  # noqa: E402
 from kaggle_seg.data.rle import warmup  # noqa: E402
 from kaggle_seg.data.transforms import build_transforms  # noqa: E402
 
@@ -139,6 +147,16 @@ class Zeros(Dataset):
             "mask": torch.from_numpy(np.zeros(shape, self.dtypes[1])),
         }
 
+    # What the pooled loader asks of a dataset.
+    transform = None
+
+    def sample_arrays(self, i):
+        shape = (HEIGHT, WIDTH, DEPTH)
+        return np.zeros(shape, np.float32), np.zeros(shape, np.uint8)
+
+    def sample_id(self, i):
+        return str(i)
+
 
 def cpu_seconds() -> float:
     """User + system time of this process and its reaped children (the DataLoader workers)."""
@@ -149,17 +167,32 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def measure(dataset: Dataset, epochs: int, batch_size: int, workers: int) -> tuple[float, float]:
-    """(images/s, CPU ms/image) over `epochs` full passes, worker start-up included as in
-    training; the CPU time counts the main process and the workers (reaped after each epoch)."""
-    loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, shuffle=True, drop_last=False
+def make_loader(dataset: Dataset, kind: str, batch_size: int, workers: int):
+    """ "plain": the DataLoader as notebooks make it (workers restarted every epoch);
+    "persistent": the same with persistent workers; "training" / "pooled": kseg's training loader
+    (`make_train_loader`) with the batch pool off / on."""
+    if kind in ("plain", "persistent"):
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=True,
+                          drop_last=False, persistent_workers=kind == "persistent")  # fmt: skip
+    return make_train_loader(
+        dataset, batch_size=batch_size, sampler=None, num_workers=workers, pooled=kind == "pooled"
     )
+
+
+def measure(
+    dataset: Dataset, epochs: int, batch_size: int, workers: int, kind: str = "plain"
+) -> tuple[float, float]:
+    """(images/s, CPU ms/image) over `epochs` full passes, worker start-up (and the pool's
+    allocation) included; the CPU time counts the main process and the workers, reaped at the
+    end (after each epoch for "plain")."""
     started, cpu = time.perf_counter(), cpu_seconds()
+    loader = make_loader(dataset, kind, batch_size, workers)
     seen = 0
     for _ in range(epochs):
         for batch in loader:
             seen += len(batch[0] if isinstance(batch, list) else batch["image"])
+    del loader  # persistent workers stop (and are reaped) with their loader
+    gc.collect()
     wall, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     return seen / wall, cpu / seen * 1e3
 
@@ -244,6 +277,8 @@ def main() -> None:
             "kseg memory, float32 batch": memory,
             "kseg memmap, float32 batch": memmap,
             "kseg memory, compact batch": memory,
+            "kseg memory, compact + worker malloc": memory,
+            "kseg memory, pooled batch": memory,
         }
         if args.loaders:
             words = args.loaders.split(",")
@@ -263,27 +298,36 @@ def main() -> None:
                 stack_stride=STRIDE,
                 image_store=pair[0] if pair else None,
                 mask_store=pair[1] if pair else None,
-                compact="compact" in loader,
+                compact="float32" not in loader,
             )
             return dataset
+
+        def kind(loader: str) -> str:
+            if "pooled" in loader:
+                return "pooled"
+            if "malloc" in loader:
+                return "training"
+            return "persistent" if "compact" in loader else "plain"
 
         loaders = ["notebook", *stores]
         rates: dict[tuple[str, str], list[float]] = {}
         cpus: dict[tuple[str, str], list[float]] = {}
         floors = {
-            "floor: zero tensors, no work": Zeros(len(table)),
-            "floor, compact batch": Zeros(len(table), compact=True),
+            "floor: zero tensors, no work": (Zeros(len(table)), "plain"),
+            "floor, compact batch": (Zeros(len(table), compact=True), "persistent"),
+            "floor, pooled batch": (Zeros(len(table), compact=True), "pooled"),
         }
         for _ in range(args.repeats):
-            for name, zeros in floors.items():
-                rate, cpu = measure(zeros, args.epochs, args.batch_size, args.workers)
+            for name, (zeros, how) in floors.items():
+                rate, cpu = measure(zeros, args.epochs, args.batch_size, args.workers, how)
                 rates.setdefault((name, "-"), []).append(rate)
                 cpus.setdefault((name, "-"), []).append(cpu)
             for preset in presets:
                 for loader in loaders:
                     rate, cpu = measure(
-                        make(loader, preset), args.epochs, args.batch_size, args.workers
-                    )
+                        make(loader, preset), args.epochs, args.batch_size, args.workers,
+                        kind(loader),
+                    )  # fmt: skip
                     rates.setdefault((loader, preset), []).append(rate)
                     cpus.setdefault((loader, preset), []).append(cpu)
 

@@ -90,6 +90,9 @@ class TrainConfig(StrictModel):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=1)
     num_workers: int = Field(2, ge=0)
+    # Workers write training batches into preallocated shared memory (data/loader.py) instead
+    # of a new segment per batch; false uses the plain DataLoader.
+    pooled_loader: bool = True
     seed: int = 42
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)

@@ -348,6 +348,8 @@ class Trainer:
     def _loaders(self):
         from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+        from kaggle_seg.data.loader import WorkerInit, make_train_loader
+
         train_cfg, runtime = self.config.train, self.runtime
         train_set, valid_set = self._datasets()
         if train_cfg.sampler_weight_column:
@@ -367,11 +369,10 @@ class Trainer:
             "batch_size": train_cfg.batch_size,
             "num_workers": train_cfg.num_workers,
             "pin_memory": runtime.device.type == "cuda",
-            "persistent_workers": train_cfg.num_workers > 0,
             "worker_init_fn": _seed_worker,
         }
-        train_loader = DataLoader(
-            train_set, sampler=sampler, shuffle=sampler is None, drop_last=True, **loader_args
+        train_loader = make_train_loader(
+            train_set, sampler=sampler, pooled=train_cfg.pooled_loader, **loader_args
         )
         if len(train_loader) == 0:
             raise KsegError(
@@ -380,7 +381,12 @@ class Trainer:
             )
         positions = shard_positions(self.valid_table, runtime)
         valid_subset = Subset(valid_set, positions.tolist())
-        valid_loader = DataLoader(valid_subset, shuffle=False, **loader_args)
+        valid_loader = DataLoader(
+            valid_subset,
+            shuffle=False,
+            persistent_workers=train_cfg.num_workers > 0,
+            **{**loader_args, "worker_init_fn": WorkerInit(_seed_worker)},
+        )
         return train_loader, valid_loader, positions
 
     # -- state --

@@ -17,6 +17,7 @@ from kaggle_seg.data.transforms import (
     IMAGENET_STD,
     PRESETS,
     ChannelCLAHE,
+    FastGaussNoise,
     ToUnitFloat,
     accepts_uint16,
     build_transforms,
@@ -237,3 +238,17 @@ def test_to_unit_float_passes_float_through():
     out = ToUnitFloat(p=1.0).apply(np.full((5, 6, 2), 65535, np.uint16))
     assert out.dtype == np.float32 and np.all(out == 1.0)
     assert not accepts_uint16(A.Compose([A.HorizontalFlip()])) and not accepts_uint16(None)
+
+
+@pytest.mark.parametrize("shape", [(320, 384, 3), (64, 80), (48, 40, 5)])
+def test_fast_gauss_noise_draws_albumentations_noise_in_float32(shape):
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    settings = {"std_range": (0.01, 0.04), "noise_scale_factor": 0.5, "p": 1.0}
+    fast, stock = FastGaussNoise(**settings), A.GaussNoise(**settings)
+    fast.set_random_seed(5)
+    stock.set_random_seed(5)
+    for _ in range(3):  # the generators advance alike too
+        a, b = fast(image=image)["image"], stock(image=image)["image"]
+        assert a.dtype == np.float32 and a.shape == image.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+        assert 0.003 < float(np.std(a - image)) < 0.05

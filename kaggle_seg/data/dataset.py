@@ -268,7 +268,8 @@ class SegmentationDataset(Dataset):
         self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
         self._seeded_pid = os.getpid()
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def sample_arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image float32 [H, W, C], mask uint8 [H, W, K]) of row `i`, stacked and transformed."""
         self._seed_transform_in_worker()
         row = self._rows[i]
         image = self._stack(i)
@@ -283,16 +284,20 @@ class SegmentationDataset(Dataset):
             image, mask = out["image"], out["mask"]
         if image.dtype == np.uint16:  # no transform
             image = from_uint16(image)
+        if mask.ndim == 2:
+            mask = mask[..., None]
+        return image, mask
+
+    def sample_id(self, i: int) -> str:
+        return str(self._rows[i]["id"])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image, mask = self.sample_arrays(i)
         # compact: half the bytes through the worker -> main process queue, which costs more
         # than decoding here; the training step casts back to float32 on its device.
         image_tensor = _chw_tensor(image, torch.float16 if self.compact else torch.float32)
         mask_tensor = _chw_tensor(mask, torch.uint8 if self.compact else torch.float32)
-        return {
-            "image": image_tensor,
-            "mask": mask_tensor,
-            "index": i,
-            "id": str(row["id"]),
-        }
+        return {"image": image_tensor, "mask": mask_tensor, "index": i, "id": self.sample_id(i)}
 
 
 def _chw_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import albumentations as A
+import albumentations.augmentations.geometric.functional as fgeometric
 import cv2
 import numpy as np
 
@@ -222,6 +223,38 @@ class FastElasticTransform(A.ElasticTransform):
         return {"map_x": map_x, "map_y": map_y}
 
 
+class FastGaussNoise(A.GaussNoise):
+    """albumentations' GaussNoise with the noise drawn in float32.
+
+    The same noise (one mean and std per call, drawn as albumentations draws them; per-pixel,
+    per-channel normal noise at noise_scale_factor x the size, resized back bilinearly), but
+    `cv2.randn` fills a float32 array directly: albumentations 2.0.8 fills a float64 one and
+    converts it, ~half the ~0.6 ms a call takes at 320x384x3. Shared (per_channel=False) noise
+    and non-float32 images defer to albumentations.
+    """
+
+    def get_params_dependent_on_data(
+        self, params: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        image = data.get("image")
+        if image is None or image.dtype != np.float32 or not self.per_channel:
+            return super().get_params_dependent_on_data(params, data)
+        std = self.py_random.uniform(*self.std_range)
+        mean = self.py_random.uniform(*self.mean_range)
+        cv2.setRNGSeed(int(self.random_generator.integers(0, 2**16)))
+        height, width = image.shape[:2]
+        channels = image.shape[2] if image.ndim == 3 else 1
+        small = (max(1, int(height * self.noise_scale_factor)),
+                 max(1, int(width * self.noise_scale_factor)))  # fmt: skip
+        # One channel of width x channels: cv2.randn takes a mean / std per channel only up to 4.
+        noise = np.empty((small[0], small[1] * channels), dtype=np.float32)
+        cv2.randn(noise, mean, std)
+        noise = noise.reshape(small[0], small[1], channels)
+        if small != (height, width):
+            noise = fgeometric.resize(noise, (height, width), interpolation=cv2.INTER_LINEAR)
+        return {"noise_map": noise if image.ndim == 3 else noise[..., 0]}
+
+
 def _affine(shift: float, scale: float, rotate: float, p: float) -> A.Affine:
     """The old ShiftScaleRotate (deprecated in albumentations 2) as an Affine."""
     return A.Affine(
@@ -262,7 +295,7 @@ def _noise_or_blur(p: float) -> A.OneOf:
             # std as a fraction of the [0, 1] range; albumentations' default (0.2-0.44) is meant
             # for a stronger look than scans tolerate. Noise drawn at half resolution and
             # upscaled: half the cost, and scan noise is not pixel-independent anyway.
-            A.GaussNoise(std_range=(0.01, 0.04), noise_scale_factor=0.5, p=1.0),
+            FastGaussNoise(std_range=(0.01, 0.04), noise_scale_factor=0.5, p=1.0),
             A.GaussianBlur(blur_limit=(3, 5), p=1.0),
         ],
         p=p,
