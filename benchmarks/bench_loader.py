@@ -22,6 +22,8 @@ workers, shuffled, workers restarted each epoch as by default). Loaders:
   `kaggle_seg/data/loader.py`;
 - kseg memory, compact + worker malloc: `make_train_loader(..., pooled=False)`, the same with
   `WorkerInit` (glibc keeps freed memory in the workers instead of faulting it in again);
+- kseg memory, pooled, glibc malloc defaults: the pooled loader without `keep_freed_memory` in
+  its workers;
 - kseg memory, pooled batch: `make_train_loader(...)`, what training uses: the workers write
   each sample into a batch slot of preallocated shared memory (`kaggle_seg/data/loader.py`).
 
@@ -39,6 +41,7 @@ each stage in one process (one torch thread, as in a worker), which shows the de
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import os
@@ -47,7 +50,7 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +67,7 @@ from kaggle_seg.competitions import get_competition  # noqa: E402
 from kaggle_seg.competitions.uwmgi import RLE_COLUMNS, stack_positions  # noqa: E402
 from kaggle_seg.competitions.uwmgi_phantom import make_uwmgi_phantom  # noqa: E402
 from kaggle_seg.config import AugmentConfig, build_data_config  # noqa: E402
+from kaggle_seg.data import loader as loader_module  # noqa: E402
 from kaggle_seg.data.cache import ImageStore  # noqa: E402
 from kaggle_seg.data.dataset import SegmentationDataset, build_stores  # noqa: E402
 from kaggle_seg.data.loader import make_train_loader  # noqa: E402
@@ -165,6 +169,18 @@ def cpu_seconds() -> float:
         resource.getrusage(resource.RUSAGE_CHILDREN),
     )
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@contextlib.contextmanager
+def ablation(loader: str) -> Iterator[None]:
+    """The pooled loader without its worker malloc setting, for the row that says so."""
+    saved = loader_module.keep_freed_memory
+    if "malloc defaults" in loader:
+        loader_module.keep_freed_memory = lambda: False
+    try:
+        yield
+    finally:
+        loader_module.keep_freed_memory = saved
 
 
 def make_loader(dataset: Dataset, kind: str, batch_size: int, workers: int):
@@ -279,6 +295,7 @@ def main() -> None:
             "kseg memory, compact batch": memory,
             "kseg memory, compact + worker malloc": memory,
             "kseg memory, pooled batch": memory,
+            "kseg memory, pooled, glibc malloc defaults": memory,
         }
         if args.loaders:
             words = args.loaders.split(",")
@@ -324,10 +341,11 @@ def main() -> None:
                 cpus.setdefault((name, "-"), []).append(cpu)
             for preset in presets:
                 for loader in loaders:
-                    rate, cpu = measure(
-                        make(loader, preset), args.epochs, args.batch_size, args.workers,
-                        kind(loader),
-                    )  # fmt: skip
+                    with ablation(loader):
+                        rate, cpu = measure(
+                            make(loader, preset), args.epochs, args.batch_size, args.workers,
+                            kind(loader),
+                        )  # fmt: skip
                     rates.setdefault((loader, preset), []).append(rate)
                     cpus.setdefault((loader, preset), []).append(cpu)
 

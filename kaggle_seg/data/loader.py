@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,9 +224,7 @@ class PooledLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        with _single_threaded_cv2():  # persistent workers fork on the first iter() and keep it
-            batches = iter(self.loader)
-        for k, batch in enumerate(batches):
+        for k, batch in enumerate(self.loader):
             slot, n = batch["slot"], len(batch["id"])
             if slot != k % self.slots:  # the DataLoader's in-order delivery is what slots rely on
                 raise RuntimeError(f"batch {k} arrived in slot {slot}, expected {k % self.slots}")
@@ -237,22 +234,6 @@ class PooledLoader:
                 "index": batch["index"],
                 "id": batch["id"],
             }
-
-
-@contextmanager
-def _single_threaded_cv2() -> Iterator[None]:
-    """OpenCV at one thread while DataLoader workers fork, so they run their warps on one.
-
-    With one worker per core, OpenCV's own threads (one per core by default) only contend:
-    ~10 % more CPU per sample here. It cannot be set inside a worker: a forked child that
-    calls cv2.setNumThreads while the parent's thread pool exists deadlocks.
-    """
-    previous = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(previous)
 
 
 def slot_count(num_workers: int, prefetch_factor: int) -> int:
