@@ -30,3 +30,27 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kaggle_seg.competitions.uwmgi_phantom import make_uwmgi_phantom
 
     return make_uwmgi_phantom(tmp_path_factory.mktemp("uwmgi"), n_slices=12, seed=3)
+
+
+@pytest.fixture(scope="session")
+def write_dsb_subset(shared_data: Path):
+    """write(root, n_images, n_fold0) -> root: table.csv of the first n_images 256x256 DSB
+    training images and folds.csv with the first n_fold0 of them in fold 0, the rest in fold 1."""
+
+    def write(root: Path, n_images: int, n_fold0: int) -> Path:
+        import pandas as pd
+
+        from kaggle_seg.competitions import get_competition
+        from kaggle_seg.config import build_data_config
+
+        table = get_competition("dsb2018").read_table(
+            shared_data / "dsb2018", build_data_config("dsb2018")
+        )
+        table = table[(table["width"] == 256) & (table["height"] == 256)].head(n_images)
+        table.to_csv(root / "table.csv", index=False)
+        fold = [0] * n_fold0 + [1] * (len(table) - n_fold0)
+        folds = pd.DataFrame({"id": table["id"], "fold": fold, "group": table["id"]})
+        folds.to_csv(root / "folds.csv", index=False)
+        return root
+
+    return write

@@ -139,16 +139,10 @@ train: {{epochs: 1, batch_size: 8, num_workers: 2, pooled_loader: {pooled},
 """
 
 
-def test_training_with_the_pool_matches_the_plain_loader(shared_data: Path, tmp_path: Path):
+def test_training_with_the_pool_matches_the_plain_loader(write_dsb_subset, tmp_path: Path):
     from kaggle_seg.train import train_fold
 
-    table = get_competition("dsb2018").read_table(
-        shared_data / "dsb2018", build_data_config("dsb2018")
-    )
-    table = table[(table["width"] == 256) & (table["height"] == 256)].head(32)
-    table.to_csv(tmp_path / "table.csv", index=False)
-    folds = pd.DataFrame({"id": table["id"], "fold": [0] * 8 + [1] * 24, "group": table["id"]})
-    folds.to_csv(tmp_path / "folds.csv", index=False)
+    write_dsb_subset(tmp_path, 32, 8)
     losses = {}
     for pooled in ("true", "false"):
         path = tmp_path / f"{pooled}.yaml"

@@ -37,20 +37,9 @@ train:
 
 
 @pytest.fixture(scope="module")
-def dsb_small(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def dsb_small(write_dsb_subset, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 48-image DSB table (256x256 images) with two folds."""
-    from kaggle_seg.competitions import get_competition
-    from kaggle_seg.config import build_data_config
-
-    root = tmp_path_factory.mktemp("dsb_small")
-    table = get_competition("dsb2018").read_table(
-        shared_data / "dsb2018", build_data_config("dsb2018")
-    )
-    table = table[(table["width"] == 256) & (table["height"] == 256)].head(48)
-    table.to_csv(root / "table.csv", index=False)
-    folds = pd.DataFrame({"id": table["id"], "fold": [0] * 16 + [1] * 32, "group": table["id"]})
-    folds.to_csv(root / "folds.csv", index=False)
-    return root
+    return write_dsb_subset(tmp_path_factory.mktemp("dsb_small"), 48, 16)
 
 
 def write_config(root: Path, name: str, epochs: int = 2, targets: str = "mask") -> Path:
