@@ -1,6 +1,6 @@
 """Training-step throughput: kseg's loop against a minimal hand-written PyTorch loop.
 
-    python benchmarks/bench_train.py [--epochs 3] [--images 96] [--size 128]
+    python benchmarks/bench_train.py [--epochs 3] [--images 96] [--size 128] [--glibc-defaults]
 
 Both loops train the same model type on the same DataLoader (real DSB 2018 images from
 ../shared/data through kseg's dataset and "light" preset) with the same optimizer and loss, in one
@@ -57,6 +57,7 @@ def main() -> None:
 
     from kaggle_seg.competitions import get_competition
     from kaggle_seg.config import build_data_config, load_experiment
+    from kaggle_seg.malloc import keep_freed_memory
     from kaggle_seg.models import build_model
     from kaggle_seg.train import Trainer, start_runtime
 
@@ -64,6 +65,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="leave malloc as it is (train_fold keeps freed memory on CPU: kaggle_seg/malloc.py)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
@@ -78,6 +84,8 @@ def main() -> None:
         CONFIG.format(table=work / "table.csv", folds=work / "folds.csv", size=args.size)
     )
     config = load_experiment(work / "bench.yaml")
+    if not args.glibc_defaults:  # as train_fold does on CPU; process-wide, so both loops get it
+        keep_freed_memory(heap_only=True)
     trainer = Trainer(config, 0, work / "runs", start_runtime("cpu"))
     trainer._apply_freezing()
 

@@ -37,6 +37,7 @@ from kaggle_seg.config import ExperimentConfig, save_config
 from kaggle_seg.errors import KsegError
 from kaggle_seg.evaluation import FoldEvaluator, summarize_fold
 from kaggle_seg.io import atomic_path, write_csv_atomic
+from kaggle_seg.malloc import keep_freed_memory
 
 # The probability files live in their own torch-free module; loaders re-exported for callers.
 from kaggle_seg.probabilities import load_class_oof, load_oof, save_class_oof, save_oof  # noqa: F401
@@ -742,5 +743,9 @@ def train_fold(
 ) -> FoldResult:
     """Train one fold; under torchrun every process calls this and rank 0 writes the files."""
     runtime = start_runtime(device)
+    if runtime.device.type == "cpu":
+        # Activation buffers are mmapped and faulted in afresh every step otherwise: on CPU
+        # that was ~1/3 of the step (benchmarks/README.md, "Training-step overhead").
+        keep_freed_memory(heap_only=True)
     trainer = Trainer(config, fold, Path(run_root), runtime)
     return trainer.fit(resume=resume)

@@ -17,7 +17,6 @@ there are workers and falls back to the plain DataLoader otherwise.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 from kaggle_seg.data.dataset import SegmentationDataset
 from kaggle_seg.errors import InputError
+from kaggle_seg.malloc import keep_freed_memory
 
 SHM_DIR = "/dev/shm"
 
@@ -148,30 +148,12 @@ def _check_shape(sample_id: str, array: np.ndarray, chw: torch.Size, name: str) 
         )
 
 
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of returning it to the system.
-
-    A worker allocates and frees several MB of arrays per sample. With glibc's defaults the
-    larger ones are fresh mmaps and the heap is trimmed when its free top passes a few MB, so
-    every sample faults its pages in again (~300 page faults and ~1 ms of CPU per 320x384 2.5D
-    sample here). Trim threshold 512 MiB and mmap threshold 32 MiB (glibc's maximum) bring that
-    to ~30 faults. True if set; False where the C library is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        trim = libc.mallopt(_M_TRIM_THRESHOLD, 512 << 20)
-        return bool(trim and libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20))
-    except (OSError, AttributeError):
-        return False
-
-
 class WorkerInit:
-    """A DataLoader `worker_init_fn`: `keep_freed_memory`, then `then(worker_id)` if given."""
+    """A DataLoader `worker_init_fn`: `keep_freed_memory`, then `then(worker_id)` if given.
+
+    A worker allocates and frees several MB of arrays per sample; with glibc's defaults each
+    320x384 2.5D sample faulted ~300 pages in again, ~30 with this (benchmarks/README.md).
+    """
 
     def __init__(self, then: Callable[[int], None] | None = None):
         self.then = then
