@@ -370,10 +370,13 @@ class Trainer:
             "batch_size": train_cfg.batch_size,
             "num_workers": train_cfg.num_workers,
             "pin_memory": runtime.device.type == "cuda",
-            "worker_init_fn": _seed_worker,
         }
         train_loader = make_train_loader(
-            train_set, sampler=sampler, pooled=train_cfg.pooled_loader, **loader_args
+            train_set,
+            sampler=sampler,
+            pooled=train_cfg.pooled_loader,
+            worker_init_fn=_seed_worker,
+            **loader_args,
         )
         if len(train_loader) == 0:
             raise KsegError(
@@ -386,7 +389,8 @@ class Trainer:
             valid_subset,
             shuffle=False,
             persistent_workers=train_cfg.num_workers > 0,
-            **{**loader_args, "worker_init_fn": WorkerInit(_seed_worker)},
+            worker_init_fn=WorkerInit(_seed_worker),
+            **loader_args,
         )
         return train_loader, valid_loader, positions
 

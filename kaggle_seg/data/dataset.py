@@ -301,20 +301,30 @@ class SegmentationDataset(Dataset):
 
 
 def _chw_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """A new contiguous `dtype` [C, H, W] tensor of an [H, W, C] (or [H, W]) array.
-
-    One pass where the dtype changes: torch converts float32 to float16 while transposing, ~10x
-    faster than numpy's astype (0.2 vs 1.8 ms at 320x384x3).
-    """
+    """A new contiguous `dtype` [C, H, W] tensor of an [H, W, C] (or [H, W]) array."""
     if array.ndim == 2:
         array = array[..., None]
-    source = torch.from_numpy(np.ascontiguousarray(array))
-    if source.dtype != dtype or array.shape[-1] > 4:
-        height, width, channels = array.shape
-        return torch.empty((channels, height, width), dtype=dtype).copy_(source.permute(2, 0, 1))
-    # Same dtype, a few channels: cv2.split de-interleaves with SIMD, faster than a strided copy.
-    planes = cv2.split(array)
-    return torch.from_numpy(np.stack(planes) if len(planes) > 1 else planes[0][None])
+    height, width, channels = array.shape
+    out = torch.empty((channels, height, width), dtype=dtype)
+    write_chw(array, out)
+    return out
+
+
+def write_chw(array: np.ndarray, out: torch.Tensor) -> None:
+    """Copy an [H, W, C] array into a [C, H, W] tensor, converting to its dtype.
+
+    Where the dtype changes, torch converts while transposing, in one pass (float32 to float16:
+    ~10x faster than numpy's astype, 0.2 vs 1.8 ms at 320x384x3). Same dtype and a few
+    channels: cv2.split de-interleaves with SIMD, ~3x faster than a strided copy.
+    """
+    source = np.ascontiguousarray(array)
+    tensor = torch.from_numpy(source)
+    if tensor.dtype != out.dtype or source.shape[-1] > 4:
+        out.copy_(tensor.permute(2, 0, 1))
+        return
+    planes = out.numpy()
+    for k, plane in enumerate(cv2.split(source)):
+        planes[k] = plane
 
 
 def weighted_sampler(
