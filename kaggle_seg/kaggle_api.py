@@ -145,7 +145,7 @@ def push_dataset(folder: Path, message: str = "kseg", *, public: bool = False) -
     metadata = _read_dataset_metadata(folder)
     ref = metadata["id"]
     api = kaggle_api()
-    _fail_on_lost_uploads(api)
+    _fail_on_lost_uploads(api, ref)
     with _kaggle_errors(f"pushing dataset {ref}"):
         if _dataset_exists(api, ref):
             response = api.dataset_create_version(str(folder), message, quiet=False, dir_mode="zip")
@@ -378,15 +378,19 @@ def _dataset_exists(api: KaggleApi, ref: str) -> bool:
     return True
 
 
-def _fail_on_lost_uploads(api: KaggleApi) -> None:
-    """Make a failed file upload an error. The client drops a file whose upload failed and goes
-    on to publish the dataset without it; this wraps its per-file upload step on this instance."""
+def _fail_on_lost_uploads(api: KaggleApi, ref: str) -> None:
+    """Make a failed file upload an error. Clients before 2.2.5 drop a file whose upload failed
+    and go on to publish dataset `ref` without it; this wraps their per-file upload step on this
+    instance (2.2.5 raises by itself, and its error reaches the user through _kaggle_errors)."""
     upload_file = api._upload_file
 
     def upload_or_fail(file_name: str, *args: Any, **kwargs: Any) -> Any:
         uploaded = upload_file(file_name, *args, **kwargs)
         if uploaded is None:
-            raise KsegError(f"upload of {file_name} failed: nothing was published")
+            raise KsegError(
+                f"pushing dataset {ref} failed: upload of {Path(file_name).name} failed, "
+                "nothing was published"
+            )
         return uploaded
 
     api._upload_file = upload_or_fail

@@ -271,10 +271,17 @@ def test_dataset_metadata_problems_are_named_before_any_request(
 
 def test_a_failed_upload_stops_the_push(fake_kaggle: FakeKaggle, tmp_path: Path) -> None:
     fake_kaggle.fail("upload", 500, "storage unavailable")
+    folder = make_dataset(tmp_path / "weights")
     with pytest.raises(KsegError) as error:
-        push_dataset(make_dataset(tmp_path / "weights"))
-    assert "upload of" in assert_one_line(error)
+        push_dataset(folder)
+    message = assert_one_line(error)
+    # kseg's contract, whatever the client's own wording: the push stops, the one line names
+    # the dataset and the file that did not arrive, and no dataset or version was created.
+    assert DATASET in message
+    uploaded = {"folds.csv", "fold_0.zip"}
+    assert any(name in message for name in uploaded), message
     assert "CreateDataset" not in fake_kaggle.endpoints()
+    assert "CreateDatasetVersion" not in fake_kaggle.endpoints()
 
 
 def test_api_500_gives_status_and_message(fake_kaggle: FakeKaggle, tmp_path: Path) -> None:
