@@ -15,6 +15,7 @@ import typer
 
 from kaggle_seg import __version__
 from kaggle_seg.cli_kernel import dataset_app, kernel_app
+from kaggle_seg.cli_weights import weights_app
 from kaggle_seg.errors import KsegError
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ app = typer.Typer(
 )
 app.add_typer(kernel_app, name="kernel")
 app.add_typer(dataset_app, name="dataset")
+app.add_typer(weights_app, name="weights")
 
 Competition = Annotated[
     str, typer.Option("--competition", "-c", help="uwmgi, dsb2018 or lgg.", show_default=False)

@@ -276,10 +276,12 @@ class Trainer:
         self.criterion = self._loss()
         self.ema = None
         if config.train.ema_decay:
-            from timm.utils import ModelEmaV3
+            from kaggle_seg.ema import WarmupEma
 
-            self.ema = ModelEmaV3(self.model, decay=config.train.ema_decay)
+            self.ema = WarmupEma(self.model, config.train.ema_decay, warmup=config.train.ema_warmup)
         self.epoch = 0
+        self.optimizer_steps = 0  # the EMA warm-up counts these
+        self.bn_batches = 0  # training batches the last BN recalibration used
         self.best_value = -math.inf if config.train.monitor_mode == "max" else math.inf
         self.best_epoch = -1
         self.bad_epochs = 0
@@ -350,6 +352,7 @@ class Trainer:
         from torch.utils.data import DataLoader, DistributedSampler, Subset
 
         from kaggle_seg.data.loader import WorkerInit, make_train_loader
+        from kaggle_seg.spec import InputSpec, shape_batches
 
         train_cfg, runtime = self.config.train, self.runtime
         train_set, valid_set = self._datasets()
@@ -385,12 +388,21 @@ class Trainer:
             )
         positions = shard_positions(self.valid_table, runtime)
         valid_subset = Subset(valid_set, positions.tolist())
+        # Batches of one input shape ("crop" validates whole images of many sizes); uwmgi
+        # volumes are scored slice by slice in table order, so their rows stay in order.
+        batches = shape_batches(
+            self.valid_table.iloc[positions],
+            [InputSpec.from_config(self.config)],
+            train_cfg.batch_size,
+            keep_order="case_day" in self.valid_table.columns,
+        )
         valid_loader = DataLoader(
             valid_subset,
-            shuffle=False,
+            batch_sampler=batches,
             persistent_workers=train_cfg.num_workers > 0,
             worker_init_fn=WorkerInit(_seed_worker),
-            **loader_args,
+            num_workers=train_cfg.num_workers,
+            pin_memory=runtime.device.type == "cuda",
         )
         return train_loader, valid_loader, positions
 
@@ -405,6 +417,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "epoch": self.epoch,
+            "optimizer_steps": self.optimizer_steps,
             "interrupted": interrupted,
             "best_value": self.best_value,
             "best_epoch": self.best_epoch,
@@ -445,12 +458,52 @@ class Trainer:
         if self.ema and state["ema"]:
             self.ema.load_state_dict(state["ema"])
         self.epoch = state["epoch"]
+        self.optimizer_steps = state.get("optimizer_steps", 0)
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
         self.bad_epochs, self.history = state["bad_epochs"], state["history"]
         set_rng_state(state["rng"])
 
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema else self.model
+
+    def recalibrate_batchnorm(self) -> int:
+        """Recompute the validated model's BN statistics from training batches (batchnorm.py):
+        what the validation, best.pt and the OOF then use."""
+        from kaggle_seg.batchnorm import recalibrate_batchnorm, trainable_batchnorms
+
+        model = self.eval_model()
+        # The EMA copy's layers mirror the raw model's: frozen there, frozen here.
+        trainable = {id(m) for m in trainable_batchnorms(self.model)}
+        layers = [
+            ema_layer
+            for raw_layer, ema_layer in zip(self.model.modules(), model.modules(), strict=True)
+            if id(raw_layer) in trainable
+        ]
+
+        def to_input(batch: dict[str, Any]) -> torch.Tensor:
+            images = batch["image"].to(self.runtime.device, non_blocking=True).float()
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            return images
+
+        with self._autocast():
+            self.bn_batches = recalibrate_batchnorm(
+                model,
+                self.train_loader,
+                to_input,
+                self.config.train.bn_recalibration_batches,
+                layers=layers,
+                distributed=self.runtime.distributed,
+            )
+        return self.bn_batches
+
+    def _validated_weights(self) -> dict[str, Any]:
+        """history.csv columns saying which weights this epoch's validation (and best.pt) used:
+        `weights` "ema" or "raw", and the EMA's decay at the last step (0 for raw)."""
+        weights = {"weights": "raw", "ema_decay": 0.0, "bn_batches": self.bn_batches}
+        if self.ema:
+            weights.update(weights="ema", ema_decay=float(self.ema.get_decay(self.optimizer_steps)))
+        return weights
 
     # -- phases --
 
@@ -529,8 +582,11 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer_steps += 1
                 if self.ema:
-                    self.ema.update(self.model)
+                    # Parameters and BN running statistics are averaged with the same decay, so
+                    # the EMA model's statistics belong to its averaged weights; counters copy.
+                    self.ema.update(self.model, step=self.optimizer_steps)
                 if self.scheduler_steps == "step":
                     self.scheduler.step()
             batch_size = images.shape[0]
@@ -557,9 +613,13 @@ class Trainer:
         """Validation loss and fold metrics; with `keep`, this rank's probabilities by id
         ([K, H, W]) and, for a model with a classification head, its class probabilities by id
         ([K] float32; empty otherwise)."""
-        from kaggle_seg.predict import restore_size
+        from kaggle_seg.spec import forward_tiled, pad_to_divisor, restore_size
 
         model = self.eval_model()
+        augment = self.config.augment
+        # "crop" validates whole images, tiled above tile_size (a head model sees them whole:
+        # its class logits do not tile).
+        tile = augment.tile_size if augment.resize_mode == "crop" and not self.class_head else None
         model.eval()
         evaluator = FoldEvaluator(self.competition, self.valid_table, self.truth_cache)
         kept: dict[str, np.ndarray] = {}
@@ -568,11 +628,16 @@ class Trainer:
         class_bce_sum = 0.0
         for batch in self.valid_loader:
             images = batch["image"].to(self.runtime.device, non_blocking=True).float()
+            images, height, width = pad_to_divisor(images)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             masks = batch["mask"].to(self.runtime.device, non_blocking=True).float()
             with self._autocast():
-                outputs = model(images)
+                outputs = forward_tiled(model, images, tile, augment.tile_overlap)
+                if isinstance(outputs, tuple | list):
+                    outputs = (outputs[0][..., :height, :width], outputs[1])
+                else:
+                    outputs = outputs[..., :height, :width]
                 logits, loss, class_bce = self._losses(outputs, masks)
             loss_sum += loss.item() * images.shape[0]
             n_images += images.shape[0]
@@ -588,7 +653,7 @@ class Trainer:
             for position, probs in zip(batch["index"].tolist(), probabilities, strict=True):
                 row = self.valid_table.iloc[position]
                 probs = restore_size(
-                    probs, int(row["height"]), int(row["width"]), self.config.augment.resize_mode
+                    probs, int(row["height"]), int(row["width"]), augment.resize_mode
                 )
                 evaluator.add(position, probs)
                 if keep:
@@ -638,6 +703,7 @@ class Trainer:
                     break
                 self._apply_freezing()
                 train_metrics = self.train_one_epoch()
+                self.recalibrate_batchnorm()
                 valid_metrics, _, _ = self.predict_valid()
                 self._end_epoch({**train_metrics, **valid_metrics})
         except KeyboardInterrupt:
@@ -667,7 +733,7 @@ class Trainer:
             )
         value = metrics[cfg.monitor]
         lr = self.optimizer.param_groups[-1]["lr"]
-        row = {"epoch": self.epoch + 1, **metrics, "lr": lr}
+        row = {"epoch": self.epoch + 1, **metrics, "lr": lr, **self._validated_weights()}
         self.history.append(row)
         if self.scheduler_steps == "epoch":
             self.scheduler.step()
@@ -713,7 +779,7 @@ class Trainer:
                 ) from None
             self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         for key, value in row.items():
-            if key != "epoch":
+            if key != "epoch" and isinstance(value, int | float):
                 self._writer.add_scalar(key, value, global_step=int(row["epoch"]))
         self._writer.flush()
 
