@@ -1,0 +1,212 @@
+"""The packages a rehearsal runs against: Kaggle's image, as kernels/kaggle_image.txt pins it.
+
+`kaggle` (the default): a virtualenv with every pin installed from the package registry at
+Kaggle's version, built once and cached by the pins, this Python and the local packages it
+borrows. What the registry cannot give at the pinned version is taken from this machine
+instead, and so is torch (with torchvision / torchaudio) by design: Kaggle's are CUDA or +cpu
+builds from PyTorch's own index, and the registry's Linux torch pulls gigabytes of CUDA
+libraries. `local`: this machine's versions of the pinned packages, as before; weaker, since
+a kernel that passes here can still break on Kaggle's versions.
+
+Each way, `version_table` says where the rehearsal's versions differ from Kaggle's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from kaggle_seg.errors import KsegError
+from kaggle_seg.kernel.sandbox import expose_image_packages, site_packages
+from kaggle_seg.kernel.wheels import normalize_name
+
+IMAGE_VERSIONS = ("kaggle", "local")
+IMAGE_CACHE_ENV = "KSEG_IMAGE_CACHE"
+MARKER = "kseg-image.json"
+# Taken from this machine whatever the pins say, and why.
+LOCAL_BY_DESIGN = {
+    "torch": "Kaggle's torch is a CUDA (GPU image) or +cpu build from PyTorch's own index",
+    "torchvision": "built against torch, taken with it",
+    "torchaudio": "built against torch, taken with it",
+}
+_MISSING = re.compile(
+    r"(?:No matching distribution found for|Could not find a version that satisfies the "
+    r"requirement) ([A-Za-z0-9][A-Za-z0-9._-]*)=="
+)
+
+
+@dataclass
+class PinRow:
+    """One pinned package: Kaggle's version, the rehearsal's, this machine's, and why they may
+    differ."""
+
+    name: str
+    kaggle: str | None
+    rehearsal: str | None
+    local: str | None
+    source: str  # "registry", "this machine: <why>" or "absent"
+
+
+@dataclass
+class ImageEnv:
+    """The folders a rehearsal virtualenv sees, and how their versions compare with Kaggle's."""
+
+    mode: str
+    sites: list[Path]
+    rows: list[PinRow]
+    location: Path
+    built: bool = False  # installed now (else: reused from the cache)
+    notes: list[str] = field(default_factory=list)
+
+
+def image_cache_dir() -> Path:
+    """Where Kaggle-pinned environments are kept between rehearsals ($KSEG_IMAGE_CACHE)."""
+    override = os.environ.get(IMAGE_CACHE_ENV)
+    if override:
+        return Path(override)
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "kaggle_seg" / "kaggle-image"
+
+
+def local_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def prepare_image_env(
+    image: dict[str, str | None],
+    work: Path,
+    *,
+    mode: str = "kaggle",
+    cache_dir: Path | None = None,
+    pip_args: Sequence[str] = (),
+    say: Callable[[str], None] = print,
+) -> ImageEnv:
+    """The packages of Kaggle's image for a rehearsal, the way `mode` asks (see the module)."""
+    if mode not in IMAGE_VERSIONS:
+        raise KsegError(f"--image-versions {mode!r}: choose one of {', '.join(IMAGE_VERSIONS)}")
+    if mode == "local":
+        site = work / "kaggle_image"
+        # pip too: the image has it, and the kernel installs with it.
+        expose_image_packages([*image, "pip"], site)
+        rows = [
+            PinRow(name, pin, local_version(name), local_version(name), "this machine: local")
+            for name, pin in sorted(image.items())
+        ]
+        return ImageEnv(mode, [site], rows, site)
+    borrowed = {n: f"this machine: {why}" for n, why in LOCAL_BY_DESIGN.items() if n in image}
+    borrowed |= {n: "this machine: not pinned" for n, pin in image.items() if pin is None}
+    key = _cache_key(image, borrowed, pip_args)
+    location = (cache_dir or image_cache_dir()) / key
+    if (location / MARKER).is_file():
+        record = json.loads((location / MARKER).read_text())
+        rows = [PinRow(**row) for row in record["rows"]]
+        return ImageEnv(mode, _sites(location), rows, location)
+    say(f"installing Kaggle's image versions into {location} (once; later rehearsals reuse it)")
+    rows = _install_pins(image, borrowed, location, pip_args)
+    (location / MARKER).write_text(json.dumps({"rows": [asdict(r) for r in rows]}, indent=1))
+    return ImageEnv(mode, _sites(location), rows, location, built=True)
+
+
+def _cache_key(image: dict[str, str | None], borrowed: dict[str, str], pip_args: Sequence[str]):
+    text = json.dumps(
+        {
+            "pins": sorted(image.items()),
+            "borrowed": sorted((n, local_version(n)) for n in borrowed),
+            "python": sys.version,
+            "platform": platform.platform(),
+            "pip_args": list(pip_args),
+        }
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _sites(location: Path) -> list[Path]:
+    """The pinned packages first: they shadow any borrowed package's dependency of the same
+    name."""
+    return [site_packages(location / "venv"), location / "local"]
+
+
+def _install_pins(
+    image: dict[str, str | None], borrowed: dict[str, str], location: Path, pip_args: Sequence[str]
+) -> list[PinRow]:
+    """A virtualenv under `location` with every pin not `borrowed` from the registry; a pin the
+    registry lacks is borrowed from this machine instead and the install retried."""
+    shutil.rmtree(location, ignore_errors=True)
+    venv = location / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = site_packages(venv)
+    while True:
+        shutil.rmtree(location / "local", ignore_errors=True)
+        # Borrowed packages come with their own dependencies, except what the pins provide.
+        pinned = [n for n in image if n not in borrowed]
+        expose_image_packages(borrowed, location / "local", exclude=pinned)
+        (site / "kseg_borrowed.pth").write_text(f"{location / 'local'}\n")
+        result = _pip_install(
+            venv / "bin" / "python", [f"{n}=={image[n]}" for n in pinned], pip_args
+        )
+        if result.returncode == 0:
+            break
+        missing = {normalize_name(m) for m in _MISSING.findall(result.stdout + result.stderr)}
+        missing &= set(pinned)
+        if not missing:
+            lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+            errors = [line for line in lines if line.startswith("ERROR")] or lines[-1:]
+            raise KsegError(f"installing Kaggle's image versions failed: {' '.join(errors[:2])}")
+        borrowed |= {n: "this machine: the registry has no such version" for n in missing}
+    installed = {
+        normalize_name(d.metadata["Name"]): d.version
+        for d in metadata.distributions(path=[str(site)])
+    }
+    rows = []
+    for name, pin in sorted(image.items()):
+        here = local_version(name)
+        if name in borrowed:
+            rows.append(PinRow(name, pin, here, here, borrowed[name] if here else "absent"))
+        else:
+            rows.append(PinRow(name, pin, installed.get(name), here, "registry"))
+    return rows
+
+
+def _pip_install(python: Path, requirements: list[str], pip_args: Sequence[str]):
+    command = [
+        sys.executable, "-m", "pip", "--python", str(python), "install",
+        "--only-binary", ":all:", "--no-input", "--disable-pip-version-check",
+        "--progress-bar", "off", "--no-warn-script-location", *pip_args, *requirements,
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+def version_table(env: ImageEnv) -> list[str]:
+    """Printable lines: every pin whose rehearsal or local version differs from Kaggle's, then
+    a count of those that match."""
+    differ = [r for r in env.rows if r.kaggle and (r.rehearsal != r.kaggle or r.local != r.kaggle)]
+    header = ("package", "Kaggle image", "rehearsal", "this machine", "rehearsal's from")
+    table = [header] + [
+        (r.name, r.kaggle or "-", r.rehearsal or "-", r.local or "-", r.source) for r in differ
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in table
+    ]
+    same = sum(r.rehearsal == r.kaggle for r in env.rows if r.kaggle)
+    pinned = sum(bool(r.kaggle) for r in env.rows)
+    local_same = sum(r.local == r.kaggle for r in env.rows if r.kaggle)
+    lines.append(
+        f"{same} of {pinned} pins at Kaggle's version in the rehearsal ({env.mode}); "
+        f"{local_same} of {pinned} on this machine; Python {platform.python_version()} here"
+    )
+    return lines if differ else lines[-1:]
