@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from kernel_helpers import IMAGE_FILE, SENTINEL_KEY, USER, clean_env, kseg, load
+from packaging.requirements import Requirement
 
 from kaggle_seg.kernel import RehearsalRun, diagnose, estimate_run_time, find_credentials
 from kaggle_seg.kernel.image import prepare_image_env, version_table
@@ -38,13 +39,15 @@ def venv_env(home: Path) -> dict[str, str]:
     return env
 
 
-def make_wheel(folder: Path, name: str, version: str) -> Path:
+def make_wheel(folder: Path, name: str, version: str, requires: str = "") -> Path:
     """A minimal pure wheel of module `name` (underscored) whose VERSION is `version`."""
     module = name.replace("-", "_")
     info = f"{module}-{version}.dist-info"
+    requirement = f"Requires-Dist: {requires}\n" if requires else ""
     files = {
         f"{module}/__init__.py": f"VERSION = {version!r}\n",
-        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+        + requirement,
         f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: kseg-test\nRoot-Is-Purelib: true\n"
         "Tag: py3-none-any\n",
     }
@@ -65,8 +68,9 @@ def test_kaggle_versions_are_installed_from_the_registry(tmp_path: Path):
     """Pins the registry has are installed at Kaggle's version; one it lacks is taken from this
     machine and said so; the result is cached for the next rehearsal."""
     registry = tmp_path / "registry"
-    make_wheel(registry, "kseg-pin-a", "1.0")
+    make_wheel(registry, "kseg-pin-a", "1.0", requires="kseg-pin-b")
     make_wheel(registry, "kseg-pin-a", "2.0")  # newer: the pin must win
+    make_wheel(registry, "kseg-pin-b", "1.0")  # not pinned: not installed, but said
     image = {"kseg-pin-a": "1.0", "six": "0.0.1", "shellingham": None}
     options = dict(
         cache_dir=tmp_path / "cache", pip_args=["--no-index", "--find-links", str(registry)]
@@ -80,6 +84,7 @@ def test_kaggle_versions_are_installed_from_the_registry(tmp_path: Path):
     assert (rows["six"].rehearsal, rows["six"].local) == (six, six)
     assert rows["six"].source == "this machine: the registry has no such version"
     assert rows["shellingham"].source == "this machine: not pinned"
+    assert env.notes == ["kseg-pin-a 1.0 requires kseg-pin-b, which is not installed."]
 
     python = make_kaggle_venv(tmp_path / "venv", env.sites, guard=False)
     code = "import kseg_pin_a, six, shellingham; print(kseg_pin_a.VERSION, six.__version__)"
@@ -96,6 +101,23 @@ def test_kaggle_versions_are_installed_from_the_registry(tmp_path: Path):
 
     again = prepare_image_env(image, tmp_path / "work2", say=said.append, **options)
     assert not again.built and again.location == env.location and len(said) == 1
+    assert again.rows == env.rows and again.notes == env.notes
+
+
+def test_a_borrowed_package_brings_the_versions_it_needs():
+    """torch is this machine's; a pin it does not accept (Kaggle's setuptools for a newer
+    torch) is borrowed too, or pip in the kernel would refuse the mix."""
+    from kaggle_seg.kernel.image import _with_their_needs
+
+    rich = metadata.version("rich")
+    image = {"rich": "13.0.0", "pygments": "1.0", "markdown-it-py": "2.2.0", "six": "1.17.0"}
+    borrowed = _with_their_needs(image, {"rich": "this machine: test"})
+    assert borrowed["pygments"] == f"this machine: rich {rich} needs " + next(
+        str(r.specifier)
+        for r in map(Requirement, metadata.requires("rich"))
+        if r.name == "pygments"
+    )
+    assert "six" not in borrowed  # rich does not need it
 
 
 def test_a_pin_that_cannot_be_installed_is_one_line(tmp_path: Path):

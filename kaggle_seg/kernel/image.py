@@ -79,6 +79,7 @@ def image_cache_dir() -> Path:
 
 
 def local_version(name: str) -> str | None:
+    """The version of `name` installed here, or None."""
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
@@ -108,16 +109,47 @@ def prepare_image_env(
         return ImageEnv(mode, [site], rows, site)
     borrowed = {n: f"this machine: {why}" for n, why in LOCAL_BY_DESIGN.items() if n in image}
     borrowed |= {n: "this machine: not pinned" for n, pin in image.items() if pin is None}
+    borrowed = _with_their_needs(image, borrowed)
     key = _cache_key(image, borrowed, pip_args)
     location = (cache_dir or image_cache_dir()) / key
     if (location / MARKER).is_file():
         record = json.loads((location / MARKER).read_text())
         rows = [PinRow(**row) for row in record["rows"]]
-        return ImageEnv(mode, _sites(location), rows, location)
+        return ImageEnv(mode, _sites(location), rows, location, notes=record["notes"])
     say(f"installing Kaggle's image versions into {location} (once; later rehearsals reuse it)")
-    rows = _install_pins(image, borrowed, location, pip_args)
-    (location / MARKER).write_text(json.dumps({"rows": [asdict(r) for r in rows]}, indent=1))
-    return ImageEnv(mode, _sites(location), rows, location, built=True)
+    rows, notes = _install_pins(image, borrowed, location, pip_args)
+    record = {"rows": [asdict(r) for r in rows], "notes": notes}
+    (location / MARKER).write_text(json.dumps(record, indent=1))
+    return ImageEnv(mode, _sites(location), rows, location, built=True, notes=notes)
+
+
+def _with_their_needs(image: dict[str, str | None], borrowed: dict[str, str]) -> dict[str, str]:
+    """`borrowed`, plus every pinned package whose Kaggle version a borrowed one (or what it
+    brings along) does not accept: torch 2.14 here needs a newer setuptools than Kaggle's
+    torch 2.10 does, and pip in the kernel would refuse the mix."""
+    from packaging.version import InvalidVersion
+
+    from kaggle_seg.kernel.sandbox import image_distributions
+    from kaggle_seg.kernel.wheels import requirements_of
+
+    borrowed = dict(borrowed)
+    changed = True
+    while changed:
+        changed = False
+        pinned = [n for n in image if n not in borrowed]
+        for distribution in image_distributions(borrowed, exclude=pinned):
+            for requirement in requirements_of(distribution.requires):
+                name = normalize_name(requirement.name)
+                pin = image.get(name) if name in pinned else None
+                try:
+                    accepted = pin is None or requirement.specifier.contains(pin, prereleases=True)
+                except InvalidVersion:
+                    accepted = True
+                if not accepted and name not in borrowed:
+                    owner = f"{distribution.metadata['Name']} {distribution.version}"
+                    borrowed[name] = f"this machine: {owner} needs {requirement.specifier}"
+                    changed = True
+    return borrowed
 
 
 def _cache_key(image: dict[str, str | None], borrowed: dict[str, str], pip_args: Sequence[str]):
@@ -141,22 +173,24 @@ def _sites(location: Path) -> list[Path]:
 
 def _install_pins(
     image: dict[str, str | None], borrowed: dict[str, str], location: Path, pip_args: Sequence[str]
-) -> list[PinRow]:
-    """A virtualenv under `location` with every pin not `borrowed` from the registry; a pin the
-    registry lacks is borrowed from this machine instead and the install retried."""
+) -> tuple[list[PinRow], list[str]]:
+    """A virtualenv under `location` with every pin not `borrowed`, from the registry, exactly
+    (no dependency resolution: the pins are the image's whole dependency tree, as Kaggle's is);
+    a pin the registry lacks is borrowed from this machine instead and the install retried.
+    Returns the rows and what `pip check` finds missing or mismatched among them."""
     shutil.rmtree(location, ignore_errors=True)
     venv = location / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = site_packages(venv)
+    python = venv / "bin" / "python"
     while True:
         shutil.rmtree(location / "local", ignore_errors=True)
         # Borrowed packages come with their own dependencies, except what the pins provide.
         pinned = [n for n in image if n not in borrowed]
         expose_image_packages(borrowed, location / "local", exclude=pinned)
-        (site / "kseg_borrowed.pth").write_text(f"{location / 'local'}\n")
-        result = _pip_install(
-            venv / "bin" / "python", [f"{n}=={image[n]}" for n in pinned], pip_args
-        )
+        (site_packages(venv) / "kseg_borrowed.pth").write_text(f"{location / 'local'}\n")
+        requirements = [f"{n}=={image[n]}" for n in pinned]
+        result = _pip(python, ["install", "--no-deps", "--only-binary", ":all:", *pip_args,
+                               *requirements])  # fmt: skip
         if result.returncode == 0:
             break
         missing = {normalize_name(m) for m in _MISSING.findall(result.stdout + result.stderr)}
@@ -166,27 +200,35 @@ def _install_pins(
             errors = [line for line in lines if line.startswith("ERROR")] or lines[-1:]
             raise KsegError(f"installing Kaggle's image versions failed: {' '.join(errors[:2])}")
         borrowed |= {n: "this machine: the registry has no such version" for n in missing}
-    installed = {
-        normalize_name(d.metadata["Name"]): d.version
-        for d in metadata.distributions(path=[str(site)])
-    }
+    seen = _versions_seen(python, list(image))
     rows = []
     for name, pin in sorted(image.items()):
-        here = local_version(name)
-        if name in borrowed:
-            rows.append(PinRow(name, pin, here, here, borrowed[name] if here else "absent"))
-        else:
-            rows.append(PinRow(name, pin, installed.get(name), here, "registry"))
-    return rows
+        source = borrowed.get(name, "registry") if seen.get(name) else "absent"
+        rows.append(PinRow(name, pin, seen.get(name), local_version(name), source))
+    check = _pip(python, ["check"]).stdout.splitlines()
+    return rows, [line.strip() for line in check if "requires" in line or "has requirement" in line]
 
 
-def _pip_install(python: Path, requirements: list[str], pip_args: Sequence[str]):
-    command = [
-        sys.executable, "-m", "pip", "--python", str(python), "install",
-        "--only-binary", ":all:", "--no-input", "--disable-pip-version-check",
-        "--progress-bar", "off", "--no-warn-script-location", *pip_args, *requirements,
-    ]  # fmt: skip
+def _pip(python: Path, arguments: list[str]) -> subprocess.CompletedProcess:
+    """This environment's pip, run for the interpreter `python`, quietly."""
+    command = [sys.executable, "-m", "pip", "--python", str(python), *arguments,
+               "--no-input", "--disable-pip-version-check"]  # fmt: skip
+    if arguments[0] == "install":
+        command += ["--progress-bar", "off", "--no-warn-script-location"]
     return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+def _versions_seen(python: Path, names: Sequence[str]) -> dict[str, str]:
+    """The version of each distribution in `names` that `python` imports (the first on its
+    path), asked of it."""
+    code = (
+        "import json, sys\nfrom importlib import metadata\nseen = {}\n"
+        "for name in sys.argv[1:]:\n    try:\n        seen[name] = metadata.version(name)\n"
+        "    except metadata.PackageNotFoundError:\n        pass\nprint(json.dumps(seen))"
+    )
+    result = subprocess.run([str(python), "-c", code, *names], capture_output=True, text=True,
+                            check=True)  # fmt: skip
+    return json.loads(result.stdout)
 
 
 def version_table(env: ImageEnv) -> list[str]:

@@ -120,6 +120,7 @@ class Rehearsal:
     device: str
     image_versions: str = "kaggle"
     image_rows: list[dict[str, Any]] = field(default_factory=list)  # image.PinRow as dicts
+    image_notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -221,6 +222,8 @@ def rehearse_kernel(
         )
         for line in version_table(image):
             say(line)
+        for note in image.notes:  # dependencies the pins leave unmet, as pip check sees them
+            say(f"note: {note}")
         if image.mode == "local":
             say(
                 "warning: --image-versions local: the kernel runs against this machine's "
@@ -269,6 +272,7 @@ def rehearse_kernel(
         device=_device(),
         image_versions=image.mode,
         image_rows=[asdict(row) for row in image.rows],
+        image_notes=image.notes,
     )
     report = asdict(rehearsal)
     report["kernel_dir"] = str(kernel_dir)
