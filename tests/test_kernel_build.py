@@ -161,6 +161,9 @@ def test_weights_as_a_kaggle_model(built: Path, tmp_path: Path):
     assert settings["weights_source"] is None
     record = load(build.kernel_dir / "kseg-kernel.json")
     assert record["weights"]["model"] == build.weights_source
+    with pytest.raises(KsegError, match="--weights-as model"):
+        build_kernel("uwmgi", ["tiny_unet"], runs_root=tmp_path / "runs", model="uwmgi-unet",
+                     out_root=tmp_path / "kernels", username=USER, force=True)  # fmt: skip
     for bad in ("a/b/c", "Bad_Slug", "x"):
         with pytest.raises(KsegError, match="--model"):
             build_kernel("uwmgi", ["tiny_unet"], runs_root=tmp_path / "runs",

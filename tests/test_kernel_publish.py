@@ -83,6 +83,16 @@ def test_push_datasets_then_kernel(kernel: Path, fake_kaggle: FakeKaggle):
     assert load(kernel / "kseg-kernel.json")["pushed"]["version"] == 1
 
 
+@needs_dataset_push
+def test_dataset_push_can_wait_until_kaggle_has_processed_it(kernel: Path, fake_kaggle: FakeKaggle):
+    fake_kaggle.dataset_progress[WEIGHTS] = ["BLOBS_RECEIVED", "READY"]
+    result = invoke("dataset", "push", str(kernel / "weights"), "--wait", *FAST)
+    assert result.exit_code == 0, result.output
+    progress = [line.split(" (")[0] for line in result.output.splitlines() if "dataset " in line]
+    assert progress == [f"dataset {WEIGHTS}: blobs_received", f"dataset {WEIGHTS}: ready"]
+    assert fake_kaggle.endpoints()[-1] == "GetDatasetStatus"
+
+
 def test_kernel_push_waits_until_its_datasets_are_ready(kernel: Path, fake_kaggle: FakeKaggle):
     for ref in (WHEELS, WEIGHTS):
         fake_kaggle.add_dataset(ref)

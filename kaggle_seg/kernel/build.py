@@ -137,6 +137,8 @@ def build_kernel(
     _check_ensemble_weights(submit.ensemble_weights, len(experiments))
     if weights_as not in WEIGHTS_AS:
         raise KsegError(f"--weights-as {weights_as!r}: choose one of {', '.join(WEIGHTS_AS)}")
+    if model is not None and weights_as != "model":
+        raise KsegError("--model names the Kaggle Model of --weights-as model; pass both")
     if image_pinning is not None and image_pinning not in IMAGE_PINNING:
         raise KsegError(f"--pin-image {image_pinning!r}: choose one of {', '.join(IMAGE_PINNING)}")
     root = Path(source) if source is not None else source_root()
