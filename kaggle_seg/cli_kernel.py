@@ -207,7 +207,12 @@ def kernel_push(
     ] = False,
     wait: Annotated[bool, typer.Option(help="Wait until the new version has run.")] = False,
     message: Message = "kseg",
-    timeout: Timeout = 1800.0,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the datasets to be ready.")
+    ] = 1800.0,
+    run_timeout: Annotated[
+        float, typer.Option(help="With --wait: seconds to wait for the version's run.")
+    ] = 12 * 3600.0,
     poll: Poll = 15.0,
 ) -> None:
     """Push the kernel once Kaggle has its datasets ready (with --with-datasets, push them
@@ -225,7 +230,7 @@ def kernel_push(
     typer.echo(f"pushed {pushed.kernel} version {pushed.version}: {pushed.url}")
     if wait:
         ref = KernelRef(pushed.kernel, pushed.version, None, Path(kernel_dir))
-        wait_for_kernel(ref, timeout_s=timeout, poll_s=poll, say=typer.echo)
+        wait_for_kernel(ref, timeout_s=run_timeout, poll_s=poll, say=typer.echo)
     else:
         typer.echo(f"next: kseg kernel wait {kernel_dir}")
 
