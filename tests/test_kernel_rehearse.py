@@ -265,3 +265,16 @@ def test_rehearse_end_to_end(trained: Path, phantom_dir: Path, tmp_path: Path, w
     assert report["estimate_seconds"] > 0
     assert (kernel / "rehearsal" / "run2_submission.csv").is_file()
     assert find_credentials(kernel, [SENTINEL_KEY]) == []
+
+
+def test_an_unreachable_registry_says_to_rehearse_offline(tmp_path: Path):
+    from kaggle_seg.errors import KsegError
+
+    unreachable = ["--index-url", "http://127.0.0.1:9/simple", "--retries", "1", "--timeout", "1"]
+    with pytest.raises(KsegError) as error:
+        prepare_image_env({"kseg-pin-a": "1.0", "kseg-pin-b": "1.0"}, tmp_path,
+                          cache_dir=tmp_path / "cache", pip_args=unreachable,
+                          say=lambda line: None)  # fmt: skip
+    message = str(error.value)
+    assert "registry cannot be reached" in message and "--image-versions local" in message
+    assert "\n" not in message

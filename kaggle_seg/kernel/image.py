@@ -39,6 +39,13 @@ LOCAL_BY_DESIGN = {
     "torchvision": "built against torch, taken with it",
     "torchaudio": "built against torch, taken with it",
 }
+# pip's words when the registry cannot be reached at all (then no pin is "missing").
+_OFFLINE = re.compile(
+    r"NewConnectionError|Network is unreachable|Temporary failure in name resolution|"
+    r"ConnectTimeout|Max retries exceeded|Could not fetch URL"
+)
+_NOT_ON_REGISTRY = "this machine: the registry has no such version"
+MAX_NOT_ON_REGISTRY = 5  # more pins missing than this: the registry is unreachable, say so
 _MISSING = re.compile(
     r"(?:No matching distribution found for|Could not find a version that satisfies the "
     r"requirement) ([A-Za-z0-9][A-Za-z0-9._-]*)=="
@@ -189,17 +196,32 @@ def _install_pins(
         expose_image_packages(borrowed, location / "local", exclude=pinned)
         (site_packages(venv) / "kseg_borrowed.pth").write_text(f"{location / 'local'}\n")
         requirements = [f"{n}=={image[n]}" for n in pinned]
+        if not requirements:
+            break
         result = _pip(python, ["install", "--no-deps", "--only-binary", ":all:", *pip_args,
                                *requirements])  # fmt: skip
         if result.returncode == 0:
             break
-        missing = {normalize_name(m) for m in _MISSING.findall(result.stdout + result.stderr)}
+        said = result.stdout + result.stderr
+        if _OFFLINE.search(said):
+            raise KsegError(
+                f"installing Kaggle's image versions: the package registry cannot be reached "
+                f"({_OFFLINE.search(said).group(0)}); rehearse with --image-versions local"
+            )
+        missing = {normalize_name(m) for m in _MISSING.findall(said)}
         missing &= set(pinned)
+        lacking = [n for n, why in borrowed.items() if why == _NOT_ON_REGISTRY] + sorted(missing)
+        if len(lacking) > MAX_NOT_ON_REGISTRY:
+            raise KsegError(
+                f"installing Kaggle's image versions: the registry has none of "
+                f"{', '.join(lacking)}; if it cannot be reached, rehearse with "
+                "--image-versions local"
+            )
         if not missing:
             lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
             errors = [line for line in lines if line.startswith("ERROR")] or lines[-1:]
             raise KsegError(f"installing Kaggle's image versions failed: {' '.join(errors[:2])}")
-        borrowed |= {n: "this machine: the registry has no such version" for n in missing}
+        borrowed |= {n: _NOT_ON_REGISTRY for n in missing}
     seen = _versions_seen(python, list(image))
     rows = []
     for name, pin in sorted(image.items()):
