@@ -119,7 +119,7 @@ def test_a_dataset_that_never_becomes_ready_times_out(kernel: Path, fake_kaggle:
     result = invoke("kernel", "push", str(kernel), "--timeout", "0.05", *FAST)
     message = one_line_error(result)
     assert message.startswith(f"dataset {WHEELS}: still blobs_received after ")
-    assert "--timeout" in message
+    assert "(timeout 0 s)" in message
     assert "SaveKernel" not in fake_kaggle.endpoints()
 
 

@@ -64,7 +64,7 @@ def wait_for(
             return status
         if waited + poll_s > timeout_s:
             raise KsegError(
-                f"{what}: still {status} after {waited:.0f} s (--timeout {timeout_s:.0f}); "
+                f"{what}: still {status} after {waited:.0f} s (timeout {timeout_s:.0f} s); "
                 "run the command again to keep waiting"
             )
         time.sleep(poll_s)
