@@ -125,7 +125,6 @@ def run_baseline(args: argparse.Namespace, results: dict[str, Any]) -> dict[str,
     from scipy import ndimage
 
     from kaggle_seg.competitions import get_competition
-    from kaggle_seg.config import build_data_config
     from kaggle_seg.metrics import dsb_image_score, pixel_metrics
 
     budget = results.get("dsb2018_cpu", {}).get("train_minutes", args.baseline_minutes)
