@@ -2,7 +2,7 @@
 
 Run by hand (hours of CPU), not in CI:
 
-    python benchmarks/bench_recipes.py --recipes dsb2018_cpu,lgg_cpu,uwmgi_phantom,baseline \
+    python benchmarks/bench_recipes.py --recipes dsb2018_cpu,baseline,lgg_cpu,uwmgi_phantom \
         --data ../shared/data --out runs/bench_recipes
 
 Per recipe (fold 0, as `kseg train --fold 0` / `kseg tune` / `kseg submit` / `kseg score` do):
@@ -16,7 +16,7 @@ Per recipe (fold 0, as `kseg train --fold 0` / `kseg tune` / `kseg submit` / `ks
   Scored on the same fold-0 validation images and on stage1_test.
 - lgg_cpu (configs/lgg_cpu.yaml): LGG fold 0, mean per-patient volume Dice (Buda et al.), with
   default and tuned post-processing, and the per-image mean Dice beside it.
-- uwmgi_phantom (configs/uwmgi_phantom.yaml): the phantom UW-Madison data (no real uwmgi data is
+- uwmgi_phantom (configs/uwmgi_cpu.yaml): the phantom UW-Madison data (no real uwmgi data is
   available): trained on phantom cases, submitted on two held-out phantom case-days, scored with
   the competition metric.
 
@@ -237,9 +237,13 @@ def run_uwmgi_phantom(args: argparse.Namespace, results: dict[str, Any]) -> dict
     truth[["id", "class"]].assign(predicted="").to_csv(root / "sample_submission.csv", index=False)
     table, folds = prepared("uwmgi", root, out)
     experiment, minutes, history = train_recipe(
-        ROOT / "configs" / "uwmgi_phantom.yaml", table, folds, out / "runs", args.set
+        ROOT / "configs" / "uwmgi_cpu.yaml", table, folds, out / "runs", args.set
     )
-    result = {"recipe": "uwmgi_phantom", "train_minutes": minutes, "epochs": len(history)}
+    result = {
+        "recipe": "uwmgi_cpu on the phantom",
+        "train_minutes": minutes,
+        "epochs": len(history),
+    }
     result.update(tuned(experiment))
     csv = out / "submission.csv"
     write_submission([experiment], root, csv, tta="flip", device="cpu", num_workers=1)
