@@ -15,7 +15,7 @@ import typer
 
 from kaggle_seg import __version__
 from kaggle_seg.cli_kernel import dataset_app, kernel_app
-from kaggle_seg.errors import KsegError
+from kaggle_seg.errors import KsegError, one_line
 
 app = typer.Typer(
     name="kseg",
@@ -130,6 +130,9 @@ def train(
     ] = None,
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(help="Continue from the fold's last.pt.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Move a fold's previous run aside (fold_<k>.old-<time>).")
+    ] = False,
     runs_dir: Annotated[Path, typer.Option(help="Root of the run folders.")] = Path("runs"),
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda (default: cuda when visible).")
@@ -149,7 +152,7 @@ def train(
     except ValueError:
         raise KsegError(f"--folds {folds_list!r}: expected integers like 0,1,2") from None
     for k in to_train:
-        train_fold(experiment, k, run_root=runs_dir, resume=resume, device=device)
+        train_fold(experiment, k, run_root=runs_dir, resume=resume, force=force, device=device)
 
 
 @app.command()
@@ -248,6 +251,15 @@ def predict(
         f"{result['seconds']:.1f} s ({result['images_per_s']:.1f} images/s)"
         + (f"; wrote {result['saved']}" if result["saved"] else "")
     )
+    _echo_skipped(result["skipped"])
+
+
+def _echo_skipped(skipped: list) -> None:
+    """`--on-error skip`: every skipped file and why, after the summary."""
+    if skipped:
+        typer.echo(f"skipped {len(skipped)} unreadable image(s), predicted empty:")
+        for item in skipped:
+            typer.echo(f"  {item.path}: {item.reason}")
 
 
 @app.command()
@@ -335,6 +347,7 @@ def submit(
         f"wrote {result.path}: {result.rows} rows for {result.images} images in "
         f"{result.seconds:.1f} s (validated)"
     )
+    _echo_skipped(result.skipped)
     if upload:
         from kaggle_seg.submit import upload_submission
 
@@ -424,7 +437,7 @@ def main() -> None:
         if debug:
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        typer.echo(f"error: {message}", err=True)
+        typer.echo(f"error: {one_line(message)}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -433,6 +446,7 @@ def main() -> None:
         if debug:
             raise
         typer.echo(
-            f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True
+            f"error: {type(exc).__name__}: {one_line(exc)} (rerun with --debug for the traceback)",
+            err=True,
         )
         sys.exit(1)

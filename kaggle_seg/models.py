@@ -18,7 +18,6 @@ the unused `_conv_head` / `_bn1` layers, which DDP reports as parameters without
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -510,11 +509,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state: Any = load_file(str(path), device="cpu")
         else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError:
-                # kseg checkpoints embed their config and history; the user named this file
-                state = torch.load(path, map_location="cpu", weights_only=False)
+            from kaggle_seg.checkpoints import load_checkpoint
+
+            state = load_checkpoint(path)  # the safe loader only, never a pickle fallback
+    except KsegError:
+        raise
     except Exception as exc:
         raise KsegError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
     for key in ("state_dict", "model"):

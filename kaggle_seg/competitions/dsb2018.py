@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kaggle_seg.competitions.base import Skipped, skip_or_raise
 from kaggle_seg.competitions.images import check_same_size, image_size, read_png
 from kaggle_seg.config import DataConfig
 from kaggle_seg.errors import InputError
@@ -128,9 +129,9 @@ class DSB2018:
             union = union[..., 0]
         return label(union > 127, connectivity=1).astype(np.int32)
 
-    def read_test_table(self, test_dir: Path) -> pd.DataFrame:
+    def read_test_table(self, test_dir: Path, skipped: list[Skipped] | None = None) -> pd.DataFrame:
         """`stage1_test/<id>/images/<id>.png` folders (Kaggle layout), or image files directly in
-        `test_dir`; sorted by id."""
+        `test_dir`; sorted by id. See `Competition.read_test_table` for `skipped`."""
         test_dir = Path(test_dir)
         if not test_dir.is_dir():
             raise InputError(f"{test_dir}: test folder not found")
@@ -144,7 +145,11 @@ class DSB2018:
         )
         rows = []
         for image_id in sorted(paths):
-            height, width = image_size(paths[image_id])
+            try:
+                height, width = image_size(paths[image_id])
+            except InputError as exc:
+                skip_or_raise(exc, image_id, paths[image_id], skipped)
+                continue
             rows.append(
                 {
                     "id": image_id,

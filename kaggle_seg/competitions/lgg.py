@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kaggle_seg.competitions.images import check_same_size, read_tiff
+from kaggle_seg.competitions.base import Skipped, skip_or_raise
+from kaggle_seg.competitions.images import check_same_size, read_tiff, tiff_size
 from kaggle_seg.config import DataConfig
 from kaggle_seg.errors import InputError
 
@@ -64,9 +65,10 @@ class LGG:
         table = pd.DataFrame(rows)
         return table.sort_values(["series", "slice_index"]).reset_index(drop=True)
 
-    def read_test_table(self, test_dir: Path) -> pd.DataFrame:
+    def read_test_table(self, test_dir: Path, skipped: list[Skipped] | None = None) -> pd.DataFrame:
         """Every `*.tif` slice that is not a `_mask.tif`, in patient folders or directly in
-        `test_dir`; sorted by series then slice number."""
+        `test_dir`; sorted by series then slice number. See `Competition.read_test_table` for
+        `skipped`."""
         test_dir = Path(test_dir)
         if not test_dir.is_dir():
             raise InputError(f"{test_dir}: test folder not found")
@@ -75,7 +77,11 @@ class LGG:
             match = _SLICE.match(path.name)
             if match is None or path.stem.endswith("_mask"):
                 continue
-            height, width = read_tiff(path).shape[:2]
+            try:
+                height, width = tiff_size(path)
+            except InputError as exc:
+                skip_or_raise(exc, path.stem, path, skipped)
+                continue
             rows.append(
                 {
                     "id": path.stem,

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kaggle_seg.competitions.base import Skipped
 from kaggle_seg.competitions.images import read_png
 from kaggle_seg.config import DataConfig
 from kaggle_seg.errors import InputError
@@ -185,9 +186,10 @@ class UWMGI:
         ]
         return sort_slices(table[columns])
 
-    def read_test_table(self, test_dir: Path) -> pd.DataFrame:
+    def read_test_table(self, test_dir: Path, skipped: list[Skipped] | None = None) -> pd.DataFrame:
         """`test/<case>/<case>_<day>/scans/*.png` in case-day, slice order (empty on Kaggle's
-        public re-run, where the folder is empty)."""
+        public re-run, where the folder is empty). Sizes come from the file names, so no header
+        is read and nothing is `skipped` here; unreadable slices are skipped when predicted."""
         return scan_slices(test_dir)
 
     def read_image(self, row: Any) -> np.ndarray:
