@@ -33,6 +33,14 @@ class UnsafeCheckpoint(KsegError):
     """A file the safe loader refuses: loading it would import or call something."""
 
 
+class UnreadableCheckpoint(KsegError):
+    """A truncated or foreign file; `reason` says why without the path."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: not a readable checkpoint ({reason})")
+        self.reason = reason
+
+
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
 # What checkpoints of kseg <= 0.x held besides plain data: numpy's RNG state array.
 _NUMPY_GLOBALS = ("numpy.", "numpy._core.", "numpy.core.")
@@ -155,12 +163,10 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     except pickle.UnpicklingError as exc:
         refused = _REFUSED_GLOBAL.search(str(exc))
         if refused is None:
-            raise KsegError(f"{path}: not a readable checkpoint (not a torch.save file)") from None
+            raise UnreadableCheckpoint(path, "not a torch.save file") from None
         raise UnsafeCheckpoint(_refusal(path, refused.group(1))) from None
     except Exception as exc:  # a truncated or foreign file: torch raises many types
-        raise KsegError(
-            f"{path}: not a readable checkpoint ({type(exc).__name__}: {_first_line(exc)})"
-        ) from None
+        raise UnreadableCheckpoint(path, f"{type(exc).__name__}: {_first_line(exc)}") from None
     if not isinstance(state, dict):
         raise KsegError(f"{path}: not a kseg checkpoint (holds a {type(state).__name__})")
     return state

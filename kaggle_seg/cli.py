@@ -428,9 +428,18 @@ def demo(
         typer.echo(line)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    # `kill` (SIGTERM, also how Kaggle and batch schedulers stop a job) unwinds like Ctrl-C:
+    # temporary files are removed and training says how to resume.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console entry point: one clear line per known error, the traceback with --debug."""
+    import signal
+
     debug = "--debug" in sys.argv[1:]
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except (KsegError, KeyError, FileNotFoundError, PermissionError) as exc:

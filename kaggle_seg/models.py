@@ -27,6 +27,7 @@ import timm
 import torch
 from torch import nn
 
+from kaggle_seg.checkpoints import UnreadableCheckpoint, load_checkpoint
 from kaggle_seg.config import ModelConfig
 from kaggle_seg.errors import KsegError
 
@@ -509,9 +510,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state: Any = load_file(str(path), device="cpu")
         else:
-            from kaggle_seg.checkpoints import load_checkpoint
-
             state = load_checkpoint(path)  # the safe loader only, never a pickle fallback
+    except UnreadableCheckpoint as exc:
+        raise KsegError(f"{path}: cannot read weights ({exc.reason})") from exc
     except KsegError:
         raise
     except Exception as exc:
