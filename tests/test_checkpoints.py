@@ -113,15 +113,20 @@ def test_malicious_checkpoint_runs_no_code_through_resume_and_weights_path(
     assert not marker.exists()
     # The same file without the hostile entry loads as weights: safe loading is not weaker.
     model = build_model(config.model.model_copy(update={"weights_path": run / "best.pt"}), 3, 1)
-    assert torch.equal(next(iter(model.state_dict().values())),
-                       next(iter(torch.load(run / "best.pt", weights_only=True)["model"].values())))  # fmt: skip
+    saved = torch.load(run / "best.pt", weights_only=True)["model"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
 
 
 def test_every_training_state_is_plain_data_and_resumes(dsb_small: Path, tmp_path: Path):
     """EMA, SGD momentum, a plateau scheduler, history and RNG states: all load with
     weights_only=True, with nothing added to torch.serialization's allow-list."""
-    overrides = ["train.ema_decay=0.9", "train.optimizer.name=sgd",
-                 "train.optimizer.params={momentum: 0.9}", "train.scheduler.name=plateau"]  # fmt: skip
+    overrides = [
+        "train.ema_decay=0.9",
+        "train.optimizer.name=sgd",
+        "train.optimizer.params={momentum: 0.9}",
+        "train.scheduler.name=plateau",
+    ]
     config = load_experiment(write_config(dsb_small, "states", epochs=1), overrides)
     train_fold(config, 0, run_root=tmp_path, device="cpu")
     last = torch.load(tmp_path / "states" / "fold_0" / "last.pt", weights_only=True)
