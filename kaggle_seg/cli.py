@@ -62,11 +62,19 @@ def prepare(
     out: Annotated[Path, typer.Option(help="Where to write the table (CSV).")],
     config: ConfigFile = None,
     overrides: Overrides = None,
+    check: Annotated[
+        str | None,
+        typer.Option(
+            help="What to check before writing: full (decode every image and mask; the "
+            "default), headers (file sizes and label RLEs) or none.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Read a competition's raw files into one table, one row per image, and summarise it."""
     from kaggle_seg.prepare import prepare_table
 
-    summary = prepare_table(competition, data_dir, out, config, overrides or [])
+    summary = prepare_table(competition, data_dir, out, config, overrides or [], check=check)
     typer.echo(
         f"wrote {out}: {summary['images']} images in {summary['groups']} groups, "
         f"{summary['empty_fraction']:.1%} empty"

@@ -144,7 +144,17 @@ def check_label_rles(table: pd.DataFrame, source: Path) -> None:
                 try:
                     validate_rle(rle, int(n))
                 except ValueError as exc:
-                    raise InputError(f"{source}: {slice_name}, {column[4:]}: {exc}") from None
+                    line = _csv_line(source, slice_name, column[4:])
+                    raise InputError(
+                        f"{source}: line {line} ({slice_name}, {column[4:]}): {exc}"
+                    ) from None
+
+
+def _csv_line(path: Path, slice_name: str, organ: str) -> int | str:
+    """The line of train.csv holding (id, class), found again only when an error names it."""
+    labels = read_csv_checked(path, ["id", "class", "segmentation"])
+    found = np.flatnonzero((labels["id"] == slice_name) & (labels["class"] == organ))
+    return int(found[0]) + 2 if len(found) else "?"
 
 
 class UWMGI:
