@@ -112,14 +112,38 @@ def score(
         Path | None, typer.Option(help="Image folder, for sizes when the truth lacks them.")
     ] = None,
     merged_classes: Annotated[
-        bool, typer.Option(help="uwmgi: score the union of the organs as one class.")
+        bool,
+        typer.Option(help="uwmgi: score the union of the organs as one class (both terms)."),
     ] = False,
+    dice: Annotated[
+        str | None,
+        typer.Option(
+            help="uwmgi Dice term: per-class (the competition's) or merged (organs as one).",
+            show_default=False,
+        ),
+    ] = None,
+    hausdorff: Annotated[
+        str | None,
+        typer.Option(
+            help="uwmgi Hausdorff term: per-class or merged. MLE-bench grades with --dice "
+            "per-class --hausdorff merged (README, 'Metric modes').",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Validate a submission and score it with the competition's own metric."""
     from kaggle_seg.scoring import score_submission
 
-    result = score_submission(competition, truth, submission, images, merged_classes=merged_classes)
+    result = score_submission(
+        competition,
+        truth,
+        submission,
+        images,
+        merged_classes=merged_classes,
+        dice=dice,
+        hausdorff=hausdorff,
+    )
     # Per-image / per-slice tables stay out of the printed summary.
     printable = {k: v for k, v in result.items() if not hasattr(v, "to_csv")}
     if as_json:

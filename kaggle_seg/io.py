@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kaggle_seg.errors import InputError, KsegError
+from kaggle_seg.errors import InputError, KsegError, one_line
 
 # Write failures that are about the disk, not the data: reported naming the file being written.
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
@@ -30,12 +30,11 @@ def read_csv_checked(
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=not keep_empty_strings)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a readable CSV ({exc})") from exc
+        raise InputError(f"{path}: not a readable CSV ({one_line(exc)})") from exc
     missing = [c for c in required_columns if c not in frame.columns]
     if missing:
-        raise InputError(
-            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}"
-        )
+        found = ", ".join(one_line(repr(c)) for c in frame.columns) or "none"
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; found {found}")
     if keep_empty_strings:
         frame = frame.fillna("")
     return frame
