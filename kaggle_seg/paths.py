@@ -27,6 +27,15 @@ def is_fold_dir(path: Path) -> bool:
     return Path(path).name.startswith("fold_") and suffix.isdigit()
 
 
+def full_dir(experiment: str, root: Path = RUNS_ROOT) -> Path:
+    """runs/<experiment>/full/: a `kseg train --full` run on every row, without validation;
+    refused unless it stays inside `root`, as `fold_dir`."""
+    from kaggle_seg.safe_paths import check_name, path_inside
+
+    return path_inside(root, check_name(experiment, "experiment name"), FULL_RUN)
+
+
+FULL_RUN = "full"
 BEST_CHECKPOINT = "best.pt"
 LAST_CHECKPOINT = "last.pt"
 HISTORY_FILE = "history.csv"
