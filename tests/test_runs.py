@@ -47,6 +47,9 @@ def test_training_over_a_run_is_refused_and_force_moves_it_aside(dsb_small: Path
     from kaggle_seg.predict import find_checkpoints
 
     assert find_checkpoints(tmp_path / "guarded") == [run / "best.pt"]
+    from kaggle_seg.kernel.weights import find_checkpoints as kernel_folds
+
+    assert kernel_folds(tmp_path, ["guarded"], None) == {"guarded": [run]}
 
 
 def test_cli_refusal_is_one_line(dsb_small: Path, tmp_path: Path):
