@@ -16,7 +16,7 @@ import typer
 from kaggle_seg import __version__
 from kaggle_seg.cli_kernel import dataset_app, kernel_app, model_app
 from kaggle_seg.cli_weights import weights_app
-from kaggle_seg.errors import KsegError
+from kaggle_seg.errors import KsegError, one_line
 
 app = typer.Typer(
     name="kseg",
@@ -65,11 +65,19 @@ def prepare(
     out: Annotated[Path, typer.Option(help="Where to write the table (CSV).")],
     config: ConfigFile = None,
     overrides: Overrides = None,
+    check: Annotated[
+        str | None,
+        typer.Option(
+            help="What to check before writing: full (decode every image and mask; the "
+            "default), headers (file sizes and label RLEs) or none.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Read a competition's raw files into one table, one row per image, and summarise it."""
     from kaggle_seg.prepare import prepare_table
 
-    summary = prepare_table(competition, data_dir, out, config, overrides or [])
+    summary = prepare_table(competition, data_dir, out, config, overrides or [], check=check)
     typer.echo(
         f"wrote {out}: {summary['images']} images in {summary['groups']} groups, "
         f"{summary['empty_fraction']:.1%} empty"
@@ -107,14 +115,38 @@ def score(
         Path | None, typer.Option(help="Image folder, for sizes when the truth lacks them.")
     ] = None,
     merged_classes: Annotated[
-        bool, typer.Option(help="uwmgi: score the union of the organs as one class.")
+        bool,
+        typer.Option(help="uwmgi: score the union of the organs as one class (both terms)."),
     ] = False,
+    dice: Annotated[
+        str | None,
+        typer.Option(
+            help="uwmgi Dice term: per-class (the competition's) or merged (organs as one).",
+            show_default=False,
+        ),
+    ] = None,
+    hausdorff: Annotated[
+        str | None,
+        typer.Option(
+            help="uwmgi Hausdorff term: per-class or merged. MLE-bench grades with --dice "
+            "per-class --hausdorff merged (README, 'Metric modes').",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Validate a submission and score it with the competition's own metric."""
     from kaggle_seg.scoring import score_submission
 
-    result = score_submission(competition, truth, submission, images, merged_classes=merged_classes)
+    result = score_submission(
+        competition,
+        truth,
+        submission,
+        images,
+        merged_classes=merged_classes,
+        dice=dice,
+        hausdorff=hausdorff,
+    )
     # Per-image / per-slice tables stay out of the printed summary.
     printable = {k: v for k, v in result.items() if not hasattr(v, "to_csv")}
     if as_json:
@@ -133,6 +165,9 @@ def train(
     ] = None,
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(help="Continue from the fold's last.pt.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Move a fold's previous run aside (fold_<k>.old-<time>).")
+    ] = False,
     runs_dir: Annotated[Path, typer.Option(help="Root of the run folders.")] = Path("runs"),
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda (default: cuda when visible).")
@@ -156,7 +191,9 @@ def train(
     if full:
         if fold is not None or folds_list is not None:
             raise KsegError("--full trains on every row: leave out --fold / --folds")
-        train_fold(experiment, 0, run_root=runs_dir, resume=resume, device=device, full=True)
+        train_fold(
+            experiment, 0, run_root=runs_dir, resume=resume, force=force, device=device, full=True
+        )
         return
     if (fold is None) == (folds_list is None):
         raise KsegError("pass exactly one of --fold K or --folds 0,1,2 (or --full)")
@@ -165,7 +202,7 @@ def train(
     except ValueError:
         raise KsegError(f"--folds {folds_list!r}: expected integers like 0,1,2") from None
     for k in to_train:
-        train_fold(experiment, k, run_root=runs_dir, resume=resume, device=device)
+        train_fold(experiment, k, run_root=runs_dir, resume=resume, force=force, device=device)
 
 
 @app.command()
@@ -264,6 +301,15 @@ def predict(
         f"{result['seconds']:.1f} s ({result['images_per_s']:.1f} images/s)"
         + (f"; wrote {result['saved']}" if result["saved"] else "")
     )
+    _echo_skipped(result["skipped"])
+
+
+def _echo_skipped(skipped: list) -> None:
+    """`--on-error skip`: every skipped file and why, after the summary."""
+    if skipped:
+        typer.echo(f"skipped {len(skipped)} unreadable image(s), predicted empty:")
+        for item in skipped:
+            typer.echo(f"  {item.path}: {item.reason}")
 
 
 @app.command()
@@ -369,6 +415,7 @@ def submit(
         f"wrote {result.path}: {result.rows} rows for {result.images} images in "
         f"{result.seconds:.1f} s (validated)"
     )
+    _echo_skipped(result.skipped)
     if upload:
         from kaggle_seg.submit import upload_submission
 
@@ -449,16 +496,25 @@ def demo(
         typer.echo(line)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    # `kill` (SIGTERM, also how Kaggle and batch schedulers stop a job) unwinds like Ctrl-C:
+    # temporary files are removed and training says how to resume.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console entry point: one clear line per known error, the traceback with --debug."""
+    import signal
+
     debug = "--debug" in sys.argv[1:]
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except (KsegError, KeyError, FileNotFoundError, PermissionError) as exc:
         if debug:
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        typer.echo(f"error: {message}", err=True)
+        typer.echo(f"error: {one_line(message)}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -467,6 +523,7 @@ def main() -> None:
         if debug:
             raise
         typer.echo(
-            f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True
+            f"error: {type(exc).__name__}: {one_line(exc)} (rerun with --debug for the traceback)",
+            err=True,
         )
         sys.exit(1)

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kaggle_seg.errors import KsegError
 
@@ -157,8 +164,19 @@ class ExperimentConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        # It names runs/<name>/ and the submission file: one path component only.
+        from kaggle_seg.safe_paths import name_problem
 
-def _format_validation_error(source: str, exc: ValidationError) -> str:
+        problem = name_problem(name)
+        if problem:
+            raise ValueError(f"{name!r} {problem} (a plain folder name: no '..', '/' or '\\')")
+        return name
+
+
+def format_validation_error(source: str, exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
@@ -169,12 +187,24 @@ def _format_validation_error(source: str, exc: ValidationError) -> str:
     return f"{source}: invalid config: " + "; ".join(parts)
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own text spans lines)."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or type(exc).__name__
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`data.n_folds=4` -> (["data", "n_folds"], 4); the value is parsed as YAML."""
     if "=" not in text:
         raise KsegError(f"--set {text!r}: expected key=value, e.g. data.n_folds=4")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = yaml_problem(exc)
+        raise KsegError(f"--set {text!r}: the value is not valid YAML ({problem})") from None
     if isinstance(value, str):
         # YAML 1.1 reads 3e-4 (no dot) as a string; users mean a number.
         with contextlib.suppress(ValueError):
@@ -204,7 +234,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise KsegError(f"{path}: not valid YAML ({exc})") from exc
+        raise KsegError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if not isinstance(raw, dict):
         raise KsegError(f"{path}: a config must be a mapping of sections")
     return raw
@@ -233,7 +263,7 @@ def build_data_config(
     try:
         return DataConfig.model_validate(raw["data"])
     except ValidationError as exc:
-        raise KsegError(_format_validation_error(source, exc)) from exc
+        raise KsegError(format_validation_error(source, exc)) from None
 
 
 def load_experiment(
@@ -251,7 +281,7 @@ def load_experiment(
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise KsegError(_format_validation_error(str(config_path), exc)) from exc
+        raise KsegError(format_validation_error(str(config_path), exc)) from None
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> Path:

@@ -148,7 +148,8 @@ def run_demo(
 
     save_config(config, out / f"{config.name}.yaml")
     runs = out / "runs"
-    result = train_fold(config, 0, run_root=runs, device=device)
+    # A demo run again moves its previous run aside (fold_0.old-<time>) rather than refusing.
+    result = train_fold(config, 0, run_root=runs, device=device, force=True)
     experiment = runs / config.name
     yield (
         f"kseg train --config {out / (config.name + '.yaml')} --fold 0: best score "

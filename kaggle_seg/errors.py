@@ -11,3 +11,8 @@ class InputError(KsegError, ValueError):
 
 class RLEError(InputError):
     """A run-length encoding that cannot be decoded (odd tokens, bad numbers, overlapping runs)."""
+
+
+def one_line(value: object) -> str:
+    """`value` as one line: third-party messages (PyYAML, tifffile, torch) span several."""
+    return " ".join(str(value).split())

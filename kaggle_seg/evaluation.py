@@ -114,6 +114,12 @@ def summarize_fold(parts: Sequence[dict[str, Any]], competition_name: str) -> di
     return summary
 
 
+def fold_metric_names(competition_name: str) -> tuple[str, ...]:
+    """The keys `summarize_fold` returns for a competition (history.csv's validation columns)."""
+    extra = {"uwmgi": ("gi_dice", "hausdorff"), "dsb2018": ("map",)}.get(competition_name, ())
+    return (*PIXEL_METRICS, "score", *extra)
+
+
 def uwmgi_score_from_volume_rows(volumes: pd.DataFrame) -> dict[str, float]:
     """The uwmgi score from `uwmgi_score_volumes` per-volume rows gathered from several ranks."""
     from kaggle_seg.metrics import UWMGI_DICE_WEIGHT, UWMGI_HAUSDORFF_WEIGHT

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -10,7 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from kaggle_seg.errors import InputError
+from kaggle_seg.errors import InputError, KsegError, one_line
+
+# Write failures that are about the disk, not the data: reported naming the file being written.
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
 def read_csv_checked(
@@ -26,12 +30,11 @@ def read_csv_checked(
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=not keep_empty_strings)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a readable CSV ({exc})") from exc
+        raise InputError(f"{path}: not a readable CSV ({one_line(exc)})") from exc
     missing = [c for c in required_columns if c not in frame.columns]
     if missing:
-        raise InputError(
-            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}"
-        )
+        found = ", ".join(one_line(repr(c)) for c in frame.columns) or "none"
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; found {found}")
     if keep_empty_strings:
         frame = frame.fillna("")
     return frame
@@ -41,16 +44,24 @@ def read_csv_checked(
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
 
-    So an interrupted or failed command never leaves a partial output file behind.
+    So an interrupted or failed command never leaves a partial output file behind. A full disk
+    (or quota, read-only file system, I/O error) is a KsegError naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise KsegError(f"{path}: cannot write ({exc.strerror or exc})") from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRORS:
+            raise
+        raise KsegError(f"{path}: cannot write ({exc.strerror or exc})") from exc
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -299,9 +299,14 @@ def gi_dice_per_slice(truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
 
 
 def _score_volume_channel(
-    truth: np.ndarray, prediction: np.ndarray, union_plane: np.ndarray, union: np.ndarray
+    truth: np.ndarray,
+    prediction: np.ndarray,
+    union_plane: np.ndarray,
+    union: np.ndarray,
+    with_hausdorff: bool = True,
 ) -> tuple[np.ndarray, float]:
-    """Dice of the scored slices and the normalised Hausdorff (NaN: skipped) of one channel.
+    """Dice of the scored slices and the normalised Hausdorff (NaN: skipped, or not asked for
+    with `with_hausdorff` False) of one channel.
 
     truth, prediction, union: [D, H, W] views of one class; union_plane: union.any(axis=0) [H, W].
     """
@@ -318,6 +323,8 @@ def _score_volume_channel(
     prediction_box = np.ascontiguousarray(prediction[box])
     dice = _slice_dice(truth_box, prediction_box)
     dice = dice[~np.isnan(dice)]
+    if not with_hausdorff:
+        return dice, math.nan
     if not truth_box.any() or not prediction_box.any():
         return dice, 1.0
     return dice, _hausdorff_in_box(truth_box, prediction_box, truth.shape)
@@ -343,11 +350,32 @@ def _merge_channels(masks: np.ndarray) -> np.ndarray:
     ]
 
 
+UWMGI_MODES = ("per-class", "merged")
+
+
+def uwmgi_modes(
+    merged_classes: bool = False, dice: str | None = None, hausdorff: str | None = None
+) -> tuple[str, str]:
+    """(dice mode, hausdorff mode): each "per-class" (the competition's) or "merged" (the union
+    of the classes); `merged_classes` is the shorthand for both merged. MLE-bench's grader is
+    dice "per-class" with hausdorff "merged"."""
+    default = "merged" if merged_classes else "per-class"
+    modes = (dice or default, hausdorff or default)
+    for option, value in zip(("--dice", "--hausdorff"), modes, strict=True):
+        if value not in UWMGI_MODES:
+            raise InputError(f"{option} {value!r}: choose per-class or merged")
+    if merged_classes and modes != ("merged", "merged"):
+        raise InputError("--merged-classes means --dice merged --hausdorff merged; pass one way")
+    return modes
+
+
 def uwmgi_score_volumes(
     volumes: Iterable[tuple[str, np.ndarray, np.ndarray]],
     classes: Sequence[str],
     *,
     merged_classes: bool = False,
+    dice: str | None = None,
+    hausdorff: str | None = None,
 ) -> dict:
     """UW-Madison GI score: 0.4 * mean Dice + 0.6 * (1 - mean normalised 3D Hausdorff).
 
@@ -356,15 +384,22 @@ def uwmgi_score_volumes(
     one volume at a time, so a generator keeps memory at one case_day.
     Dice is taken per (slice, class) and averaged over all such rows, skipping rows where both
     masks are empty; the Hausdorff distance (see `hausdorff_3d`) per (case_day, class) volume,
-    skipping volumes where both are empty and counting 1.0 where exactly one is. With
-    `merged_classes` the union of the classes is the single mask of a slice / volume.
+    skipping volumes where both are empty and counting 1.0 where exactly one is. `dice` and
+    `hausdorff` ("per-class" or "merged", see `uwmgi_modes`) take either term on the union of
+    the classes instead (one mask per slice / volume); `merged_classes` merges both.
 
-    Returns {"score", "dice", "hausdorff", "per_class": {class: {"dice", "hausdorff"}},
-    "n_slices", "n_volumes", "per_volume": DataFrame(case_day, class, dice, n_dice_slices,
-    hausdorff)}; per_class has the single key "merged" with `merged_classes`. Means over nothing
-    (all empty) follow the module convention: dice 1.0, hausdorff 0.0.
+    Returns {"score", "dice", "hausdorff", "modes", "per_class": {class: {"dice",
+    "hausdorff"}}, "n_slices", "n_volumes", "per_volume": DataFrame(case_day, class, dice,
+    n_dice_slices, hausdorff)}; a merged term is reported under the class name "merged", and
+    per_class holds only the terms taken on each name. Means over nothing (all empty) follow
+    the module convention: dice 1.0, hausdorff 0.0.
     """
-    names = [_MERGED] if merged_classes else list(classes)
+    dice_mode, hausdorff_mode = uwmgi_modes(merged_classes, dice, hausdorff)
+    # Which channels each term is taken on: the classes, the union of the classes, or both.
+    dice_names = [_MERGED] if dice_mode == "merged" else list(classes)
+    hausdorff_names = [_MERGED] if hausdorff_mode == "merged" else list(classes)
+    names = list(dict.fromkeys([*classes, _MERGED]))
+    names = [n for n in names if n in dice_names or n in hausdorff_names]
     dice_sums = dict.fromkeys(names, 0.0)
     dice_counts = dict.fromkeys(names, 0)
     hausdorff_sums = dict.fromkeys(names, 0.0)
@@ -378,34 +413,39 @@ def uwmgi_score_volumes(
                 f"{case_day}: need truth and prediction [D, H, W, {len(classes)}] of one shape, "
                 f"got {truth.shape} and {prediction.shape}"
             )
-        if merged_classes:
-            truth, prediction = _merge_channels(truth), _merge_channels(prediction)
+        if _MERGED in names:
+            truth = np.concatenate([truth, _merge_channels(truth)], axis=-1)
+            prediction = np.concatenate([prediction, _merge_channels(prediction)], axis=-1)
         union = truth | prediction
         union_plane = union.any(axis=0)
-        for channel, name in enumerate(names):
-            dice, hausdorff = _score_volume_channel(
+        for name in names:
+            channel = len(classes) if name == _MERGED else list(classes).index(name)
+            slice_dice, volume_hausdorff = _score_volume_channel(
                 truth[..., channel],
                 prediction[..., channel],
                 union_plane[..., channel],
                 union[..., channel],
+                with_hausdorff=name in hausdorff_names,
             )
-            dice_sums[name] += float(dice.sum())
-            dice_counts[name] += dice.size
-            if not math.isnan(hausdorff):
-                hausdorff_sums[name] += hausdorff
+            if name not in dice_names:
+                slice_dice = np.empty(0)
+            dice_sums[name] += float(slice_dice.sum())
+            dice_counts[name] += slice_dice.size
+            if not math.isnan(volume_hausdorff):
+                hausdorff_sums[name] += volume_hausdorff
                 hausdorff_counts[name] += 1
             per_volume.append(
                 {
                     "case_day": case_day,
                     "class": name,
-                    "dice": float(dice.mean()) if dice.size else math.nan,
-                    "n_dice_slices": dice.size,
-                    "hausdorff": hausdorff,
+                    "dice": float(slice_dice.mean()) if slice_dice.size else math.nan,
+                    "n_dice_slices": slice_dice.size,
+                    "hausdorff": volume_hausdorff,
                 }
             )
         n_slices += truth.shape[0]
         n_volumes += 1
-    score, dice, hausdorff = _uwmgi_summary(
+    score, mean_dice, mean_hausdorff = _uwmgi_summary(
         sum(dice_sums.values()),
         sum(dice_counts.values()),
         sum(hausdorff_sums.values()),
@@ -416,11 +456,13 @@ def uwmgi_score_volumes(
         _, class_dice, class_hausdorff = _uwmgi_summary(
             dice_sums[name], dice_counts[name], hausdorff_sums[name], hausdorff_counts[name]
         )
-        per_class[name] = {"dice": class_dice, "hausdorff": class_hausdorff}
+        terms = {"dice": (class_dice, dice_names), "hausdorff": (class_hausdorff, hausdorff_names)}
+        per_class[name] = {term: value for term, (value, of) in terms.items() if name in of}
     return {
         "score": score,
-        "dice": dice,
-        "hausdorff": hausdorff,
+        "dice": mean_dice,
+        "hausdorff": mean_hausdorff,
+        "modes": {"dice": dice_mode, "hausdorff": hausdorff_mode},
         "per_class": per_class,
         "n_slices": n_slices,
         "n_volumes": n_volumes,
@@ -503,6 +545,8 @@ def uwmgi_score_frames(
     slice_shapes: Mapping[str, tuple[int, int]],
     *,
     merged_classes: bool = False,
+    dice: str | None = None,
+    hausdorff: str | None = None,
 ) -> dict:
     """UW-Madison GI score of a submission frame against Kaggle's train.csv frame.
 
@@ -510,13 +554,15 @@ def uwmgi_score_frames(
     UWMGI_CLASSES, segmentation a row-major RLE, NaN / empty for no mask). submission:
     `id,class,predicted`, already validated; a truth (id, class) it lacks counts as empty and rows
     for other ids are ignored. slice_shapes: slice id -> (H, W). A volume is one case_day, its depth
-    the number of its slices in the truth, ordered by slice number. Returns what
-    `uwmgi_score_volumes` returns.
+    the number of its slices in the truth, ordered by slice number. `merged_classes`, `dice` and
+    `hausdorff` as in `uwmgi_score_volumes`, which gives the result.
     """
     return uwmgi_score_volumes(
         _uwmgi_frame_volumes(truth, submission, slice_shapes),
         UWMGI_CLASSES,
         merged_classes=merged_classes,
+        dice=dice,
+        hausdorff=hausdorff,
     )
 
 

@@ -19,7 +19,6 @@ the unused `_conv_head` / `_bn1` layers, which DDP reports as parameters without
 from __future__ import annotations
 
 import contextlib
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import timm
 import torch
 from torch import nn
 
+from kaggle_seg.checkpoints import UnreadableCheckpoint, load_checkpoint
 from kaggle_seg.config import ModelConfig
 from kaggle_seg.errors import KsegError
 
@@ -540,11 +540,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state: Any = load_file(str(path), device="cpu")
         else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError:
-                # kseg checkpoints embed their config and history; the user named this file
-                state = torch.load(path, map_location="cpu", weights_only=False)
+            state = load_checkpoint(path)  # the safe loader only, never a pickle fallback
+    except UnreadableCheckpoint as exc:
+        raise KsegError(f"{path}: cannot read weights ({exc.reason})") from exc
+    except KsegError:
+        raise
     except Exception as exc:
         raise KsegError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
     for key in ("state_dict", "model"):

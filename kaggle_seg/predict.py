@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 
 from kaggle_seg import paths
+from kaggle_seg.competitions.base import Skipped
+from kaggle_seg.competitions.detect import explain_other_competition
 from kaggle_seg.errors import InputError, KsegError
 from kaggle_seg.probabilities import ProbabilityWriter
 
@@ -52,8 +54,8 @@ def find_checkpoints(source: str | Path) -> list[Path]:
     if (source / paths.BEST_CHECKPOINT).is_file():
         return [source / paths.BEST_CHECKPOINT]
     found = sorted(
-        source.glob(f"fold_*/{paths.BEST_CHECKPOINT}"),
-        key=lambda p: int(p.parent.name.removeprefix("fold_") or 0),
+        (p for p in source.glob(f"fold_*/{paths.BEST_CHECKPOINT}") if paths.is_fold_dir(p.parent)),
+        key=lambda p: int(p.parent.name.removeprefix("fold_")),
     )
     if not found:
         raise KsegError(
@@ -81,16 +83,11 @@ def load_member(path: Path, weight: float, device: Any) -> Member:
     """Rebuild a model from a checkpoint's embedded config and load its weights."""
     import torch
 
-    from kaggle_seg.config import ExperimentConfig
-    from kaggle_seg.models import build_model, has_class_head
+    from kaggle_seg.checkpoints import checkpoint_config, load_checkpoint
+    from kaggle_seg.models import _load_checked, build_model, has_class_head
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file: name it
-        raise KsegError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
-        raise KsegError(f"{path}: not a kseg checkpoint (no embedded config / model weights)")
-    config = ExperimentConfig.model_validate(state["config"])
+    state = load_checkpoint(path)  # tensors and plain data only: no code runs
+    config = checkpoint_config(state, path)
     # Weights come from the checkpoint: local pre-training paths of the training machine are
     # neither needed nor present where predictions run (a Kaggle kernel).
     model_config = config.model.model_copy(
@@ -98,10 +95,7 @@ def load_member(path: Path, weight: float, device: Any) -> Member:
     )
     classes = tuple(state["classes"])
     model = build_model(model_config, int(state["in_channels"]), len(classes))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise KsegError(f"{path}: weights do not fit the embedded config: {exc}") from exc
+    _load_checked(model, state["model"], path, "embedded config", strict=True)
     model.eval().to(device)
     if device.type == "cuda" and config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -162,7 +156,8 @@ def load_ensemble(
 
 
 class PredictionDataset:
-    """Test rows -> {"index", "inputs": one float32 [C, h, w] tensor per InputSpec, "ok"}.
+    """Test rows -> {"index", "inputs": one float32 [C, h, w] tensor per InputSpec, "ok",
+    "error": why a skipped row failed, else ""}.
 
     A read failure names the file; with on_error="skip" the image becomes a blank input, marked
     not ok, so its prediction is empty and the run goes on.
@@ -224,11 +219,12 @@ class PredictionDataset:
                     images.append(self._read(i, cache))
                 else:
                     images.append(np.concatenate([self._read(p, cache) for p in stack[i]], -1))
-            ok = True
+            ok, error = True, ""
         except (InputError, OSError, ValueError) as exc:
             if self.on_error == "fail":
                 raise InputError(f"{exc} (pass --on-error skip to predict it as empty)") from exc
             log.warning("skipping %s: %s", row["id"], exc)
+            error = str(exc)
             channels = self.competition.channels
             blank = np.zeros((int(row["height"]), int(row["width"]), channels), np.float32)
             images = [np.repeat(blank, s.stack_depth, axis=-1) for s in self.specs]
@@ -237,7 +233,7 @@ class PredictionDataset:
             torch.from_numpy(np.ascontiguousarray(t(image=img)["image"].transpose(2, 0, 1)))
             for t, img in zip(self.transforms, images, strict=True)
         ]
-        return {"index": i, "inputs": inputs, "ok": ok}
+        return {"index": i, "inputs": inputs, "ok": ok, "error": error}
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -246,6 +242,7 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "index": [item["index"] for item in items],
         "ok": [item["ok"] for item in items],
+        "error": [item["error"] for item in items],
         "inputs": [
             torch.stack(group) for group in zip(*(item["inputs"] for item in items), strict=True)
         ],
@@ -285,6 +282,7 @@ def predict_probabilities(
     on_error: OnError = "fail",
     batched_tta: bool = True,
     with_class_probabilities: bool = False,
+    skipped: list[Any] | None = None,
 ) -> Iterator[tuple[Any, ...]]:
     """Yield (table position, id, float32 [K, H, W] probabilities) for every row, in order.
 
@@ -296,6 +294,8 @@ def predict_probabilities(
     the last float32 [K] from the members with a classification head (None when none has one):
     per member the sigmoid averaged over the TTA views (the head sees the whole image, so a flip
     changes its answer only a little), then the members' weighted mean whatever `ensemble` is.
+
+    `skipped`: a list that gets a `Skipped` record for every row that failed to read.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -369,6 +369,9 @@ def predict_probabilities(
                     result = 1.0 / (1.0 + np.exp(-result))
                 if not batch["ok"][j]:
                     result = np.zeros_like(result)
+                    if skipped is not None:
+                        path = str(table["image_path"].iloc[position])
+                        skipped.append(Skipped(ids[position], path, batch["error"][j]))
                 result = result.astype(np.float32, copy=False)
                 if not with_class_probabilities:
                     yield position, ids[position], result
@@ -403,11 +406,13 @@ def predict_folder(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     members = load_ensemble(checkpoints, weights, device)
     competition = get_competition(members[0].config.data.competition)
-    table = competition.read_test_table(Path(test_dir))
-    if table.empty:
-        raise InputError(f"{test_dir}: no test images to predict")
+    skipped: list[Skipped] | None = [] if options.get("on_error") == "skip" else None
+    with explain_other_competition(competition.name, Path(test_dir)):
+        table = competition.read_test_table(Path(test_dir), skipped)
+        if table.empty and not skipped:
+            raise InputError(f"{test_dir}: no test images to predict")
     started = time.perf_counter()
-    stream = predict_probabilities(members, competition, table, **options)
+    stream = predict_probabilities(members, competition, table, skipped=skipped, **options)
     n_images = 0
     if save is None:
         for _ in stream:
@@ -424,4 +429,5 @@ def predict_folder(
         "seconds": seconds,
         "images_per_s": n_images / seconds if seconds else float("inf"),
         "saved": str(save) if save else None,
+        "skipped": skipped or [],
     }

@@ -13,6 +13,13 @@ from kaggle_seg.config import build_data_config
 from kaggle_seg.data.folds import write_or_reuse_folds
 from kaggle_seg.errors import KsegError
 from kaggle_seg.io import read_csv_checked, write_csv_atomic
+from kaggle_seg.table_checks import (
+    CHECKS,
+    DEFAULT_CHECK,
+    TABLE_COLUMNS,
+    check_prepared_table,
+    check_table_columns,
+)
 
 
 def prepare_table(
@@ -21,12 +28,19 @@ def prepare_table(
     out: Path,
     config_path: Path | None = None,
     overrides: list[str] | None = None,
+    check: str | None = None,
 ) -> dict[str, Any]:
-    """Write the competition's table to `out`; returns its summary."""
+    """Write the competition's table to `out` once its files pass `check` (full, headers or
+    none: see kaggle_seg.table_checks; default DEFAULT_CHECK); returns its summary."""
+    check = check or DEFAULT_CHECK
     config = build_data_config(competition, config_path, overrides)
+    if check not in CHECKS:
+        raise KsegError(f"--check {check!r}: choose one of {', '.join(CHECKS)}")
     if not Path(data_dir).is_dir():
         raise KsegError(f"--data-dir {data_dir}: folder not found")
-    table = get_competition(competition).read_table(Path(data_dir), config)
+    plugin = get_competition(competition)
+    table = plugin.read_table(Path(data_dir), config)
+    check_prepared_table(plugin, table, Path(data_dir), check)
     write_csv_atomic(table, out)
     summary = summarize_table(table)
     if "case_day" in table.columns:
@@ -36,16 +50,8 @@ def prepare_table(
 
 def read_table(path: Path) -> pd.DataFrame:
     """A table written by `prepare`, with its typed columns restored."""
-    table = read_csv_checked(path, ["id", "group", "image_path", "height", "width", "empty"])
-    table["height"] = table["height"].astype(int)
-    table["width"] = table["width"].astype(int)
-    table["empty"] = table["empty"].map({"True": True, "False": False})
-    if table["empty"].isna().any():
-        raise KsegError(f"{path}: column empty must hold True/False")
-    for column in ("slice_index", "n_nuclei"):
-        if column in table.columns:
-            table[column] = table[column].astype(int)
-    return table
+    table = read_csv_checked(path, TABLE_COLUMNS)
+    return check_table_columns(table, Path(path))
 
 
 def folds_for_table(

@@ -19,8 +19,9 @@ from kaggle_seg.submission import validate_dsb_submission, validate_uwmgi_submis
 
 
 def score_uwmgi(
-    truth_csv: Path, submission_csv: Path, images_dir: Path | None, *, merged_classes: bool = False
+    truth_csv: Path, submission_csv: Path, images_dir: Path | None, **modes: Any
 ) -> dict[str, Any]:
+    """`modes`: merged_classes, dice, hausdorff, as `uwmgi_score_frames` takes them."""
     from kaggle_seg.competitions.uwmgi import CLASSES, scan_slices
     from kaggle_seg.metrics import uwmgi_score_frames
 
@@ -42,7 +43,7 @@ def score_uwmgi(
     submission = validate_uwmgi_submission(
         submission, truth_ids, shapes, CLASSES, source=str(submission_csv)
     )
-    return uwmgi_score_frames(truth, submission, shapes, merged_classes=merged_classes)
+    return uwmgi_score_frames(truth, submission, shapes, **modes)
 
 
 def dsb_image_shapes(truth: pd.DataFrame, images_dir: Path | None, truth_csv: Path):
@@ -65,9 +66,11 @@ def dsb_image_shapes(truth: pd.DataFrame, images_dir: Path | None, truth_csv: Pa
 
 
 def score_dsb2018(
-    truth_csv: Path, submission_csv: Path, images_dir: Path | None, *, merged_classes: bool = False
+    truth_csv: Path, submission_csv: Path, images_dir: Path | None, **modes: Any
 ) -> dict[str, Any]:
-    """DSB mAP; `merged_classes` is accepted for a uniform signature (nuclei are one class)."""
+    """DSB mAP; nuclei are one class, so no metric mode applies."""
+    if any(modes.values()):
+        raise KsegError("--merged-classes, --dice and --hausdorff apply to uwmgi only")
     from kaggle_seg.metrics import dsb_score_frames
 
     truth = read_csv_checked(truth_csv, ["ImageId", "EncodedPixels"])
@@ -87,13 +90,24 @@ def score_submission(
     images_dir: Path | None = None,
     *,
     merged_classes: bool = False,
+    dice: str | None = None,
+    hausdorff: str | None = None,
 ) -> dict[str, Any]:
-    """Validate `submission_csv` against `truth_csv` and score it with the competition metric."""
+    """Validate `submission_csv` against `truth_csv` and score it with the competition metric.
+
+    uwmgi: `dice` / `hausdorff` "per-class" (the competition) or "merged" (the union of the
+    organs); `merged_classes` merges both. MLE-bench's grader: dice per-class, hausdorff merged.
+    """
     if competition not in SCORERS:
         raise KsegError(
             f"{competition!r} has no Kaggle submission format to score; choose one of "
             f"{', '.join(SCORERS)}"
         )
     return SCORERS[competition](
-        truth_csv, submission_csv, images_dir, merged_classes=merged_classes
+        truth_csv,
+        submission_csv,
+        images_dir,
+        merged_classes=merged_classes,
+        dice=dice,
+        hausdorff=hausdorff,
     )

@@ -439,7 +439,7 @@ def _read_table(path: Path, named_by: str) -> pd.DataFrame:
 
 
 def show_experiment(
-    experiment_dir: Path,
+    experiment_dir: Path | None,
     out_dir: Path,
     *,
     ids: Sequence[str] | None = None,
@@ -457,12 +457,25 @@ def show_experiment(
     fold's config.yaml (data.table, relative to the cwd). `predictions` (an npz of id ->
     [K, H, W]) replaces the OOF files, `table` the configured table; `competition` is needed only
     when `experiment_dir` holds no fold config. Exactly one of ids / random / worst chooses the
-    images; worst scores every predicted image with truth (`image_scores`) first.
+    images; worst scores every predicted image with truth (`image_scores`) first. Without
+    `experiment_dir`, `predictions`, `table` and `competition` say everything.
     """
-    experiment_dir = Path(experiment_dir)
-    fold_dirs = sorted(
-        (p for p in experiment_dir.glob("fold_*") if p.is_dir() and _fold_number(p) >= 0),
-        key=_fold_number,
+    if experiment_dir is None:
+        missing = [name for name, value in (("--predictions", predictions), ("--table", table),
+                   ("--competition", competition)) if value is None]  # fmt: skip
+        if missing:
+            raise KsegError(
+                f"without --experiment, pass {', '.join(missing)} (the probabilities, the table "
+                "of their images and the competition)"
+            )
+    experiment_dir = Path(experiment_dir) if experiment_dir is not None else None
+    fold_dirs = (
+        sorted(
+            (p for p in experiment_dir.glob("fold_*") if p.is_dir() and _fold_number(p) >= 0),
+            key=_fold_number,
+        )
+        if experiment_dir is not None
+        else []
     )
     oof_dirs = [p for p in fold_dirs if (p / paths.OOF_FILE).is_file()]
     config_dirs = [p for p in fold_dirs if (p / paths.CONFIG_FILE).is_file()]

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from kaggle_seg.errors import InputError, RLEError
+from kaggle_seg.errors import InputError, RLEError, one_line
 
 UWMGI_COLUMNS = ("id", "class", "predicted")
 DSB_COLUMNS = ("ImageId", "EncodedPixels")
@@ -24,9 +24,8 @@ def _line(position: int) -> int:
 def _check_columns(frame: pd.DataFrame, columns: Sequence[str], source: str) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise InputError(
-            f"{source}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}"
-        )
+        found = ", ".join(one_line(repr(c)) for c in frame.columns) or "none"
+        raise InputError(f"{source}: missing column(s) {', '.join(missing)}; found {found}")
 
 
 def validate_uwmgi_submission(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kaggle_seg.errors import InputError, KsegError
+from kaggle_seg.competitions.base import Skipped
+from kaggle_seg.competitions.detect import explain_other_competition
+from kaggle_seg.errors import InputError, KsegError, one_line
 from kaggle_seg.io import read_csv_checked, write_csv_atomic
 from kaggle_seg.paths import POSTPROCESS_FILE
 
@@ -43,8 +46,11 @@ class TestSet:
 
 def default_submission_path(competition: str, experiment: str, day: dt.date | None = None) -> Path:
     """submissions/<competition>_<experiment>_<YYYY-MM-DD>.csv"""
+    from kaggle_seg.safe_paths import check_name, path_inside
+
     day = day or dt.date.today()
-    return SUBMISSIONS_ROOT / f"{competition}_{experiment}_{day.isoformat()}.csv"
+    name = check_name(f"{competition}_{experiment}_{day.isoformat()}.csv", "submission file")
+    return path_inside(SUBMISSIONS_ROOT, name)
 
 
 def uwmgi_test_set(data_dir: Path, test_dir: Path | None = None, fallback_case_days: int = 2):
@@ -81,27 +87,38 @@ def uwmgi_test_set(data_dir: Path, test_dir: Path | None = None, fallback_case_d
     return TestSet(table, notes, sample)
 
 
-def dsb_test_set(data_dir: Path, test_dir: Path | None = None) -> TestSet:
-    """dsb2018's test images: `--test-dir`, else stage2_test_final/ or stage1_test/ in data_dir."""
+def dsb_test_set(
+    data_dir: Path,
+    test_dir: Path | None = None,
+    *,
+    scratch: ExitStack | None = None,
+    skipped: list[Skipped] | None = None,
+) -> TestSet:
+    """dsb2018's test images: `--test-dir`, else stage2_test_final/ or stage1_test/ in data_dir
+    (extracted from its zip into a fresh temporary folder that `scratch` removes). With
+    `skipped`, images whose header cannot be read are left out and recorded there."""
     from kaggle_seg.competitions import get_competition
 
     data_dir = Path(data_dir)
     if test_dir is None:
-        test_dir = _dsb_test_folder(data_dir)
+        test_dir = _dsb_test_folder(data_dir, scratch)
     test_dir = Path(test_dir)
-    table = get_competition("dsb2018").read_test_table(test_dir)
-    if table.empty:
+    table = get_competition("dsb2018").read_test_table(test_dir, skipped)
+    if table.empty and not skipped:
         raise InputError(f"{test_dir}: no test images (expected <id>/images/<id>.png)")
     sample_path = test_dir.parent / DSB_TEST_SAMPLES.get(test_dir.name, "-")
     if sample_path.is_file():
         sample = read_csv_checked(sample_path, ["ImageId", "EncodedPixels"])
-        _check_sample_ids(table["id"], sample["ImageId"], sample_path)
+        found = pd.concat([table["id"], pd.Series([s.id for s in skipped or []], dtype=str)])
+        _check_sample_ids(found, sample["ImageId"], sample_path)
     return TestSet(table)
 
 
-def _dsb_test_folder(data_dir: Path) -> Path:
+def _dsb_test_folder(data_dir: Path, scratch: ExitStack | None = None) -> Path:
     """The stage-2 test folder, else stage 1's; where Kaggle mounts only `<folder>.zip`, it is
-    extracted to the temporary folder (the input folder is read-only) beside its sample CSV."""
+    extracted, beside its sample CSV, into a new temporary folder (the input folder is
+    read-only), which `scratch` removes when the run ends. A fresh folder per run, so images of
+    an earlier, other zip are never predicted with this one's."""
     import shutil
     import tempfile
     import zipfile
@@ -112,9 +129,14 @@ def _dsb_test_folder(data_dir: Path) -> Path:
     for name, sample in DSB_TEST_SAMPLES.items():
         archive = data_dir / f"{name}.zip"
         if archive.is_file():
-            extracted = Path(tempfile.gettempdir()) / "kseg_dsb2018"
-            with zipfile.ZipFile(archive) as zipped:
-                zipped.extractall(extracted / name)
+            extracted = Path(tempfile.mkdtemp(prefix="kseg_dsb2018_"))
+            if scratch is not None:
+                scratch.callback(shutil.rmtree, extracted, ignore_errors=True)
+            try:
+                with zipfile.ZipFile(archive) as zipped:
+                    zipped.extractall(extracted / name)  # zipfile drops '..' and absolute parts
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise InputError(f"{archive}: cannot extract ({one_line(exc)})") from exc
             if (data_dir / sample).is_file():
                 shutil.copy(data_dir / sample, extracted / sample)
             return extracted / name
@@ -240,6 +262,7 @@ class SubmitResult:
     images: int
     seconds: float
     notes: list[str]
+    skipped: list[Skipped] = field(default_factory=list)  # --on-error skip: predicted empty
 
 
 def write_submission(
@@ -264,23 +287,60 @@ def write_submission(
     import torch
 
     from kaggle_seg.competitions import get_competition
-    from kaggle_seg.predict import load_ensemble, predict_probabilities
-    from kaggle_seg.submission import validate_dsb_submission, validate_uwmgi_submission
+    from kaggle_seg.predict import load_ensemble
 
     started = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     members = load_ensemble(checkpoints, weights, device)
     competition_name = members[0].config.data.competition
     competition = get_competition(competition_name)
-    if competition_name == "uwmgi":
-        test = uwmgi_test_set(data_dir, test_dir, fallback_case_days)
-    elif competition_name == "dsb2018":
-        test = dsb_test_set(data_dir, test_dir)
-    else:
+    if competition_name not in ("uwmgi", "dsb2018"):
         raise KsegError(
             f"{competition_name} has no Kaggle submission format; use `kseg predict --save` "
             "for its probabilities"
         )
+    skipped: list[Skipped] | None = [] if on_error == "skip" else None
+    with ExitStack() as scratch:
+        folders = [Path(data_dir), *([Path(test_dir)] if test_dir else [])]
+        with explain_other_competition(competition_name, *folders):
+            if competition_name == "uwmgi":
+                test = uwmgi_test_set(data_dir, test_dir, fallback_case_days)
+            else:
+                test = dsb_test_set(data_dir, test_dir, scratch=scratch, skipped=skipped)
+        return _predict_and_write(
+            members,
+            competition,
+            test,
+            out,
+            postprocess,
+            skipped,
+            started,
+            tta=tta,
+            merge=merge,
+            ensemble=ensemble,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            on_error=on_error,
+            batched_tta=batched_tta,
+        )
+
+
+def _predict_and_write(
+    members: Sequence[Any],
+    competition: Any,
+    test: TestSet,
+    out: Path | None,
+    postprocess: Path | None,
+    skipped: list[Skipped] | None,
+    started: float,
+    **options: Any,
+) -> SubmitResult:
+    """The ensemble over `test`, post-processed, validated and written: `write_submission`'s
+    second half, run while a zipped test set's extracted folder still exists."""
+    from kaggle_seg.predict import predict_probabilities
+    from kaggle_seg.submission import validate_dsb_submission, validate_uwmgi_submission
+
+    competition_name = competition.name
     settings, source = load_settings(members, postprocess)
     if list(settings.classes) != list(members[0].classes):
         raise KsegError(
@@ -299,14 +359,9 @@ def write_submission(
         members,
         competition,
         test.table,
-        tta=tta,
-        merge=merge,
-        ensemble=ensemble,  # type: ignore[arg-type]
-        batch_size=batch_size,
-        num_workers=num_workers,
-        on_error=on_error,  # type: ignore[arg-type]
-        batched_tta=batched_tta,
         with_class_probabilities=gate_on_head,
+        skipped=skipped,
+        **options,
     )
     table = test.table
     experiment = "+".join(dict.fromkeys(m.config.name for m in members))
@@ -324,11 +379,17 @@ def write_submission(
             frame, list(table["id"]), shapes, competition.classes, source=str(out)
         )
     else:
-        frame = pd.DataFrame(dsb_rows(stream, settings), columns=["ImageId", "EncodedPixels"])
+        rows = dsb_rows(stream, settings)
+        # Images whose header could not be read (--on-error skip) have no nuclei: `<id>,`.
+        unread = [s.id for s in skipped or [] if s.id not in shapes]
+        rows += [{"ImageId": image_id, "EncodedPixels": ""} for image_id in unread]
+        shapes.update(dict.fromkeys(unread, (0, 0)))
+        frame = pd.DataFrame(rows, columns=["ImageId", "EncodedPixels"])
         frame = validate_dsb_submission(frame, shapes, source=str(out))
     write_csv_atomic(frame, out)
+    seconds = time.perf_counter() - started
     return SubmitResult(
-        out, competition_name, len(frame), len(table), time.perf_counter() - started, notes
+        out, competition_name, len(frame), len(shapes), seconds, notes, list(skipped or [])
     )
 
 

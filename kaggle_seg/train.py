@@ -32,11 +32,12 @@ import torch.distributed as dist
 from torch import nn
 
 from kaggle_seg import paths
+from kaggle_seg.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from kaggle_seg.competitions import get_competition
 from kaggle_seg.config import ExperimentConfig, save_config
 from kaggle_seg.errors import KsegError
 from kaggle_seg.evaluation import FoldEvaluator, summarize_fold
-from kaggle_seg.io import atomic_path, write_csv_atomic
+from kaggle_seg.io import write_csv_atomic
 from kaggle_seg.malloc import keep_freed_memory
 
 # The probability files live in their own torch-free module; loaders re-exported for callers.
@@ -99,25 +100,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -243,12 +225,6 @@ def build_scheduler(
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "step"
-
-
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """torch.save through a temporary file, so a failure never leaves a truncated checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -438,7 +414,7 @@ class Trainer:
 
     # -- state --
 
-    def state(self, *, interrupted: bool = False) -> dict[str, Any]:
+    def state(self) -> dict[str, Any]:
         return {
             "model": self.eval_model().state_dict(),
             "train_model": self.model.state_dict(),
@@ -448,7 +424,6 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema else None,
             "epoch": self.epoch,
             "optimizer_steps": self.optimizer_steps,
-            "interrupted": interrupted,
             "best_value": self.best_value,
             "best_epoch": self.best_epoch,
             "best_step": self.best_step,
@@ -478,16 +453,24 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         """Restore everything from a last.pt so training continues exactly."""
+        from kaggle_seg.runs import changed_keys, resume_mismatch
+
         if not path.is_file():
             raise KsegError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location=self.runtime.device, weights_only=False)
-        self.model.load_state_dict(state["train_model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler and state["scheduler"]:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.ema and state["ema"]:
-            self.ema.load_state_dict(state["ema"])
+        state = load_checkpoint(path, map_location=self.runtime.device)
+        saved, config = state.get("config") or {}, self.config.model_dump(mode="json")
+        if changed_keys(saved, config):
+            raise KsegError(resume_mismatch(path, saved, config))
+        try:
+            self.model.load_state_dict(state["train_model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler and state["scheduler"]:
+                self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            if self.ema and state["ema"]:
+                self.ema.load_state_dict(state["ema"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise KsegError(resume_mismatch(path, saved, config)) from exc
         self.epoch = state["epoch"]
         self.optimizer_steps = state.get("optimizer_steps", 0)
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
@@ -721,12 +704,13 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> FoldResult:
         cfg = self.config.train
+        self._check_monitor()
+        if resume:  # before anything is written: a resume that fails leaves the folder as it was
+            self.load(self.run_dir / paths.LAST_CHECKPOINT)
+            self._log(f"resumed {self.run_dir} at epoch {self.epoch + 1}")
         if self.runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / paths.CONFIG_FILE)
-        if resume:
-            self.load(self.run_dir / paths.LAST_CHECKPOINT)
-            self._log(f"resumed {self.run_dir} at epoch {self.epoch + 1}")
         started = time.perf_counter()
         try:
             while self.epoch < cfg.epochs:
@@ -748,12 +732,17 @@ class Trainer:
                     valid_metrics, _, _ = self.predict_valid()
                 self._end_epoch({**train_metrics, **valid_metrics}, judged=validate or self.full)
         except KeyboardInterrupt:
+            # last.pt stays the end of the last finished epoch: resuming repeats the interrupted
+            # epoch from there, so the run does exactly the configured epochs.
             last = self.run_dir / paths.LAST_CHECKPOINT
-            if self.runtime.is_main:
-                save_checkpoint(self.state(interrupted=True), last)
+            if not last.is_file():
+                raise KsegError(
+                    f"interrupted in epoch {self.epoch + 1}, before any epoch finished: nothing "
+                    "to resume; run the same command again"
+                ) from None
             raise KsegError(
-                f"interrupted in epoch {self.epoch + 1}: saved {last}; continue with --resume "
-                "(the epoch restarts from the weights it had reached)"
+                f"interrupted in epoch {self.epoch + 1}: {last} holds the end of the last "
+                "finished epoch; continue with --resume (the interrupted epoch runs again)"
             ) from None
         if not self.full:
             self._write_oof()
@@ -765,6 +754,21 @@ class Trainer:
         return FoldResult(
             self.run_dir, self.best_value, self.best_epoch, pd.DataFrame(self.history)
         )
+
+    def _check_monitor(self) -> None:
+        """A train.monitor that no epoch will measure is an error now, not after an epoch."""
+        from kaggle_seg.evaluation import fold_metric_names
+
+        measured = {"train_loss", "train_seconds", "images_per_s", "valid_loss", "lr"}
+        measured |= {f"train_{label}" for label in getattr(self.criterion, "labels", [])}
+        measured |= set(fold_metric_names(self.competition.name))
+        if self.class_head:
+            measured |= {"train_class_bce", "valid_class_bce"}
+        if self.config.train.monitor not in measured:
+            raise KsegError(
+                f"train.monitor: {self.config.train.monitor!r} is not measured; choose one of "
+                f"{', '.join(sorted(measured))}"
+            )
 
     def _should_stop_early(self) -> bool:
         cfg = self.config.train
@@ -843,7 +847,7 @@ class Trainer:
             dist.barrier()
         if not best.is_file():
             return
-        state = torch.load(best, map_location=self.runtime.device, weights_only=False)
+        state = load_checkpoint(best, map_location=self.runtime.device)
         self.eval_model().load_state_dict(state["model"])
         _, kept, kept_classes = self.predict_valid(keep=True)
         parts = gather((kept, kept_classes), self.runtime)
@@ -862,13 +866,24 @@ def train_fold(
     *,
     run_root: Path = paths.RUNS_ROOT,
     resume: bool = False,
+    force: bool = False,
     device: str | None = None,
     full: bool = False,
 ) -> FoldResult:
     """Train one fold; under torchrun every process calls this and rank 0 writes the files.
     `full`: train on every row of the table for train.epochs, without validation, into
-    runs/<experiment>/full/ (a final-submission model; `fold` is ignored)."""
+    runs/<experiment>/full/ (a final-submission model; `fold` is ignored). A run folder that
+    holds a run is continued (`resume`), moved aside (`force`), or refused."""
+    from kaggle_seg.runs import claim_run_dir
+
     runtime = start_runtime(device)
+    if full:
+        run_dir = paths.full_dir(config.name, Path(run_root))
+    else:
+        run_dir = paths.fold_dir(config.name, fold, Path(run_root))
+    moved = claim_run_dir(run_dir, resume=resume, force=force, move=runtime.is_main)
+    if moved is not None:
+        print(f"moved the previous run to {moved}", flush=True)
     if runtime.device.type == "cpu":
         # Activation buffers are mmapped and faulted in afresh every step otherwise: on CPU
         # that was ~1/3 of the step (benchmarks/README.md, "Training-step overhead").

@@ -133,7 +133,10 @@ def test_uwmgi_malformed_rle_names_slice_and_class(phantom_dir: Path, tmp_path: 
     labels.loc[(labels["id"] == "case12_day0_slice_0002") & (labels["class"] == "stomach"),
                "segmentation"] = "5 10 8 3"  # fmt: skip
     labels.to_csv(copy / "train.csv", index=False)
-    with pytest.raises(InputError, match=r"train\.csv: case12_day0_slice_0002, stomach: .*overlap"):
+    line = int(np.flatnonzero((labels["id"] == "case12_day0_slice_0002")
+                              & (labels["class"] == "stomach"))[0]) + 2  # fmt: skip
+    with pytest.raises(InputError, match=rf"train\.csv: line {line} \(case12_day0_slice_0002, "
+                       r"stomach\): .*overlap"):  # fmt: skip
         get_competition("uwmgi").read_table(copy, build_data_config("uwmgi"))
 
 

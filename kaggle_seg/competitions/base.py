@@ -7,6 +7,7 @@ The table has one row per image with at least these columns:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -16,6 +17,22 @@ import pandas as pd
 from kaggle_seg.config import DataConfig
 
 TABLE_COLUMNS = ("id", "group", "image_path", "height", "width", "empty")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An image left out or predicted empty under `--on-error skip`, and why."""
+
+    id: str
+    path: str
+    reason: str
+
+
+def skip_or_raise(error: Exception, image_id: str, path: Any, skipped: list[Skipped] | None):
+    """Record `error` in `skipped` (--on-error skip) or raise it (no list: fail)."""
+    if skipped is None:
+        raise error
+    skipped.append(Skipped(str(image_id), str(path), str(error)))
 
 
 class Competition(Protocol):
@@ -31,9 +48,12 @@ class Competition(Protocol):
         """The raw Kaggle layout under `data_dir` as one table, one row per image."""
         ...
 
-    def read_test_table(self, test_dir: Path) -> pd.DataFrame:
+    def read_test_table(self, test_dir: Path, skipped: list[Skipped] | None = None) -> pd.DataFrame:
         """The unlabelled images under `test_dir` (as Kaggle mounts a test folder), one row each,
-        with `id`, `group`, `image_path`, `height`, `width`; empty when the folder holds none."""
+        with `id`, `group`, `image_path`, `height`, `width`; empty when the folder holds none.
+
+        An image whose header cannot be read raises InputError; with a `skipped` list
+        (`--on-error skip`) it is left out of the table and recorded there instead."""
         ...
 
     def read_image(self, row: Any) -> np.ndarray:

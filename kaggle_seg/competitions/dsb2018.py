@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kaggle_seg.competitions.base import Skipped, skip_or_raise
 from kaggle_seg.competitions.images import check_same_size, image_size, read_png
 from kaggle_seg.config import DataConfig
 from kaggle_seg.errors import InputError
@@ -29,14 +30,29 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 @lru_cache(maxsize=4)
-def _rles_by_image(labels_csv: str) -> dict[str, list[str]]:
+def _rles_by_image(labels_csv: str) -> dict[str, list[tuple[int, str]]]:
+    """ImageId -> its (CSV line, RLE) rows, so errors name the line (the header is line 1)."""
     labels = read_csv_checked(labels_csv, ["ImageId", "EncodedPixels"])
+    labels = labels.assign(line=np.arange(len(labels)) + 2)
     labels = labels[labels["EncodedPixels"] != ""]
-    return {k: list(v) for k, v in labels.groupby("ImageId", sort=False)["EncodedPixels"]}
+    return {
+        image_id: list(zip(rows["line"].tolist(), rows["EncodedPixels"], strict=True))
+        for image_id, rows in labels.groupby("ImageId", sort=False)
+    }
 
 
 def _image_files(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES}
+    """stem -> file; two files with one stem (img0.png + img0.jpg) are an error, not a choice."""
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in _IMAGE_SUFFIXES:
+            continue
+        if path.stem in files:
+            raise InputError(
+                f"{path}: same name as {files[path.stem].name}; keep one file per image"
+            )
+        files[path.stem] = path
+    return files
 
 
 class DSB2018:
@@ -102,6 +118,7 @@ class DSB2018:
         for name, image_path in images.items():
             height, width = image_size(image_path)
             union = read_png(masks[name])
+            check_same_size(np.empty((height, width)), union, image_path, masks[name])
             rows.append(
                 {
                     "id": name,
@@ -128,9 +145,9 @@ class DSB2018:
             union = union[..., 0]
         return label(union > 127, connectivity=1).astype(np.int32)
 
-    def read_test_table(self, test_dir: Path) -> pd.DataFrame:
+    def read_test_table(self, test_dir: Path, skipped: list[Skipped] | None = None) -> pd.DataFrame:
         """`stage1_test/<id>/images/<id>.png` folders (Kaggle layout), or image files directly in
-        `test_dir`; sorted by id."""
+        `test_dir`; sorted by id. See `Competition.read_test_table` for `skipped`."""
         test_dir = Path(test_dir)
         if not test_dir.is_dir():
             raise InputError(f"{test_dir}: test folder not found")
@@ -144,7 +161,11 @@ class DSB2018:
         )
         rows = []
         for image_id in sorted(paths):
-            height, width = image_size(paths[image_id])
+            try:
+                height, width = image_size(paths[image_id])
+            except InputError as exc:
+                skip_or_raise(exc, image_id, paths[image_id], skipped)
+                continue
             rows.append(
                 {
                     "id": image_id,
@@ -180,15 +201,12 @@ class DSB2018:
         if row.get("labels_csv"):
             from kaggle_seg.data.rle import decode_rles_to_labels
 
-            rles = _rles_by_image(row["labels_csv"]).get(row["id"], [])
-            tags = [
-                f"{row['labels_csv']} ImageId={row['id']} nucleus {k}" for k in range(len(rles))
-            ]
-            return decode_rles_to_labels(rles, shape, "F", labels=tags)
+            rows = _rles_by_image(row["labels_csv"]).get(row["id"], [])
+            tags = [f"{row['labels_csv']} line {line} (ImageId {row['id']})" for line, _ in rows]
+            return decode_rles_to_labels([rle for _, rle in rows], shape, "F", labels=tags)
         union = read_png(row["mask_path"])
-        labels = self._components(union)
-        check_same_size(labels, np.empty(shape), row["image_path"], row["mask_path"])
-        return labels
+        check_same_size(np.empty(shape), union, row["image_path"], row["mask_path"])
+        return self._components(union)
 
     def read_mask(self, row: Any) -> np.ndarray:
         """uint8 0/1 [H, W, 1]: the union of the nuclei."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kaggle_seg.errors import InputError
+from kaggle_seg.errors import InputError, one_line
 
 
 def read_png(path: str | Path, *, unchanged: bool = True) -> np.ndarray:
@@ -37,7 +37,25 @@ def read_tiff(path: str | Path) -> np.ndarray:
     try:
         return tifffile.imread(path)
     except Exception as exc:  # tifffile raises many types for a broken file
-        raise InputError(f"{path}: cannot decode TIFF ({type(exc).__name__}: {exc})") from exc
+        reason = f"{type(exc).__name__}: {one_line(exc)}"
+        raise InputError(f"{path}: cannot decode TIFF ({reason})") from exc
+
+
+def tiff_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of a TIFF's first page, from its header."""
+    import tifffile
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: image file not found")
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            shape = tiff.pages[0].shape
+    except Exception as exc:  # tifffile raises many types for a broken file
+        raise InputError(f"{path}: cannot read TIFF header ({one_line(exc)})") from exc
+    if len(shape) < 2:
+        raise InputError(f"{path}: not an image (TIFF page of shape {shape})")
+    return int(shape[0]), int(shape[1])
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -51,7 +69,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
         with Image.open(path) as image:
             width, height = image.size
     except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"{path}: cannot read image header ({exc})") from exc
+        raise InputError(f"{path}: cannot read image header ({one_line(exc)})") from exc
     return height, width
 
 

@@ -14,12 +14,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kaggle_seg.competitions.images import check_same_size, read_tiff
+from kaggle_seg.competitions.base import Skipped, skip_or_raise
+from kaggle_seg.competitions.images import check_same_size, read_tiff, tiff_size
 from kaggle_seg.config import DataConfig
 from kaggle_seg.errors import InputError
 
 CLASSES = ("abnormality",)
 _SLICE = re.compile(r"^(?P<folder>.+)_(?P<index>\d+)\.tif$")
+
+
+def _read_mask_tiff(path: Path | str) -> np.ndarray:
+    """[H, W] mask; a file that decodes to anything else (a truncated TIFF) is named."""
+    mask = read_tiff(path)
+    mask = mask[..., 0] if mask.ndim == 3 else mask
+    if mask.ndim != 2 or min(mask.shape) == 0:
+        raise InputError(f"{path}: not a mask image (decoded shape {mask.shape})")
+    return mask
 
 
 class LGG:
@@ -39,6 +49,7 @@ class LGG:
         rows = []
         for folder in folders:
             patient = "_".join(folder.name.split("_")[:3])  # TCGA_CS_4942, without the date
+            n_rows = len(rows)
             for path in folder.glob("*.tif"):
                 match = _SLICE.match(path.name)
                 if match is None or path.stem.endswith("_mask"):
@@ -46,7 +57,9 @@ class LGG:
                 mask_path = path.with_name(f"{path.stem}_mask.tif")
                 if not mask_path.is_file():
                     raise InputError(f"{path}: no mask file {mask_path.name} beside it")
-                mask = read_tiff(mask_path)
+                height, width = tiff_size(path)
+                mask = _read_mask_tiff(mask_path)
+                check_same_size(np.empty((height, width)), mask, path, mask_path)
                 rows.append(
                     {
                         "id": path.stem,
@@ -56,17 +69,20 @@ class LGG:
                         "slice_index": int(match["index"]),
                         "image_path": str(path.resolve()),
                         "mask_path": str(mask_path.resolve()),
-                        "height": int(mask.shape[0]),
-                        "width": int(mask.shape[1]),
+                        "height": height,
+                        "width": width,
                         "empty": not bool((mask > 0).any()),
                     }
                 )
+            if len(rows) == n_rows:
+                raise InputError(f"{folder}: no slices ({folder.name}_<n>.tif + _mask.tif)")
         table = pd.DataFrame(rows)
         return table.sort_values(["series", "slice_index"]).reset_index(drop=True)
 
-    def read_test_table(self, test_dir: Path) -> pd.DataFrame:
+    def read_test_table(self, test_dir: Path, skipped: list[Skipped] | None = None) -> pd.DataFrame:
         """Every `*.tif` slice that is not a `_mask.tif`, in patient folders or directly in
-        `test_dir`; sorted by series then slice number."""
+        `test_dir`; sorted by series then slice number. See `Competition.read_test_table` for
+        `skipped`."""
         test_dir = Path(test_dir)
         if not test_dir.is_dir():
             raise InputError(f"{test_dir}: test folder not found")
@@ -75,7 +91,11 @@ class LGG:
             match = _SLICE.match(path.name)
             if match is None or path.stem.endswith("_mask"):
                 continue
-            height, width = read_tiff(path).shape[:2]
+            try:
+                height, width = tiff_size(path)
+            except InputError as exc:
+                skip_or_raise(exc, path.stem, path, skipped)
+                continue
             rows.append(
                 {
                     "id": path.stem,
@@ -99,11 +119,10 @@ class LGG:
         return image.astype(np.float32) / 255.0
 
     def read_mask(self, row: Any) -> np.ndarray:
-        mask = read_tiff(row["mask_path"])
-        mask = mask[..., 0] if mask.ndim == 3 else mask
+        mask = _read_mask_tiff(row["mask_path"])
         check_same_size(
-            mask,
             np.empty((int(row["height"]), int(row["width"]))),
+            mask,
             row["image_path"],
             row["mask_path"],
         )

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kaggle_seg.competitions.base import Skipped
 from kaggle_seg.competitions.images import read_png
 from kaggle_seg.config import DataConfig
 from kaggle_seg.errors import InputError
@@ -143,7 +144,17 @@ def check_label_rles(table: pd.DataFrame, source: Path) -> None:
                 try:
                     validate_rle(rle, int(n))
                 except ValueError as exc:
-                    raise InputError(f"{source}: {slice_name}, {column[4:]}: {exc}") from None
+                    line = _csv_line(source, slice_name, column[4:])
+                    raise InputError(
+                        f"{source}: line {line} ({slice_name}, {column[4:]}): {exc}"
+                    ) from None
+
+
+def _csv_line(path: Path, slice_name: str, organ: str) -> int | str:
+    """The line of train.csv holding (id, class), found again only when an error names it."""
+    labels = read_csv_checked(path, ["id", "class", "segmentation"])
+    found = np.flatnonzero((labels["id"] == slice_name) & (labels["class"] == organ))
+    return int(found[0]) + 2 if len(found) else "?"
 
 
 class UWMGI:
@@ -185,9 +196,10 @@ class UWMGI:
         ]
         return sort_slices(table[columns])
 
-    def read_test_table(self, test_dir: Path) -> pd.DataFrame:
+    def read_test_table(self, test_dir: Path, skipped: list[Skipped] | None = None) -> pd.DataFrame:
         """`test/<case>/<case>_<day>/scans/*.png` in case-day, slice order (empty on Kaggle's
-        public re-run, where the folder is empty)."""
+        public re-run, where the folder is empty). Sizes come from the file names, so no header
+        is read and nothing is `skipped` here; unreadable slices are skipped when predicted."""
         return scan_slices(test_dir)
 
     def read_image(self, row: Any) -> np.ndarray:

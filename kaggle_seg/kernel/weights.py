@@ -47,7 +47,12 @@ def find_checkpoints(
             raise KsegError(f"{run_dir}: experiment folder not found (train it with kseg train)")
         if folds is None:
             fold_dirs = sorted(
-                (d for d in run_dir.glob("fold_*") if (d / BEST_CHECKPOINT).is_file()),
+                # fold_<k> only: a run moved aside by `kseg train --force` is not a fold
+                (
+                    d
+                    for d in run_dir.glob("fold_*")
+                    if _fold_number(d) >= 0 and (d / BEST_CHECKPOINT).is_file()
+                ),
                 key=_fold_number,
             )
             if not fold_dirs:

@@ -1,0 +1,165 @@
+"""Run folders are never replaced by accident: refuse, --force moves aside, a failed resume
+writes nothing, Ctrl-C then --resume does exactly the configured epochs (real DSB images)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from test_train import write_config
+
+from kaggle_seg.config import load_experiment
+from kaggle_seg.errors import KsegError
+from kaggle_seg.train import Trainer, start_runtime, train_fold
+
+# Wall-clock columns differ between any two runs; everything else must be equal.
+TIMING = ("train_seconds", "images_per_s")
+
+
+@pytest.fixture(scope="module")
+def dsb_small(write_dsb_subset, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """32 training + 16 validation DSB images (256x256): 4 steps per epoch at batch 8."""
+    return write_dsb_subset(tmp_path_factory.mktemp("dsb_runs"), 48, 16)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_training_over_a_run_is_refused_and_force_moves_it_aside(dsb_small: Path, tmp_path: Path):
+    config = load_experiment(write_config(dsb_small, "guarded", epochs=1))
+    train_fold(config, 0, run_root=tmp_path, device="cpu")
+    run = tmp_path / "guarded" / "fold_0"
+    before = snapshot(run)
+    with pytest.raises(KsegError, match=r"fold_0 already holds a run: pass --resume .* --force"):
+        train_fold(config, 0, run_root=tmp_path, device="cpu")
+    assert snapshot(run) == before
+
+    train_fold(config, 0, run_root=tmp_path, device="cpu", force=True)
+    (old,) = (tmp_path / "guarded").glob("fold_0.old-*")
+    assert snapshot(old) == before  # moved, not deleted, not changed
+    assert (run / "best.pt").is_file() and (run / "history.csv").is_file()
+    # Predicting from the experiment ignores the moved-aside run.
+    from kaggle_seg.predict import find_checkpoints
+
+    assert find_checkpoints(tmp_path / "guarded") == [run / "best.pt"]
+    from kaggle_seg.kernel.weights import find_checkpoints as kernel_folds
+
+    assert kernel_folds(tmp_path, ["guarded"], None) == {"guarded": [run]}
+
+
+def test_cli_refusal_is_one_line(dsb_small: Path, tmp_path: Path):
+    run = tmp_path / "cli_guard" / "fold_0"
+    run.mkdir(parents=True)
+    (run / "history.csv").write_text("epoch,train_loss\n1,0.5\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "kaggle_seg", "train", "--config",
+         str(write_config(dsb_small, "cli_guard")), "--fold", "0", "--device", "cpu",
+         "--runs-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "--resume" in result.stderr
+    assert "--force" in result.stderr and "fold_0" in result.stderr
+    assert (run / "history.csv").read_text() == "epoch,train_loss\n1,0.5\n"
+
+
+def test_failed_resume_changes_nothing_on_disk(dsb_small: Path, tmp_path: Path):
+    config = load_experiment(write_config(dsb_small, "changed", epochs=2),
+                             ["train.epochs=1"])  # fmt: skip
+    train_fold(config, 0, run_root=tmp_path, device="cpu")
+    run = tmp_path / "changed" / "fold_0"
+    before = snapshot(run)
+    wider = load_experiment(write_config(dsb_small, "changed", epochs=2),
+                            ["model.params.base_channels=16"])  # fmt: skip
+    with pytest.raises(KsegError) as caught:
+        train_fold(wider, 0, run_root=tmp_path, device="cpu", resume=True)
+    message = str(caught.value)
+    assert "\n" not in message and "last.pt" in message
+    assert "model.params" in message and "--force" in message
+    assert snapshot(run) == before  # config.yaml not rewritten, nothing else touched
+
+
+def test_resume_without_a_checkpoint_says_so(dsb_small: Path, tmp_path: Path):
+    config = load_experiment(write_config(dsb_small, "fresh", epochs=1))
+    with pytest.raises(KsegError, match=r"--resume: no checkpoint at .*last\.pt"):
+        train_fold(config, 0, run_root=tmp_path, device="cpu", resume=True)
+    assert not (tmp_path / "fresh" / "fold_0").exists()
+
+
+def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(dsb_small: Path, tmp_path: Path):
+    config = load_experiment(write_config(dsb_small, "sigint", epochs=3))
+    straight = train_fold(config, 0, run_root=tmp_path / "straight", device="cpu")
+
+    trainer = Trainer(config, 0, tmp_path / "stopped", start_runtime("cpu"))
+    forward, calls = trainer.criterion.forward, {"train": 0}
+
+    def interrupt_mid_epoch_2(logits, masks):
+        if trainer.model.training and trainer.epoch == 1:
+            calls["train"] += 1
+            if calls["train"] == 3:  # Ctrl-C after two optimizer steps of epoch 2
+                raise KeyboardInterrupt
+        return forward(logits, masks)
+
+    trainer.criterion.forward = interrupt_mid_epoch_2
+    run = tmp_path / "stopped" / "sigint" / "fold_0"
+    with pytest.raises(KsegError, match=r"interrupted in epoch 2: .*last\.pt .*--resume"):
+        trainer.fit()
+    end_of_epoch_1 = torch.load(run / "last.pt", weights_only=True)
+    assert end_of_epoch_1["epoch"] == 1  # the clean end-of-epoch checkpoint was kept
+
+    resumed = train_fold(config, 0, run_root=tmp_path / "stopped", device="cpu", resume=True)
+    columns = [c for c in straight.history.columns if c not in TIMING]
+    pd.testing.assert_frame_equal(resumed.history[columns], straight.history[columns])
+    a = torch.load(tmp_path / "straight" / "sigint" / "fold_0" / "last.pt", weights_only=True)
+    b = torch.load(run / "last.pt", weights_only=True)
+    for key, value in a["train_model"].items():
+        assert torch.equal(value, b["train_model"][key]), key
+    # Exactly 3 epochs x 4 steps of updates, as configured: Adam counts them.
+    steps = {float(s["step"]) for s in b["optimizer"]["state"].values()}
+    assert steps == {12.0}
+
+
+def test_interrupt_before_any_epoch_leaves_nothing_to_resume(dsb_small: Path, tmp_path: Path):
+    config = load_experiment(write_config(dsb_small, "early", epochs=1))
+    trainer = Trainer(config, 0, tmp_path, start_runtime("cpu"))
+
+    def interrupted() -> dict:
+        raise KeyboardInterrupt
+
+    trainer.train_one_epoch = interrupted
+    with pytest.raises(KsegError, match=r"before any epoch finished.*same command again"):
+        trainer.fit()
+    train_fold(config, 0, run_root=tmp_path, device="cpu")  # no --force needed: nothing lost
+
+
+def test_bad_monitor_is_refused_before_the_first_epoch(dsb_small: Path, tmp_path: Path):
+    config = load_experiment(write_config(dsb_small, "monitor", epochs=1),
+                             ["train.monitor=valid_dice"])  # fmt: skip
+    trainer = Trainer(config, 0, tmp_path, start_runtime("cpu"))
+
+    def never() -> dict:
+        raise AssertionError("an epoch ran before train.monitor was checked")
+
+    trainer.train_one_epoch = never
+    with pytest.raises(KsegError, match=r"train.monitor: 'valid_dice' is not measured.*dice"):
+        trainer.fit()
+    assert not (tmp_path / "monitor" / "fold_0").exists()
+    # Every column an epoch writes can be monitored (here: one of the loss terms).
+    ok = load_experiment(write_config(dsb_small, "monitor", epochs=1),
+                         ["train.monitor=train_dice", "train.monitor_mode=min"])  # fmt: skip
+    result = train_fold(ok, 0, run_root=tmp_path, device="cpu")
+    assert "train_dice" in result.history.columns
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/abs/exp", "a/b", "..", "a\\b", ""])
+def test_experiment_names_that_leave_the_runs_folder_are_refused(
+    dsb_small: Path, tmp_path: Path, name: str
+):
+    with pytest.raises(KsegError, match=r"'name'.*plain folder name"):
+        load_experiment(write_config(dsb_small, "ok"), [f"name={name!r}" if name else "name=''"])
+    assert list(tmp_path.iterdir()) == []
