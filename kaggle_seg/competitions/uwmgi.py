@@ -209,13 +209,13 @@ class UWMGI:
         from kaggle_seg.data.rle import decode_rle
 
         shape = (int(row["height"]), int(row["width"]))
-        masks = []
-        for column in RLE_COLUMNS:
+        masks = np.zeros((len(RLE_COLUMNS), *shape), dtype=np.uint8)
+        for k, column in enumerate(RLE_COLUMNS):
             try:
-                masks.append(decode_rle(row[column], shape, "C"))
+                decode_rle(row[column], shape, "C", out=masks[k])  # only the runs are written
             except ValueError as exc:
                 raise InputError(f"slice {row['id']}, {column[4:]}: {exc}") from exc
-        return np.stack(masks, axis=-1)
+        return np.ascontiguousarray(np.moveaxis(masks, 0, -1))
 
     def stratify_labels(self, table: pd.DataFrame) -> pd.Series:
         # The organ combination, e.g. "101" = large bowel and stomach present.
