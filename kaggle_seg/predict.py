@@ -482,8 +482,12 @@ def predict_folder(
     table = competition.read_test_table(Path(test_dir))
     if table.empty:
         raise InputError(f"{test_dir}: no test images to predict")
+    from kaggle_seg.progress import progress
+
     started = time.perf_counter()
-    stream = predict_probabilities(members, competition, table, **options)
+    stream = progress(
+        predict_probabilities(members, competition, table, **options), len(table), "predict"
+    )
     n_images = 0
     if save is None:
         for _ in stream:

@@ -295,6 +295,8 @@ def write_submission(
             f"{source}: gate_probability is not applied to {competition_name} instances; remove it"
         )
     notes = [*test.notes, f"post-processing: {source}"]
+    from kaggle_seg.progress import progress
+
     stream = predict_probabilities(
         members,
         competition,
@@ -308,6 +310,7 @@ def write_submission(
         batched_tta=batched_tta,
         with_class_probabilities=gate_on_head,
     )
+    stream = progress(stream, len(test.table), "submit")
     table = test.table
     experiment = "+".join(dict.fromkeys(m.config.name for m in members))
     out = Path(out) if out else default_submission_path(competition_name, experiment)

@@ -56,8 +56,11 @@ def scan_slices(images_dir: str | Path) -> pd.DataFrame:
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise InputError(f"{images_dir}: folder of case folders not found")
+    from kaggle_seg.progress import progress
+
     rows = []
-    for path in images_dir.glob("*/*/scans/slice_*.png"):
+    files = list(images_dir.glob("*/*/scans/slice_*.png"))
+    for path in progress(files, description=f"scan {images_dir.name}", unit="slices"):
         case_day = path.parent.parent.name
         match = _CASE_DAY.match(case_day)
         if match is None:
