@@ -16,7 +16,7 @@ import io
 import mmap
 import struct
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,12 +57,16 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_mappable_npz(arrays: Mapping[str, np.ndarray], path: Path) -> None:
+def write_mappable_npz(
+    arrays: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]], path: Path
+) -> None:
     """An npz (`np.load` reads it) whose arrays are stored uncompressed with their data
-    ALIGNMENT-aligned in the file, so `open_probabilities` can map them. One array in memory
-    at a time (as bytes) besides `arrays` itself; written atomically."""
+    ALIGNMENT-aligned in the file, so `open_probabilities` can map them. `arrays`: a mapping,
+    or (name, array) pairs made as they are written (one array in memory at a time); written
+    atomically."""
+    pairs = arrays.items() if isinstance(arrays, Mapping) else arrays
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
-        for name, array in arrays.items():
+        for name, array in pairs:
             data = _npy_bytes(array)
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_STORED
@@ -107,6 +111,7 @@ class ProbabilityFile(Mapping[str, np.ndarray]):
             if info.filename.endswith(".npy")
         }
         self._map: mmap.mmap | None = None
+        self._offsets: dict[str, int | None] = {}
         if any(info.compress_type == zipfile.ZIP_STORED for info in self._members.values()):
             with open(self.path, "rb") as handle:
                 if self.path.stat().st_size:
@@ -131,6 +136,24 @@ class ProbabilityFile(Mapping[str, np.ndarray]):
             with self._archive.open(info) as member:
                 return np.lib.format.read_array(member, allow_pickle=False)
         return self._mapped_array(info)
+
+    @property
+    def buffer(self) -> np.ndarray | None:
+        """The whole file as a read-only uint8 array over its memory map (None: nothing is
+        stored uncompressed)."""
+        return None if self._map is None else np.frombuffer(self._map, dtype=np.uint8)
+
+    def data_offset(self, image_id: str) -> int | None:
+        """Byte offset of the array's data in `buffer` (C order), or None when the array is
+        compressed or not C-ordered."""
+        if image_id not in self._offsets:
+            offset = None
+            if self.is_mapped(image_id) and self._map is not None:
+                array = self[image_id]
+                if array.flags.c_contiguous:
+                    offset = array.ctypes.data - self.buffer.ctypes.data
+            self._offsets[image_id] = offset
+        return self._offsets[image_id]
 
     def _mapped_array(self, info: zipfile.ZipInfo) -> np.ndarray:
         local = self._map[info.header_offset : info.header_offset + _LOCAL_HEADER.size]

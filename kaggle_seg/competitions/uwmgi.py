@@ -220,6 +220,32 @@ class UWMGI:
                 raise InputError(f"slice {row['id']}, {column[4:]}: {exc}") from exc
         return np.ascontiguousarray(np.moveaxis(masks, 0, -1))
 
+    def read_mask_stack(self, rows: list[Any]) -> np.ndarray:
+        """uint8 0/1 [K, N, H, W]: the masks of N slices of one size (a case-day), every RLE
+        decoded in one call into one array; errors name the slice and class."""
+        from kaggle_seg.data.rle import decode_rles
+
+        shapes = {(int(r["height"]), int(r["width"])) for r in rows}
+        if len(shapes) != 1:
+            raise InputError(f"slices of different sizes {sorted(shapes)} in one stack")
+        height, width = shapes.pop()
+        n = len(rows)
+        stack = np.zeros((len(RLE_COLUMNS), n, height, width), dtype=np.uint8)
+        rles = [r[column] for column in RLE_COLUMNS for r in rows]
+        names = [f"slice {r['id']}, {column[4:]}" for column in RLE_COLUMNS for r in rows]
+        try:
+            decode_rles(
+                rles, (height, width), "C", labels=names, out=stack.reshape(-1, height, width)
+            )
+        except ValueError as exc:  # "row i (id=slice ..., class): ..." -> "slice ..., class: ..."
+            message = str(exc)
+            for i, name in enumerate(names):
+                prefix = f"row {i} (id={name}): "
+                if message.startswith(prefix):
+                    raise InputError(f"{name}: {message[len(prefix) :]}") from exc
+            raise InputError(message) from exc
+        return stack
+
     def stratify_labels(self, table: pd.DataFrame) -> pd.Series:
         # The organ combination, e.g. "101" = large bowel and stomach present.
         present = (table[list(RLE_COLUMNS)] != "").astype(int).astype(str)
