@@ -31,6 +31,7 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -124,6 +125,27 @@ def make_experiment(root: Path, n_slices: int, seed: int = 0) -> Path:
     return experiment
 
 
+class MemorySampler(threading.Thread):
+    """The process's peak anonymous memory (RssAnon, sampled every 0.2 s): its own arrays,
+    without the pages of the memory-mapped OOF that the OS keeps in its page cache (RSS counts
+    those mapped file pages too, however freely the OS may drop them)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak_anon_mb = 0.0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.2):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak_anon_mb = max(self.peak_anon_mb, int(line.split()[1]) / 1024)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
 def run_child(args: argparse.Namespace) -> None:
     """One implementation in this process: print a JSON line of what it did."""
     if args.cpus:
@@ -146,18 +168,23 @@ def run_child(args: argparse.Namespace) -> None:
         tune_experiment = module.tune_experiment
     else:
         from kaggle_seg.tune import tune_experiment
-    started = time.perf_counter()
+    memory = MemorySampler()
+    memory.start()
+    started, cpu = time.perf_counter(), time.process_time()
     result = tune_experiment(
         Path(args.experiment), out=Path(args.out), max_images=args.max_images, seed=0
     )
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    memory.stop()
     report = getattr(result, "search", None)
     print(
         json.dumps(
             {
                 "run": args.run,
                 "seconds": seconds,
+                "cpu_seconds": cpu,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_anon_mb": memory.peak_anon_mb,
                 "images": result.n_images,
                 "before": result.before["score"],
                 "after": result.after["score"],
@@ -214,12 +241,16 @@ def main() -> None:
                 "new", experiment, args.workdir / "new_subset.json", max_images, args.cpus
             )
     print()
-    print("| run | slices | CPUs | seconds | peak RSS MiB | CV defaults | CV tuned |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| run | slices | CPUs | seconds | CPU seconds | peak RSS MiB | peak anonymous MiB "
+        "| CV defaults | CV tuned |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, run in runs.items():
         print(
             f"| {name} | {run['images']} | {run['cpus']} | {run['seconds']:.1f} | "
-            f"{run['peak_rss_mb']:.0f} | {run['before']:.6f} | {run['after']:.6f} |"
+            f"{run['cpu_seconds']:.1f} | {run['peak_rss_mb']:.0f} | {run['peak_anon_mb']:.0f} | "
+            f"{run['before']:.6f} | {run['after']:.6f} |"
         )
     for name, run in runs.items():
         print(f"{name}: {json.dumps(run['settings'])}")

@@ -539,6 +539,31 @@ class FastMaskSearch:
         return self.score(settings_parts(self, settings))
 
 
+def describe_parts(
+    parts: Sequence[ClassPart], classes: Sequence[str], volumetric: bool
+) -> dict[str, float]:
+    """The score and its parts as `kseg tune` reports them: uwmgi score, dice, hausdorff and
+    dice_<class> / hausdorff_<class> (as `uwmgi_score_volumes` means them); lgg score, dice."""
+    score = score_parts(parts, volumetric)
+    if not volumetric:
+        return {"score": score, "dice": score}
+
+    def mean(total: float, count: int, empty: float) -> float:
+        return total / count if count else empty  # the metric's convention for nothing scored
+
+    result = {
+        "score": score,
+        "dice": mean(sum(p.dice_sum for p in parts), sum(p.dice_count for p in parts), 1.0),
+        "hausdorff": mean(
+            sum(p.hausdorff_sum for p in parts), sum(p.hausdorff_count for p in parts), 0.0
+        ),
+    }
+    for name, part in zip(classes, parts, strict=True):
+        result[f"dice_{name}"] = mean(part.dice_sum, part.dice_count, 1.0)
+        result[f"hausdorff_{name}"] = mean(part.hausdorff_sum, part.hausdorff_count, 0.0)
+    return result
+
+
 def settings_parts(search, settings: PostprocessConfig) -> list[ClassPart]:
     """The exact parts of full settings, one per class."""
     gates = settings.gate_probability or [0.0] * len(settings.classes)
@@ -564,12 +589,15 @@ def scaled_grid(grid: Sequence[int], scale: float) -> list[int]:
 
 @dataclass
 class SearchReport:
+    """What the mask search did: candidates seen, passed over on their bounds, scored exactly,
+    and the distances it had to measure."""
+
     candidates: int = 0
     passed_over: int = 0
     scored: int = 0
     hausdorff_volumes: int = 0  # volumes whose prediction was built and measured in full
     overlap_volumes: int = 0  # (class, threshold, volume) whose overlapping mask was measured
-    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
 
 
 def search_mask_settings(
@@ -684,6 +712,7 @@ __all__ = [
     "MaskSource",
     "SearchReport",
     "collect_mask_stats",
+    "describe_parts",
     "median_image_area",
     "score_parts",
     "search_mask_settings",

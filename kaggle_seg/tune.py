@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,8 +54,10 @@ from kaggle_seg.search import (
     SearchReport,
     collect_mask_stats,
     default_workers,
+    describe_parts,
     median_image_area,
     search_mask_settings,
+    settings_parts,
 )
 
 MIN_NUCLEUS_GRID: tuple[int, ...] = (0, 4, 8, 16, 32, 64)
@@ -417,9 +420,11 @@ def _tune_masks(
     source, names = read_mask_source(
         competition, rows, files, classes, volume_column, class_probabilities
     )
+    started = time.perf_counter()
     stats = collect_mask_stats(source, volumetric=volumetric)
+    report = SearchReport(seconds={"statistics": time.perf_counter() - started})
+    started = time.perf_counter()
     search = FastMaskSearch(source, stats, volumetric)
-    report = SearchReport()
     settings, _ = search_mask_settings(
         search,
         classes,
@@ -429,8 +434,14 @@ def _tune_masks(
         rounds=rounds,
         report=report,
     )
+    report.seconds["search"] = time.perf_counter() - started
+    # The defaults were scored exactly as the search's start; the chosen settings are scored
+    # again below by the public path, which checks the bookkeeping on what gets written.
+    defaults = default_postprocess(classes)
+    before = describe_parts(settings_parts(search, defaults), classes, volumetric)
     scorer = score_uwmgi_settings if volumetric else score_image_dice_settings
-    return settings, (source, names), (lambda data, s, what: scorer(*data, s, what)), report
+    score = lambda data, s, what: scorer(*data, s, what)  # noqa: E731
+    return Tuned(settings, (source, names), score, report, before)
 
 
 def _tune_uwmgi(competition, rows, files, classes, rounds, class_probabilities=None):
@@ -566,12 +577,26 @@ def _tune_dsb2018(competition, rows, files, classes, rounds, class_probabilities
         truths=[competition.read_instances(r) for r in records],
     )
     settings, _ = search_instance_settings(data, rounds=rounds)
-    return settings, data, score_instance_settings, None
+    return Tuned(settings, data, score_instance_settings)
 
 
 # ----------------------------------------------------------------------------- entry point
 
-_Tuner = Callable[..., tuple[PostprocessConfig, Any, Callable[..., dict], SearchReport | None]]
+
+@dataclass
+class Tuned:
+    """A tuner's answer: the settings, its data and scorer (the public path) for the before /
+    after numbers, and what the mask search did; `before` when the search already scored the
+    defaults exactly."""
+
+    settings: PostprocessConfig
+    data: Any
+    score: Callable[..., dict[str, float]]
+    report: SearchReport | None = None
+    before: dict[str, float] | None = None
+
+
+_Tuner = Callable[..., Tuned]
 TUNERS: dict[str, _Tuner] = {
     "uwmgi": _tune_uwmgi,
     "dsb2018": _tune_dsb2018,
@@ -615,11 +640,15 @@ def tune_experiment(
     rows = _read_rows(folds, files, config, experiment_dir, group_column, max_images, seed)
     holders = _probability_files(files, rows, classes)
     class_probabilities = _load_class_probabilities(folds, rows, classes)
-    settings, data, score, report = tuner(
+    tuned = tuner(
         competition, rows, holders, classes, rounds, class_probabilities=class_probabilities
     )
-    before = score(data, default_postprocess(classes), "score with defaults")
+    settings, data, score, report = tuned.settings, tuned.data, tuned.score, tuned.report
+    started = time.perf_counter()
+    before = tuned.before or score(data, default_postprocess(classes), "score with defaults")
     after = score(data, settings, "score tuned")
+    if report is not None:
+        report.seconds["scoring"] = time.perf_counter() - started
     if after["score"] < before["score"] or math.isnan(after["score"]):
         # Cannot happen while the search's bookkeeping matches the public path (tested); if it
         # ever does, the defaults are the safe answer.

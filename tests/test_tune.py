@@ -474,6 +474,84 @@ def test_tune_dsb2018_improves_the_map(dsb_root: Path, tmp_path: Path, targets: 
     assert result.after["score"] == pytest.approx(by_hand, abs=1e-12)
 
 
+TINY_DSB = """
+name: tiny
+data:
+  competition: dsb2018
+  table: {root}/table.csv
+  folds: {root}/folds.csv
+  targets: mask_border
+augment: {{preset: light, height: 64, width: 64}}
+model: {{architecture: unet, params: {{base_channels: 8, depth: 3}}}}
+train:
+  epochs: 3
+  batch_size: 8
+  num_workers: 0
+  optimizer: {{name: adam, lr: 0.01}}
+  loss: [{{name: bce, weight: 0.6}}, {{name: dice, weight: 0.4}}]
+  cache: memory
+"""
+
+
+@pytest.mark.slow  # trains a tiny model for a few seconds first
+def test_dsb_search_equals_the_exhaustive_search_on_trained_oof(
+    write_dsb_subset, tmp_path: Path
+) -> None:
+    from kaggle_seg.config import load_experiment
+    from kaggle_seg.probabilities import load_oof
+    from kaggle_seg.search import IMPROVEMENT, THRESHOLD_GRID
+    from kaggle_seg.train import train_fold
+    from kaggle_seg.tune import MIN_NUCLEUS_GRID
+
+    root = write_dsb_subset(tmp_path, 24, 8)
+    (root / "tiny.yaml").write_text(TINY_DSB.format(root=root))
+    train_fold(load_experiment(root / "tiny.yaml"), 0, run_root=root / "runs", device="cpu")
+    experiment = root / "runs" / "tiny"
+    result = tune_experiment(experiment)
+
+    # The exhaustive search: the same coordinate descent, every candidate scored by
+    # postprocess_instances and the competition metric.
+    competition = get_competition("dsb2018")
+    table = read_table(root / "table.csv").set_index("id", drop=False)
+    oof = load_oof(experiment / "fold_0" / "oof.npz")
+    truths = {i: competition.read_instances(table.loc[i]) for i in oof}
+    classes = ["nuclei", "border"]
+
+    def score(threshold: float, border: float, min_nucleus: int) -> float:
+        settings = default_postprocess(classes).model_copy(
+            update={"thresholds": [threshold, border], "min_nucleus": min_nucleus}
+        )
+        return float(
+            np.mean(
+                [
+                    dsb_image_score(truths[i], postprocess_instances(p, settings))
+                    for i, p in oof.items()
+                ]
+            )
+        )
+
+    default_min = default_postprocess(classes).min_nucleus
+    current = {"threshold": 0.5, "border_threshold": 0.5, "min_nucleus": default_min}
+    best = score(0.5, 0.5, default_min)
+    for _ in range(2):
+        improved = False
+        for name in ("threshold", "border_threshold"):
+            for value in THRESHOLD_GRID:
+                candidate = {**current, name: value}
+                for min_nucleus in sorted({*MIN_NUCLEUS_GRID, default_min}):
+                    found = score(
+                        candidate["threshold"], candidate["border_threshold"], min_nucleus
+                    )
+                    if found > best + IMPROVEMENT:
+                        best, improved = found, True
+                        current = {**candidate, "min_nucleus": min_nucleus}
+        if not improved:
+            break
+    assert result.settings.thresholds == [current["threshold"], current["border_threshold"]]
+    assert result.settings.min_nucleus == current["min_nucleus"]
+    assert result.after["score"] == pytest.approx(best, abs=1e-12)
+
+
 # ----------------------------------------------------------------------------- lgg
 
 
