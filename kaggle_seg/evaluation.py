@@ -13,7 +13,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kaggle_seg.metrics import PIXEL_METRICS, dsb_image_score, pixel_metrics, uwmgi_score_volumes
+from kaggle_seg.metrics import (
+    PIXEL_METRICS,
+    dsb_image_score,
+    pixel_counts,
+    pixel_metrics,
+    uwmgi_score_volumes,
+    volume_dice,
+)
 from kaggle_seg.postprocess import binarize, split_instances
 
 
@@ -55,7 +62,10 @@ class FoldEvaluator:
             metrics = pixel_metrics(union, masks[0])
             metrics["map"] = dsb_image_score(truth, split_instances(probabilities))
         else:
-            metrics = pixel_metrics(truth, np.moveaxis(masks, 0, -1))
+            prediction = np.moveaxis(masks, 0, -1)
+            metrics = pixel_metrics(truth, prediction)
+            if self.competition.name == "lgg":  # scored per patient volume
+                metrics.update(pixel_counts(truth, prediction), patient=row["group"])
         self.image_rows.append({"id": row["id"], **metrics})
         if self.competition.name == "uwmgi":
             if self._case_day is not None and row["case_day"] != self._case_day:
@@ -81,8 +91,10 @@ class FoldEvaluator:
 
 
 def summarize_fold(parts: Sequence[dict[str, Any]], competition_name: str) -> dict[str, float]:
-    """Merge the ranks' rows into fold metrics: pixel means, and `score` = the competition metric
-    (uwmgi score, DSB mAP, LGG mean Dice)."""
+    """Merge the ranks' rows into fold metrics: pixel means over images, and `score` = the
+    competition metric (uwmgi score, DSB mAP, LGG mean per-patient volume Dice: the per-image
+    mean `dice` counts each empty slice predicted empty as a perfect 1, so a model that predicts
+    nothing would look good on a dataset of mostly empty slices)."""
     images = pd.DataFrame([row for part in parts for row in part["images"]])
     if images.empty:
         return {}
@@ -94,6 +106,9 @@ def summarize_fold(parts: Sequence[dict[str, Any]], competition_name: str) -> di
     elif competition_name == "dsb2018":
         summary["map"] = float(images["map"].mean())
         summary["score"] = summary["map"]
+    elif "patient" in images.columns:
+        summary["patient_dice"] = float(volume_dice(images, "patient").mean())
+        summary["score"] = summary["patient_dice"]
     else:
         summary["score"] = summary["dice"]
     return summary

@@ -104,6 +104,26 @@ def pixel_metrics(truth: np.ndarray, prediction: np.ndarray) -> dict[str, float]
     return {name: float(value) for name, value in _metrics_from_counts(*counts).items()}
 
 
+def pixel_counts(truth: np.ndarray, prediction: np.ndarray) -> dict[str, int]:
+    """Foreground pixel counts of one mask pair, all channels pooled: `tp` (both), `truth` and
+    `predicted`; summed over a volume they give its Dice (`volume_dice`)."""
+    counts = _confusion_counts(truth, prediction, channels=False)
+    tp, fp, fn = (int(x) for x in counts[:3])
+    return {"tp": tp, "truth": tp + fn, "predicted": tp + fp}
+
+
+def volume_dice(images: pd.DataFrame, key: str) -> pd.Series:
+    """Dice of each volume (the rows sharing `key`, e.g. an LGG patient), from per-image
+    `pixel_counts` columns: 2 x sum(tp) / (sum(truth) + sum(predicted)), the convention of Buda
+    et al. for LGG. A volume empty in truth and prediction scores 1; a model that predicts
+    nothing scores 0 on every volume that has a lesion, however many of its slices are empty.
+    """
+    sums = images.groupby(key, sort=True)[["tp", "truth", "predicted"]].sum()
+    denominator = (sums["truth"] + sums["predicted"]).to_numpy()
+    dice = _ratio(2 * sums["tp"].to_numpy(), denominator, denominator == 0)
+    return pd.Series(dice, index=sums.index, name="volume_dice")
+
+
 def pixel_metrics_table(
     ids: Sequence[str],
     truths: Sequence[np.ndarray] | np.ndarray,

@@ -18,6 +18,7 @@ the unused `_conv_head` / `_bn1` layers, which DDP reports as parameters without
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -383,8 +384,21 @@ def build_model(config: ModelConfig, in_channels: int, classes: int) -> nn.Modul
     Raises KeyError for an unknown architecture or encoder (listing the valid names) and
     KsegError for bad params or weight files that are missing or do not fit.
     """
+    from kaggle_seg.pretrained import (
+        download_failed,
+        hub_offline_when_unreachable,
+        is_weights_file,
+        packaged_weights_file,
+    )
+
     arch = config.architecture.lower()
     params = dict(config.params)
+    # A file to load after building, or a weight name smp / timm download while building.
+    weights: Any = config.encoder_weights or config.encoder_weights_path
+    download: str | None = None
+    if weights is not None and not is_weights_file(weights):
+        packaged = packaged_weights_file(config.encoder) if weights == "imagenet" else None
+        weights, download = (packaged, None) if packaged else (None, str(weights))
     # "Unet" (smp's spelling, the config default) is smp's U-Net; "unet" / "UNet" the seed.
     smp_spelling = config.architecture in smp_architectures()
     if arch in SEED_MODELS and not smp_spelling:
@@ -394,6 +408,11 @@ def build_model(config: ModelConfig, in_channels: int, classes: int) -> nn.Modul
                 "model.params.aux_params needs an smp architecture (e.g. Unet, FPN)"
             )
         model_class = SEED_MODELS[arch]
+        if download is not None:
+            raise KsegError(
+                f"model.encoder_weights {download!r}: the seed model '{config.architecture}' has "
+                "no published weights; use an smp architecture or a weights file"
+            )
         try:
             model = model_class(in_channels=in_channels, classes=classes, **params)
         except (TypeError, ValueError) as exc:
@@ -402,24 +421,35 @@ def build_model(config: ModelConfig, in_channels: int, classes: int) -> nn.Modul
         _check_encoder_name(config.encoder)
         if "encoder_weights" in params:
             raise KsegError(
-                "model params: 'encoder_weights' would download; "
-                "use model.encoder_weights_path (a local file) instead"
+                "model.params.encoder_weights: set model.encoder_weights instead "
+                "(imagenet, a weights file, or null)"
             )
         if params.get("aux_params") is not None:
             params["aux_params"] = _head_params(params["aux_params"], classes)
+        online = hub_offline_when_unreachable() if download else contextlib.nullcontext()
         try:
-            model = smp.create_model(
-                arch=config.architecture,
-                encoder_name=config.encoder,
-                encoder_weights=None,
-                in_channels=in_channels,
-                classes=classes,
-                **params,
-            )
+            with online:
+                model = smp.create_model(
+                    arch=config.architecture,
+                    encoder_name=config.encoder,
+                    # timm encoders take the tag from the name ("tu-x.tag"), smp asks for True
+                    encoder_weights=True
+                    if download == "imagenet" and config.encoder.startswith("tu-")
+                    else download,
+                    in_channels=in_channels,
+                    classes=classes,
+                    **params,
+                )
         except (TypeError, ValueError) as exc:
+            if download is not None and "weights" in str(exc).lower():
+                raise download_failed(download, config.encoder, exc) from exc
             raise KsegError(
                 f"model '{config.architecture}' / '{config.encoder}': bad params {params} ({exc})"
             ) from exc
+        except Exception as exc:  # network, hub and cache errors differ by library and version
+            if download is None:
+                raise
+            raise download_failed(download, config.encoder, exc) from exc
     else:
         raise KeyError(
             f"unknown model architecture '{config.architecture}'; valid: seed models "
@@ -428,8 +458,8 @@ def build_model(config: ModelConfig, in_channels: int, classes: int) -> nn.Modul
             + ", ".join(smp_architectures())
             + " (any case; exactly 'Unet' is smp's, other spellings of unet the seed U-Net)"
         )
-    if config.encoder_weights_path is not None:
-        load_encoder_weights(model, config.encoder_weights_path)
+    if weights is not None:
+        load_encoder_weights(model, weights)
     if config.weights_path is not None:
         load_model_weights(model, config.weights_path)
     return model
@@ -575,11 +605,27 @@ def load_encoder_weights(model: nn.Module, path: str | Path, *, strict: bool = T
         else:
             ignored.append(key)
 
-    if not mapped:
-        raise KsegError(
-            f"{path}: no key fits the encoder ({type(encoder).__name__}); "
-            f"file keys: {_summary(list(source))}; encoder keys: {_summary(list(target))}"
-        )
+    problems = _misfits(
+        target, mapped, "encoder", strict=strict, unexpected=unexpected, adaptable=True
+    )
+    if not mapped or problems:
+        # Names disagree (e.g. efficientnet-pytorch's `_blocks.N` against timm's `blocks.N.M`):
+        # the same network's tensors still come in the same order with the same shapes.
+        from kaggle_seg.pretrained import map_by_order, order_report
+
+        by_order = map_by_order(source, target)
+        if by_order is None:
+            by_name = (
+                "; ".join(problems)
+                if mapped
+                else f"no key fits the encoder ({type(encoder).__name__}); file keys: "
+                f"{_summary(list(source))}; encoder keys: {_summary(list(target))}"
+            )
+            raise KsegError(
+                f"{path}: weights do not fit the encoder: by name, {by_name}; "
+                f"{order_report(source, target)}"
+            )
+        mapped, ignored, unexpected = by_order[0], by_order[1], []
     for name, tensor in list(mapped.items()):
         wanted = target[name]
         rgb_conv = tensor.ndim == 4 and tensor.shape[1] == 3
@@ -595,6 +641,44 @@ def load_encoder_weights(model: nn.Module, path: str | Path, *, strict: bool = T
     return ignored
 
 
+def _misfits(
+    target: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    what: str,
+    *,
+    strict: bool,
+    unexpected: Sequence[str] = (),
+    adaptable: bool = False,
+) -> list[str]:
+    """What keeps `state` from loading into a module with state dict `target`, as report parts
+    (missing keys when `strict`, unexpected keys, shape mismatches); empty when it fits. With
+    `adaptable`, a 3-channel conv fits a conv of other input channels (it will be adapted)."""
+    # BN step counters: absent from timm and old torchvision files, and unused by BN in train
+    # mode with a momentum; load_state_dict fills them in.
+    missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [*unexpected, *(k for k in state if k not in target)]
+
+    def fits(have: torch.Tensor, want: torch.Tensor) -> bool:
+        if have.shape == want.shape:
+            return True
+        rgb_conv = adaptable and have.ndim == 4 and want.ndim == 4 and have.shape[1] == 3
+        return rgb_conv and have.shape[:1] + have.shape[2:] == want.shape[:1] + want.shape[2:]
+
+    mismatched = [
+        f"{k}: file {list(v.shape)} vs {what} {list(target[k].shape)}"
+        for k, v in state.items()
+        if k in target and not fits(v, target[k])
+    ]
+    problems = []
+    if missing and strict:
+        problems.append(f"{len(missing)} missing keys ({_summary(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_summary(unexpected)})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches ({_summary(mismatched)})")
+    return problems
+
+
 def _load_checked(
     module: nn.Module,
     state: Mapping[str, torch.Tensor],
@@ -605,23 +689,7 @@ def _load_checked(
     unexpected: Sequence[str] = (),
 ) -> None:
     """`module.load_state_dict(state)` with one KsegError naming the file and every misfit."""
-    target = module.state_dict()
-    # BN step counters: absent from timm and old torchvision files, and unused by BN in train
-    # mode with a momentum; load_state_dict fills them in.
-    missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [*unexpected, *(k for k in state if k not in target)]
-    mismatched = [
-        f"{k}: file {list(v.shape)} vs {what} {list(target[k].shape)}"
-        for k, v in state.items()
-        if k in target and v.shape != target[k].shape
-    ]
-    problems = []
-    if missing and strict:
-        problems.append(f"{len(missing)} missing keys ({_summary(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({_summary(unexpected)})")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches ({_summary(mismatched)})")
+    problems = _misfits(module.state_dict(), state, what, strict=strict, unexpected=unexpected)
     if problems:
         raise KsegError(f"{path}: weights do not fit the {what}: " + "; ".join(problems))
     module.load_state_dict(dict(state), strict=strict)

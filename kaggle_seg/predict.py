@@ -23,35 +23,19 @@ from kaggle_seg import paths
 from kaggle_seg.errors import InputError, KsegError
 from kaggle_seg.probabilities import ProbabilityWriter
 
+# The sizing rule lives in spec.py (restore_size re-exported for callers of this API).
+from kaggle_seg.spec import (
+    InputSpec,
+    forward_tiled,
+    pad_to_divisor,
+    restore_size,
+    shape_batches,
+)
+
 log = logging.getLogger(__name__)
 
 EnsembleMode = Literal["mean", "logit"]
 OnError = Literal["skip", "fail"]
-# Encoder-decoders halve the input 5 times: inputs are padded to a multiple of this.
-SIZE_DIVISOR = 32
-
-
-def restore_size(
-    probabilities: np.ndarray, height: int, width: int, resize_mode: str
-) -> np.ndarray:
-    """[K, h, w] probabilities at the model's input size -> [K, height, width] at the image's own.
-
-    "pad": crop the centre, undoing the symmetric padding of the validation transform;
-    "resize": bilinear resize back.
-    """
-    _, h, w = probabilities.shape
-    if (h, w) == (height, width):
-        return probabilities
-    if resize_mode == "pad":
-        from kaggle_seg.data.transforms import pad_offsets
-
-        top, left = pad_offsets(height, width, h, w)
-        return probabilities[:, top : top + height, left : left + width]
-    import cv2
-
-    resized = cv2.resize(np.moveaxis(probabilities, 0, -1), (width, height),
-                         interpolation=cv2.INTER_LINEAR)  # fmt: skip
-    return resized[None] if resized.ndim == 2 else np.moveaxis(resized, -1, 0)
 
 
 # -- checkpoints --
@@ -77,36 +61,6 @@ def find_checkpoints(source: str | Path) -> list[Path]:
             "train with `kseg train` first"
         )
     return found
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """How one model's inputs are made from an image: what `build_transforms` and 2.5D need."""
-
-    height: int
-    width: int
-    resize_mode: str
-    normalize: str
-    stack_depth: int
-    stack_stride: int
-
-    @classmethod
-    def from_config(cls, config: Any) -> InputSpec:
-        augment, data = config.augment, config.data
-        return cls(
-            augment.height,
-            augment.width,
-            augment.resize_mode,
-            augment.normalize,
-            data.stack_depth,
-            data.stack_stride,
-        )
-
-    def input_shape(self, height: int, width: int) -> tuple[int, int]:
-        """The (h, w) an image of this size reaches the model at (before the /32 padding)."""
-        if self.resize_mode == "resize":
-            return self.height, self.width
-        return max(self.height, height), max(self.width, width)
 
 
 @dataclass
@@ -140,7 +94,7 @@ def load_member(path: Path, weight: float, device: Any) -> Member:
     # Weights come from the checkpoint: local pre-training paths of the training machine are
     # neither needed nor present where predictions run (a Kaggle kernel).
     model_config = config.model.model_copy(
-        update={"encoder_weights_path": None, "weights_path": None}
+        update={"encoder_weights": None, "encoder_weights_path": None, "weights_path": None}
     )
     classes = tuple(state["classes"])
     model = build_model(model_config, int(state["in_channels"]), len(classes))
@@ -286,30 +240,6 @@ class PredictionDataset:
         return {"index": i, "inputs": inputs, "ok": ok}
 
 
-def shape_batches(
-    table: pd.DataFrame, specs: Sequence[InputSpec], batch_size: int
-) -> list[list[int]]:
-    """Row positions in table order, cut into batches whose inputs share one shape.
-
-    Consecutive rows only, so results come back in table order (uwmgi volumes stay whole).
-    """
-    heights = table["height"].astype(int).to_numpy()
-    widths = table["width"].astype(int).to_numpy()
-    batches: list[list[int]] = []
-    current: list[int] = []
-    current_key = None
-    for i, (h, w) in enumerate(zip(heights, widths, strict=True)):
-        key = tuple(s.input_shape(h, w) for s in specs)
-        if current and (key != current_key or len(current) == batch_size):
-            batches.append(current)
-            current = []
-        current.append(i)
-        current_key = key
-    if current:
-        batches.append(current)
-    return batches
-
-
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     import torch
 
@@ -323,17 +253,6 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # -- the loop --
-
-
-def _pad_to_divisor(images: Any) -> tuple[Any, int, int]:
-    import torch.nn.functional as F
-
-    h, w = images.shape[-2:]
-    pad_h = (-h) % SIZE_DIVISOR
-    pad_w = (-w) % SIZE_DIVISOR
-    if pad_h or pad_w:
-        images = F.pad(images, (0, pad_w, 0, pad_h))
-    return images, h, w
 
 
 class _ClassLogitsCapture:
@@ -416,12 +335,17 @@ def predict_probabilities(
                 images = batch["inputs"][k].to(device, non_blocking=True)
                 if device.type == "cuda" and member.config.train.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                images, h, w = _pad_to_divisor(images)
+                images, h, w = pad_to_divisor(images)
                 model = _ClassLogitsCapture(member.model) if member.has_class_head else None
+                spec = member.spec
+
+                def views(tiles: Any, model: Any = model or member.model) -> Any:
+                    return tta_logits(model, tiles, transforms, batched=batched_tta)
+
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    logits = tta_logits(
-                        model or member.model, images, transforms, batched=batched_tta
-                    )
+                    # Tiled only in "crop" mode, for images with a side above tile_size.
+                    tile = spec.tile_size if spec.resize_mode == "crop" else None
+                    logits = forward_tiled(views, images, tile, spec.tile_overlap)
                 if model is not None and want_classes:
                     # [views * B, K] in call order -> [views, B, K]: every call is whole views
                     class_logits = torch.cat(model.class_logits).float()

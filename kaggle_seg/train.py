@@ -123,8 +123,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---- data ---------------------------------------------------------------------------------------
 
 
-def load_fold_tables(config: ExperimentConfig, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train rows, validation rows) of the table for `fold`, in table order."""
+def check_full_run(config: ExperimentConfig) -> None:
+    """`--full` trains on every row without validation: best.pt can only follow a training
+    column (train_loss...), and early stopping has nothing to watch."""
+    monitor = config.train.monitor
+    if not monitor.startswith("train_"):
+        raise KsegError(
+            f"--full trains without a validation fold, so train.monitor {monitor!r} is never "
+            "measured: pass --set train.monitor=train_loss --set train.monitor_mode=min "
+            "(the last epochs are then kept), or train folds instead"
+        )
+
+
+def load_fold_tables(
+    config: ExperimentConfig, fold: int, *, full: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train rows, validation rows) of the table for `fold`, in table order; with `full`,
+    every row trains and none validates."""
     from kaggle_seg.data.folds import read_folds
     from kaggle_seg.prepare import read_table
 
@@ -139,6 +154,8 @@ def load_fold_tables(config: ExperimentConfig, fold: int) -> tuple[pd.DataFrame,
     if table["fold"].isna().any():
         missing = table.loc[table["fold"].isna(), "id"].iloc[0]
         raise KsegError(f"{config.data.folds}: no fold for id {missing} of {config.data.table}")
+    if full:
+        return table.reset_index(drop=True), table.iloc[:0].reset_index(drop=True)
     if fold not in set(table["fold"]):
         raise KsegError(
             f"--fold {fold}: {config.data.folds} has folds {sorted(set(table['fold']))}"
@@ -248,15 +265,27 @@ class FoldResult:
 class Trainer:
     """One fold's training state; `fit()` runs it. Kept as an object so resume is one load."""
 
-    def __init__(self, config: ExperimentConfig, fold: int, run_root: Path, runtime: Runtime):
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        fold: int,
+        run_root: Path,
+        runtime: Runtime,
+        *,
+        full: bool = False,
+    ):
         from kaggle_seg.models import build_model, has_class_head
 
-        self.config, self.fold, self.runtime = config, fold, runtime
+        self.config, self.fold, self.runtime, self.full = config, fold, runtime, full
         self.class_head = has_class_head(config.model)
-        self.run_dir = paths.fold_dir(config.name, fold, run_root)
+        if full:
+            check_full_run(config)
+            self.run_dir = paths.full_dir(config.name, run_root)
+        else:
+            self.run_dir = paths.fold_dir(config.name, fold, run_root)
         self.competition = get_competition(config.data.competition)
         seed_everything(config.train.seed + runtime.rank)
-        self.train_table, self.valid_table = load_fold_tables(config, fold)
+        self.train_table, self.valid_table = load_fold_tables(config, fold, full=full)
         self.classes = self._n_outputs()
         self.in_channels = self.competition.channels * config.data.stack_depth
         self.model = build_model(config.model, self.in_channels, self.classes).to(runtime.device)
@@ -276,10 +305,13 @@ class Trainer:
         self.criterion = self._loss()
         self.ema = None
         if config.train.ema_decay:
-            from timm.utils import ModelEmaV3
+            from kaggle_seg.ema import WarmupEma
 
-            self.ema = ModelEmaV3(self.model, decay=config.train.ema_decay)
+            self.ema = WarmupEma(self.model, config.train.ema_decay, warmup=config.train.ema_warmup)
         self.epoch = 0
+        self.optimizer_steps = 0  # the EMA warm-up counts these
+        self.bn_batches = 0  # training batches the last BN recalibration used
+        self.best_step = 0  # optimizer steps at the best checkpoint
         self.best_value = -math.inf if config.train.monitor_mode == "max" else math.inf
         self.best_epoch = -1
         self.bad_epochs = 0
@@ -350,6 +382,7 @@ class Trainer:
         from torch.utils.data import DataLoader, DistributedSampler, Subset
 
         from kaggle_seg.data.loader import WorkerInit, make_train_loader
+        from kaggle_seg.spec import InputSpec, shape_batches
 
         train_cfg, runtime = self.config.train, self.runtime
         train_set, valid_set = self._datasets()
@@ -385,12 +418,21 @@ class Trainer:
             )
         positions = shard_positions(self.valid_table, runtime)
         valid_subset = Subset(valid_set, positions.tolist())
+        # Batches of one input shape ("crop" validates whole images of many sizes); uwmgi
+        # volumes are scored slice by slice in table order, so their rows stay in order.
+        batches = shape_batches(
+            self.valid_table.iloc[positions],
+            [InputSpec.from_config(self.config)],
+            train_cfg.batch_size,
+            keep_order="case_day" in self.valid_table.columns,
+        )
         valid_loader = DataLoader(
             valid_subset,
-            shuffle=False,
+            batch_sampler=batches,
             persistent_workers=train_cfg.num_workers > 0,
             worker_init_fn=WorkerInit(_seed_worker),
-            **loader_args,
+            num_workers=train_cfg.num_workers,
+            pin_memory=runtime.device.type == "cuda",
         )
         return train_loader, valid_loader, positions
 
@@ -405,9 +447,11 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "epoch": self.epoch,
+            "optimizer_steps": self.optimizer_steps,
             "interrupted": interrupted,
             "best_value": self.best_value,
             "best_epoch": self.best_epoch,
+            "best_step": self.best_step,
             "bad_epochs": self.bad_epochs,
             "history": self.history,
             "rng": rng_state(),
@@ -445,12 +489,53 @@ class Trainer:
         if self.ema and state["ema"]:
             self.ema.load_state_dict(state["ema"])
         self.epoch = state["epoch"]
+        self.optimizer_steps = state.get("optimizer_steps", 0)
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
         self.bad_epochs, self.history = state["bad_epochs"], state["history"]
+        self.best_step = state.get("best_step", 0)
         set_rng_state(state["rng"])
 
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema else self.model
+
+    def recalibrate_batchnorm(self) -> int:
+        """Recompute the validated model's BN statistics from training batches (batchnorm.py):
+        what the validation, best.pt and the OOF then use."""
+        from kaggle_seg.batchnorm import recalibrate_batchnorm, trainable_batchnorms
+
+        model = self.eval_model()
+        # The EMA copy's layers mirror the raw model's: frozen there, frozen here.
+        trainable = {id(m) for m in trainable_batchnorms(self.model)}
+        layers = [
+            ema_layer
+            for raw_layer, ema_layer in zip(self.model.modules(), model.modules(), strict=True)
+            if id(raw_layer) in trainable
+        ]
+
+        def to_input(batch: dict[str, Any]) -> torch.Tensor:
+            images = batch["image"].to(self.runtime.device, non_blocking=True).float()
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            return images
+
+        with self._autocast():
+            self.bn_batches = recalibrate_batchnorm(
+                model,
+                self.train_loader,
+                to_input,
+                self.config.train.bn_recalibration_batches,
+                layers=layers,
+                distributed=self.runtime.distributed,
+            )
+        return self.bn_batches
+
+    def _validated_weights(self) -> dict[str, Any]:
+        """history.csv columns saying which weights this epoch's validation (and best.pt) used:
+        `weights` "ema" or "raw", and the EMA's decay at the last step (0 for raw)."""
+        weights = {"weights": "raw", "ema_decay": 0.0, "bn_batches": self.bn_batches}
+        if self.ema:
+            weights.update(weights="ema", ema_decay=float(self.ema.get_decay(self.optimizer_steps)))
+        return weights
 
     # -- phases --
 
@@ -529,8 +614,11 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer_steps += 1
                 if self.ema:
-                    self.ema.update(self.model)
+                    # Parameters and BN running statistics are averaged with the same decay, so
+                    # the EMA model's statistics belong to its averaged weights; counters copy.
+                    self.ema.update(self.model, step=self.optimizer_steps)
                 if self.scheduler_steps == "step":
                     self.scheduler.step()
             batch_size = images.shape[0]
@@ -557,9 +645,13 @@ class Trainer:
         """Validation loss and fold metrics; with `keep`, this rank's probabilities by id
         ([K, H, W]) and, for a model with a classification head, its class probabilities by id
         ([K] float32; empty otherwise)."""
-        from kaggle_seg.predict import restore_size
+        from kaggle_seg.spec import forward_tiled, pad_to_divisor, restore_size
 
         model = self.eval_model()
+        augment = self.config.augment
+        # "crop" validates whole images, tiled above tile_size (a head model sees them whole:
+        # its class logits do not tile).
+        tile = augment.tile_size if augment.resize_mode == "crop" and not self.class_head else None
         model.eval()
         evaluator = FoldEvaluator(self.competition, self.valid_table, self.truth_cache)
         kept: dict[str, np.ndarray] = {}
@@ -568,11 +660,16 @@ class Trainer:
         class_bce_sum = 0.0
         for batch in self.valid_loader:
             images = batch["image"].to(self.runtime.device, non_blocking=True).float()
+            images, height, width = pad_to_divisor(images)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             masks = batch["mask"].to(self.runtime.device, non_blocking=True).float()
             with self._autocast():
-                outputs = model(images)
+                outputs = forward_tiled(model, images, tile, augment.tile_overlap)
+                if isinstance(outputs, tuple | list):
+                    outputs = (outputs[0][..., :height, :width], outputs[1])
+                else:
+                    outputs = outputs[..., :height, :width]
                 logits, loss, class_bce = self._losses(outputs, masks)
             loss_sum += loss.item() * images.shape[0]
             n_images += images.shape[0]
@@ -588,7 +685,7 @@ class Trainer:
             for position, probs in zip(batch["index"].tolist(), probabilities, strict=True):
                 row = self.valid_table.iloc[position]
                 probs = restore_size(
-                    probs, int(row["height"]), int(row["width"]), self.config.augment.resize_mode
+                    probs, int(row["height"]), int(row["width"]), augment.resize_mode
                 )
                 evaluator.add(position, probs)
                 if keep:
@@ -633,13 +730,23 @@ class Trainer:
         started = time.perf_counter()
         try:
             while self.epoch < cfg.epochs:
-                if cfg.early_stopping_patience and self.bad_epochs >= cfg.early_stopping_patience:
-                    self._log(f"early stop: no {cfg.monitor} gain for {self.bad_epochs} epochs")
+                if self._should_stop_early():
+                    self._log(
+                        f"early stop: no {cfg.monitor} gain in {self.bad_epochs} validations "
+                        f"({self.optimizer_steps - self.best_step} optimizer steps)"
+                    )
                     break
                 self._apply_freezing()
                 train_metrics = self.train_one_epoch()
-                valid_metrics, _, _ = self.predict_valid()
-                self._end_epoch({**train_metrics, **valid_metrics})
+                validate = not self.full and (
+                    (self.epoch + 1) % cfg.validate_every == 0 or self.epoch + 1 == cfg.epochs
+                )
+                valid_metrics: dict[str, float] = {}
+                if validate or self.full:
+                    self.recalibrate_batchnorm()  # the weights best.pt may keep
+                if validate:
+                    valid_metrics, _, _ = self.predict_valid()
+                self._end_epoch({**train_metrics, **valid_metrics}, judged=validate or self.full)
         except KeyboardInterrupt:
             last = self.run_dir / paths.LAST_CHECKPOINT
             if self.runtime.is_main:
@@ -648,7 +755,8 @@ class Trainer:
                 f"interrupted in epoch {self.epoch + 1}: saved {last}; continue with --resume "
                 "(the epoch restarts from the weights it had reached)"
             ) from None
-        self._write_oof()
+        if not self.full:
+            self._write_oof()
         minutes = (time.perf_counter() - started) / 60
         self._log(
             f"fold {self.fold}: best {cfg.monitor} {self.best_value:.4f} at epoch "
@@ -658,25 +766,36 @@ class Trainer:
             self.run_dir, self.best_value, self.best_epoch, pd.DataFrame(self.history)
         )
 
-    def _end_epoch(self, metrics: dict[str, float]) -> None:
+    def _should_stop_early(self) -> bool:
         cfg = self.config.train
-        if cfg.monitor not in metrics:
+        return bool(
+            cfg.early_stopping_patience
+            and self.bad_epochs >= cfg.early_stopping_patience
+            and self.optimizer_steps - self.best_step >= cfg.early_stopping_min_steps
+        )
+
+    def _end_epoch(self, metrics: dict[str, float], judged: bool = True) -> None:
+        """Record the epoch; `judged` (it was validated, or a --full run) lets it become the
+        best checkpoint and count for early stopping."""
+        cfg = self.config.train
+        if judged and cfg.monitor not in metrics:
             raise KsegError(
                 f"train.monitor: {cfg.monitor!r} is not measured; choose one of "
                 f"{', '.join(sorted(metrics))}"
             )
-        value = metrics[cfg.monitor]
+        value = metrics.get(cfg.monitor, math.nan)
         lr = self.optimizer.param_groups[-1]["lr"]
-        row = {"epoch": self.epoch + 1, **metrics, "lr": lr}
+        row = {"epoch": self.epoch + 1, **metrics, "lr": lr, **self._validated_weights()}
         self.history.append(row)
         if self.scheduler_steps == "epoch":
             self.scheduler.step()
-        elif self.scheduler_steps == "metric":
+        elif self.scheduler_steps == "metric" and judged:
             self.scheduler.step(value)
-        improved = self._improved(value)
+        improved = judged and self._improved(value)
         if improved:
             self.best_value, self.best_epoch, self.bad_epochs = value, self.epoch, 0
-        else:
+            self.best_step = self.optimizer_steps
+        elif judged:
             self.bad_epochs += 1
         self.epoch += 1
         if self.runtime.is_main:
@@ -713,7 +832,7 @@ class Trainer:
                 ) from None
             self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         for key, value in row.items():
-            if key != "epoch":
+            if key != "epoch" and isinstance(value, int | float):
                 self._writer.add_scalar(key, value, global_step=int(row["epoch"]))
         self._writer.flush()
 
@@ -744,12 +863,15 @@ def train_fold(
     run_root: Path = paths.RUNS_ROOT,
     resume: bool = False,
     device: str | None = None,
+    full: bool = False,
 ) -> FoldResult:
-    """Train one fold; under torchrun every process calls this and rank 0 writes the files."""
+    """Train one fold; under torchrun every process calls this and rank 0 writes the files.
+    `full`: train on every row of the table for train.epochs, without validation, into
+    runs/<experiment>/full/ (a final-submission model; `fold` is ignored)."""
     runtime = start_runtime(device)
     if runtime.device.type == "cpu":
         # Activation buffers are mmapped and faulted in afresh every step otherwise: on CPU
         # that was ~1/3 of the step (benchmarks/README.md, "Training-step overhead").
         keep_freed_memory(heap_only=True)
-    trainer = Trainer(config, fold, Path(run_root), runtime)
+    trainer = Trainer(config, fold, Path(run_root), runtime, full=full)
     return trainer.fit(resume=resume)

@@ -131,7 +131,7 @@ def test_unknown_names_raise_key_error_listing_valid_ones(
 def test_bad_params_name_the_model() -> None:
     with pytest.raises(KsegError, match=r"resunet.*widht"):
         build_model(ModelConfig(architecture="resunet", params={"widht": 3}), 3, 1)
-    with pytest.raises(KsegError, match="encoder_weights_path"):
+    with pytest.raises(KsegError, match=r"set model\.encoder_weights instead"):
         build_model(ModelConfig(params={"encoder_weights": "imagenet"}), 3, 1)
 
 
@@ -231,7 +231,9 @@ def test_encoder_weights_errors_name_the_file(tmp_path: Path) -> None:
 
     foreign = tmp_path / "vit.pth"
     torch.save({"patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}, foreign)
-    with pytest.raises(KsegError, match=r"vit.pth: no key fits the encoder"):
+    with pytest.raises(
+        KsegError, match=r"vit.pth: weights do not fit the encoder: by name, no key fits"
+    ):
         load_encoder_weights(
             build_model(ModelConfig(encoder="resnet18"), 3, 1), foreign, strict=False
         )

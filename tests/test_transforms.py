@@ -252,3 +252,38 @@ def test_fast_gauss_noise_draws_albumentations_noise_in_float32(shape):
         assert a.dtype == np.float32 and a.shape == image.shape
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
         assert 0.003 < float(np.std(a - image)) < 0.05
+
+
+# ----------------------------------------------------------------------------- "crop" input mode
+
+
+def test_crop_mode_trains_on_native_scale_crops_and_validates_whole_images() -> None:
+    height, width = 520, 696
+    # each pixel's value says where it is, so a crop tells where it was taken
+    position = np.arange(height * width, dtype=np.float64).reshape(height, width)
+    image = np.repeat((position / position.size)[..., None], 3, axis=-1).astype(np.float32)
+    mask = ((position % 7) < 3).astype(np.uint8)[..., None]
+    config = AugmentConfig(preset="none", height=128, width=160, resize_mode="crop")
+    for _ in range(5):
+        out = build_transforms(config, train=True)(image=image, mask=mask)
+        assert out["image"].shape == (128, 160, 3) and out["mask"].shape == (128, 160, 1)
+        top, left = divmod(round(float(out["image"][0, 0, 0]) * position.size), width)
+        # native scale: a window of the image pixel for pixel, its mask aligned with it
+        np.testing.assert_allclose(out["image"], image[top : top + 128, left : left + 160])
+        np.testing.assert_array_equal(out["mask"], mask[top : top + 128, left : left + 160])
+    whole = build_transforms(config, train=False)(image=image, mask=mask)
+    assert whole["image"].shape == image.shape  # validation: the whole image, unresampled
+
+
+def test_crop_larger_than_the_image_pads_it_and_jitter_rescales() -> None:
+    image = np.ones((60, 50, 1), np.float32)
+    mask = np.ones((60, 50, 1), np.uint8)
+    config = AugmentConfig(preset="none", height=96, width=96, resize_mode="crop")
+    out = build_transforms(config, train=True)(image=image, mask=mask)
+    assert out["image"].shape == (96, 96, 1)
+    assert int(out["mask"].sum()) == 60 * 50  # padded with background, nothing lost
+    jittered = AugmentConfig(preset="none", height=96, width=96, resize_mode="crop",
+                             scale_jitter=0.5)  # fmt: skip
+    transform = build_transforms(jittered, train=True)
+    areas = {int(transform(image=image, mask=mask)["mask"].sum()) for _ in range(20)}
+    assert len(areas) > 3  # the object's size changes with the drawn scale

@@ -81,6 +81,59 @@ class ChannelCLAHE(A.ImageOnlyTransform):
         return ("clip_limit", "tile_grid_size")
 
 
+class RandomScaledCrop(A.DualTransform):
+    """A random height x width crop at a random scale s in [1 - jitter, 1 + jitter]: a window of
+    (height / s) x (width / s) source pixels, centre-padded with 0 where the image is smaller,
+    then resized to height x width (image bilinear, mask MASK_RESIZE_INTERPOLATION). With
+    jitter 0 it is a plain crop at native scale and nothing is resampled.
+
+    The "crop" input mode's training sizing: a 1024 x 1024 DSB image gives 256 x 256 crops of
+    its own pixels instead of being shrunk 4x, so small nuclei stay as large as at test time.
+    """
+
+    def __init__(self, height: int, width: int, jitter: float = 0.0, p: float = 1.0):
+        super().__init__(p=p)
+        self.height, self.width, self.jitter = height, width, jitter
+
+    def get_params_dependent_on_data(
+        self, params: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        scale = self.py_random.uniform(1 - self.jitter, 1 + self.jitter) if self.jitter else 1.0
+        crop_h = max(1, round(self.height / scale))
+        crop_w = max(1, round(self.width / scale))
+        return {
+            "top": self.py_random.randint(0, max(0, height - crop_h)),
+            "left": self.py_random.randint(0, max(0, width - crop_w)),
+            "crop_h": crop_h,
+            "crop_w": crop_w,
+        }
+
+    def _crop(self, img: np.ndarray, top: int, left: int, crop_h: int, crop_w: int,
+              interpolation: int) -> np.ndarray:  # fmt: skip
+        window = img[top : top + crop_h, left : left + crop_w]
+        short_h, short_w = crop_h - window.shape[0], crop_w - window.shape[1]
+        if short_h or short_w:
+            pad_h = (short_h // 2, short_h - short_h // 2)
+            pad_w = (short_w // 2, short_w - short_w // 2)
+            window = np.pad(window, [pad_h, pad_w] + [(0, 0)] * (img.ndim - 2))
+        if window.shape[:2] == (self.height, self.width):
+            return np.ascontiguousarray(window)
+        resized = cv2.resize(window, (self.width, self.height), interpolation=interpolation)
+        return resized.reshape(self.height, self.width, *img.shape[2:])
+
+    def apply(self, img: np.ndarray, top: int, left: int, crop_h: int, crop_w: int,
+              **params: Any) -> np.ndarray:  # fmt: skip
+        return self._crop(img, top, left, crop_h, crop_w, cv2.INTER_LINEAR)
+
+    def apply_to_mask(self, mask: np.ndarray, top: int, left: int, crop_h: int, crop_w: int,
+                      **params: Any) -> np.ndarray:  # fmt: skip
+        return self._crop(mask, top, left, crop_h, crop_w, MASK_RESIZE_INTERPOLATION)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("height", "width", "jitter")
+
+
 class ToUnitFloat(A.ImageOnlyTransform):
     """uint16 images (value = round(65535 x pixel), the `ImageStore` format) to float32 [0, 1];
     float32 images pass through unchanged. `build_transforms` places it; see the module docstring.
@@ -99,6 +152,7 @@ class ToUnitFloat(A.ImageOnlyTransform):
 # Transforms that only move, copy or zero pixels: on uint16 images they give the float32 result
 # x 65535, up to rounding (interpolated values are rounded to integers: below 1e-5 of the range).
 _UINT16_SAFE = (
+    RandomScaledCrop,
     A.PadIfNeeded,
     A.RandomCrop,
     A.Resize,
@@ -417,18 +471,21 @@ def build_transforms(config: AugmentConfig, train: bool) -> A.Compose:
     and uint8 [H, W, K] masks; images come out float32.
 
     Training: bring to config.height x config.width (resize_mode "resize": Resize; "pad": centre
-    PadIfNeeded then RandomCrop, so larger images give random crops), then the preset, then the
-    normalisation. Validation / prediction: only the sizing, then the normalisation; "pad" pads
+    PadIfNeeded then RandomCrop, so larger images give random crops; "crop": RandomScaledCrop
+    at native scale, with config.scale_jitter), then the preset, then the normalisation.
+    Validation / prediction: only the sizing, then the normalisation; "pad" pads
     symmetrically at the centre and never crops (an image larger than the target keeps its size
-    along that side), so `pad_offsets` gives where to crop predictions back. Masks get the same
-    geometry, with nearest-neighbour interpolation (MASK_RESIZE_INTERPOLATION for resizes) and 0
-    padding.
+    along that side), so `pad_offsets` gives where to crop predictions back; "crop" leaves the
+    image whole (spec.py pads it to /32 and tiles it). Masks get the same geometry, with
+    nearest-neighbour interpolation (MASK_RESIZE_INTERPOLATION for resizes) and 0 padding.
     """
     height, width = config.height, config.width
     if config.resize_mode == "resize":
         sizing: list[A.BasicTransform] = [
             A.Resize(height, width, mask_interpolation=MASK_RESIZE_INTERPOLATION)
         ]
+    elif config.resize_mode == "crop":
+        sizing = [RandomScaledCrop(height, width, config.scale_jitter)] if train else []
     elif train:
         sizing = [_pad(height, width), A.RandomCrop(height, width)]
     else:

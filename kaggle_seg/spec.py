@@ -1,0 +1,183 @@
+"""The model's input contract: how an image becomes a model input, and how the output goes back.
+
+One place for the sizing rule and its inverse, used by training (validation, OOF) and by
+prediction alike:
+
+- "resize": every image is resized to height x width; outputs are resized back (bilinear).
+- "pad": every image is centre-padded to at least height x width (uwmgi scans to 320 x 384, so a
+  batch shares one shape); outputs are cropped back (`pad_offsets`).
+- "crop": training sees random height x width crops at the image's native scale; validation and
+  prediction see the whole image, only padded (bottom / right) to a multiple of SIZE_DIVISOR, and
+  cut into overlapping tiles when a side exceeds `tile_size`. Nothing is resampled, so small
+  objects (DSB nuclei in a 1024 x 1024 image) keep every pixel.
+
+In every mode the model input is finally padded bottom / right to a multiple of SIZE_DIVISOR
+(`pad_to_divisor`) and the output cropped back before `restore_size`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# Encoder-decoders halve the input 5 times: inputs are padded to a multiple of this.
+SIZE_DIVISOR = 32
+RESIZE_MODES: tuple[str, ...] = ("resize", "pad", "crop")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How one model's inputs are made from an image: what `build_transforms`, 2.5D stacking
+    and tiling need. Built from a checkpoint's config (`from_config`)."""
+
+    height: int
+    width: int
+    resize_mode: str
+    normalize: str
+    stack_depth: int
+    stack_stride: int
+    tile_size: int | None = None  # "crop": whole images above this side are tiled
+    tile_overlap: float = 0.25
+
+    @classmethod
+    def from_config(cls, config: Any) -> InputSpec:
+        augment, data = config.augment, config.data
+        return cls(
+            augment.height,
+            augment.width,
+            augment.resize_mode,
+            augment.normalize,
+            data.stack_depth,
+            data.stack_stride,
+            getattr(augment, "tile_size", None),
+            getattr(augment, "tile_overlap", 0.25),
+        )
+
+    def input_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The (h, w) an image of this size reaches the model at (before the /32 padding)."""
+        if self.resize_mode == "resize":
+            return self.height, self.width
+        if self.resize_mode == "crop":
+            return height, width
+        return max(self.height, height), max(self.width, width)
+
+
+def shape_batches(
+    table: Any, specs: Sequence[InputSpec], batch_size: int, *, keep_order: bool = True
+) -> list[list[int]]:
+    """Row positions of `table` (height, width columns) cut into batches whose inputs share one
+    shape under every spec.
+
+    keep_order: consecutive rows only, so results come back in table order (uwmgi volumes stay
+    whole); otherwise rows are grouped by shape first (stable), so a table of mixed sizes (DSB
+    in "crop" mode) makes full batches.
+    """
+    heights = table["height"].astype(int).to_numpy()
+    widths = table["width"].astype(int).to_numpy()
+    keys = [tuple(s.input_shape(h, w) for s in specs) for h, w in zip(heights, widths, strict=True)]
+    order = range(len(keys)) if keep_order else sorted(range(len(keys)), key=keys.__getitem__)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    current_key = None
+    for i in order:
+        if current and (keys[i] != current_key or len(current) == batch_size):
+            batches.append(current)
+            current = []
+        current.append(i)
+        current_key = keys[i]
+    if current:
+        batches.append(current)
+    return batches
+
+
+def restore_size(
+    probabilities: np.ndarray, height: int, width: int, resize_mode: str
+) -> np.ndarray:
+    """[K, h, w] probabilities at the model's input size -> [K, height, width] at the image's own.
+
+    "pad": crop the centre, undoing the symmetric padding of the validation transform;
+    "crop": the input was the image itself (cropped back from the /32 padding already);
+    "resize": bilinear resize back.
+    """
+    _, h, w = probabilities.shape
+    if (h, w) == (height, width):
+        return probabilities
+    if resize_mode == "crop":
+        return probabilities[:, :height, :width]
+    if resize_mode == "pad":
+        from kaggle_seg.data.transforms import pad_offsets
+
+        top, left = pad_offsets(height, width, h, w)
+        return probabilities[:, top : top + height, left : left + width]
+    import cv2
+
+    resized = cv2.resize(np.moveaxis(probabilities, 0, -1), (width, height),
+                         interpolation=cv2.INTER_LINEAR)  # fmt: skip
+    return resized[None] if resized.ndim == 2 else np.moveaxis(resized, -1, 0)
+
+
+def pad_to_divisor(images: Any) -> tuple[Any, int, int]:
+    """(images zero-padded bottom / right to a multiple of SIZE_DIVISOR, h, w before padding)
+    for a tensor [..., H, W]; crop outputs back with `[..., :h, :w]`."""
+    import torch.nn.functional as F
+
+    h, w = images.shape[-2:]
+    pad_h = (-h) % SIZE_DIVISOR
+    pad_w = (-w) % SIZE_DIVISOR
+    if pad_h or pad_w:
+        images = F.pad(images, (0, pad_w, 0, pad_h))
+    return images, h, w
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of `tile` pixels covering `length`, overlapping by about
+    `overlap` x tile, the last one flush with the end; [0] when one tile covers it all."""
+    if length <= tile:
+        return [0]
+    stride = max(SIZE_DIVISOR, int(tile * (1.0 - overlap)) // SIZE_DIVISOR * SIZE_DIVISOR)
+    count = math.ceil((length - tile) / stride) + 1
+    starts = [min(k * stride, length - tile) for k in range(count)]
+    return sorted(set(starts))
+
+
+def _tile_weight(h: int, w: int, device: Any) -> Any:
+    """A [h, w] blending window: 1 in the middle, falling linearly to a small floor at the
+    edges, where a tile's prediction sees the least context."""
+    import torch
+
+    def ramp(n: int) -> Any:
+        position = torch.arange(n, device=device, dtype=torch.float32)
+        distance = torch.minimum(position + 1, n - position) / max(1.0, n / 4)
+        return distance.clamp(0.05, 1.0)
+
+    return ramp(h)[:, None] * ramp(w)[None, :]
+
+
+def forward_tiled(
+    forward: Callable[[Any], Any], images: Any, tile_size: int | None, overlap: float
+) -> Any:
+    """`forward(images)` for images [B, C, H, W] (H, W multiples of SIZE_DIVISOR), run tile by
+    tile when a side exceeds `tile_size`: outputs [..., K, H, W] of overlapping tiles are blended
+    with a window that favours tile centres. `forward` may return leading dims (TTA views)."""
+    import torch
+
+    height, width = images.shape[-2:]
+    if tile_size is None or (height <= tile_size and width <= tile_size):
+        return forward(images)
+    tile_size = max(SIZE_DIVISOR, tile_size // SIZE_DIVISOR * SIZE_DIVISOR)
+    tile_h, tile_w = min(tile_size, height), min(tile_size, width)
+    total = weights = None
+    for top in tile_starts(height, tile_h, overlap):
+        for left in tile_starts(width, tile_w, overlap):
+            out = forward(images[..., top : top + tile_h, left : left + tile_w]).float()
+            if total is None:
+                total = torch.zeros((*out.shape[:-2], height, width), device=out.device)
+                weights = torch.zeros((height, width), device=out.device)
+                window = _tile_weight(tile_h, tile_w, out.device)
+            total[..., top : top + tile_h, left : left + tile_w] += out * window
+            weights[top : top + tile_h, left : left + tile_w] += window
+    return total / weights
