@@ -15,6 +15,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from kaggle_seg.jit import jit_cache_enabled
+
 # Columns of a component record (int32) and of its distances to the truth (float64).
 AREA, OVERLAP, FIRST = range(3)
 N_FIELDS = 3
@@ -24,6 +26,8 @@ UINT8, FLOAT16 = 0, 1
 # How a slice's kept components are described to build_prediction.
 KEEP_NONE, KEEP_ALL, KEEP_CONTAINING, KEEP_AREA, KEEP_OVERLAPPING = range(5)
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+# Off where no cache directory is writable (the package in Kaggle's read-only input).
+_CACHE = jit_cache_enabled(__file__)
 
 
 def level_table(dtype: np.dtype, grid: np.ndarray) -> np.ndarray:
@@ -40,7 +44,7 @@ def level_table(dtype: np.dtype, grid: np.ndarray) -> np.ndarray:
         return (values[:, None] > grid[None, :]).sum(axis=1).astype(np.uint8)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=_CACHE)
 def _plane_levels(buffer, offset, kind, table, n_pixels, levels):
     """levels[:n_pixels] = table[stored value] for one [H, W] plane at byte `offset`."""
     if kind == UINT8:
@@ -52,7 +56,7 @@ def _plane_levels(buffer, offset, kind, table, n_pixels, levels):
             levels[p] = table[values[p]]
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=_CACHE)
 def volume_scan(buffer, offsets, kind, table, height, width, k, truth, n_grid):
     """One pass over class k's pixels in a volume's slices (offsets [D]: byte offset of slice
     z's [K, H, W] array in buffer; truth uint8 [D, H, W]).
@@ -131,7 +135,7 @@ def volume_scan(buffer, offsets, kind, table, height, width, k, truth, n_grid):
     )
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@numba.njit(nogil=True, cache=_CACHE, inline="always")
 def _find(parent, p):
     while parent[p] != p:
         parent[p] = parent[parent[p]]  # path halving
@@ -139,7 +143,7 @@ def _find(parent, p):
     return p
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=_CACHE)
 def _union(parent, stats, distances, a, b):
     """Merge the sets of pixels a and b; the statistics follow the new root."""
     a, b = _find(parent, a), _find(parent, b)
@@ -155,7 +159,7 @@ def _union(parent, stats, distances, a, b):
     distances[a, NEAREST] = min(distances[a, NEAREST], distances[b, NEAREST])
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=_CACHE)
 def volume_stats(levels, width, truth, active, point_of, active_starts, point_distances, n_grid):
     """The component tree of one class in one volume, from `volume_scan`'s results and the
     distances to the truth of its points (float64 [m]); truth uint8 [D, H, W].
@@ -269,7 +273,7 @@ def volume_stats(levels, width, truth, active, point_of, active_starts, point_di
     )
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@numba.njit(nogil=True, cache=_CACHE, inline="always")
 def _splitmix(x):
     x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
     x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
@@ -277,7 +281,7 @@ def _splitmix(x):
     return x ^ (x >> np.uint64(31))
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@numba.njit(nogil=True, cache=_CACHE, inline="always")
 def _kept(records, c, start, mode, argument):
     """Whether component c (of a slice's list starting at `start`) is kept under mode."""
     if mode == KEEP_ALL:
@@ -289,7 +293,7 @@ def _kept(records, c, start, mode, argument):
     return False
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=_CACHE)
 def evaluate_rule(
     j,
     min_area,
@@ -396,7 +400,7 @@ def evaluate_rule(
     )
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=_CACHE)
 def build_prediction(
     buffer, offsets, kind, table, height, width, k, j, modes, arguments, truth, out
 ):

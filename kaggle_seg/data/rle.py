@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -31,6 +29,7 @@ from numba.core import cgutils
 from numba.extending import box, intrinsic, models, register_model
 
 from kaggle_seg.errors import RLEError
+from kaggle_seg.jit import jit_cache_enabled
 
 RLEOrder = Literal["C", "F"]
 
@@ -47,35 +46,7 @@ __all__ = [
 ]
 
 
-def _jit_cache_enabled() -> bool:
-    """Whether numba can keep its compiled kernels on disk for this module.
-
-    numba's ``cache=True`` raises at decoration time when none of its cache directories is
-    writable (the package sitting in Kaggle's read-only /kaggle/input with no writable
-    NUMBA_CACHE_DIR or home). Checks the same places, in numba's order: NUMBA_CACHE_DIR, the
-    package's __pycache__, the user-wide cache dir.
-    """
-    candidates = []
-    if numba.config.CACHE_DIR:
-        candidates.append(numba.config.CACHE_DIR)
-    candidates.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__"))
-    try:
-        from numba.misc.appdirs import AppDirs
-
-        candidates.append(AppDirs(appname="numba", appauthor=False).user_cache_dir)
-    except ImportError:  # private module; without it we only trust the two places above
-        pass
-    for directory in candidates:
-        try:
-            os.makedirs(directory, exist_ok=True)
-            tempfile.TemporaryFile(dir=directory).close()
-        except OSError:
-            continue
-        return True
-    return False
-
-
-_CACHE = _jit_cache_enabled()
+_CACHE = jit_cache_enabled(__file__)
 
 # Decode kernels return (pair index << 3) | status; _raise_decode_error spells it out.
 _OK = 0
