@@ -155,13 +155,18 @@ class ProbabilityFile(Mapping[str, np.ndarray]):
             self._offsets[image_id] = offset
         return self._offsets[image_id]
 
-    def _mapped_array(self, info: zipfile.ZipInfo) -> np.ndarray:
-        local = self._map[info.header_offset : info.header_offset + _LOCAL_HEADER.size]
-        fields = _LOCAL_HEADER.unpack(local)
-        if fields[0] != b"PK\x03\x04":
-            raise KsegError(f"{self.path}: {info.filename} has no local zip header")
-        start = info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
-        member = io.BytesIO(self._map[start : start + min(info.file_size, 65536)])
+    def header(self, image_id: str) -> tuple[tuple[int, ...], np.dtype]:
+        """(shape, dtype) of the stored array, from its npy header only (nothing else is read
+        or decompressed)."""
+        info = self._members[image_id]
+        if info.compress_type == zipfile.ZIP_STORED and self._map is not None:
+            shape, _, dtype, _ = self._mapped_header(info)
+            return shape, dtype
+        with self._archive.open(info) as member:
+            shape, _, dtype = self._read_header(member, info)
+        return shape, dtype
+
+    def _read_header(self, member: Any, info: zipfile.ZipInfo) -> tuple:
         version = np.lib.format.read_magic(member)
         if version == (1, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
@@ -169,8 +174,23 @@ class ProbabilityFile(Mapping[str, np.ndarray]):
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
         if dtype.hasobject:
             raise KsegError(f"{self.path}: {info.filename} holds Python objects, not numbers")
+        return shape, fortran, dtype
+
+    def _mapped_header(self, info: zipfile.ZipInfo) -> tuple:
+        """(shape, fortran order, dtype, data offset in the file) of a stored member."""
+        local = self._map[info.header_offset : info.header_offset + _LOCAL_HEADER.size]
+        fields = _LOCAL_HEADER.unpack(local)
+        if fields[0] != b"PK\x03\x04":
+            raise KsegError(f"{self.path}: {info.filename} has no local zip header")
+        start = info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
+        member = io.BytesIO(self._map[start : start + min(info.file_size, 65536)])
+        shape, fortran, dtype = self._read_header(member, info)
+        return shape, fortran, dtype, start + member.tell()
+
+    def _mapped_array(self, info: zipfile.ZipInfo) -> np.ndarray:
+        shape, fortran, dtype, offset = self._mapped_header(info)
         count = int(np.prod(shape))
-        array = np.frombuffer(self._map, dtype=dtype, count=count, offset=start + member.tell())
+        array = np.frombuffer(self._map, dtype=dtype, count=count, offset=offset)
         return array.reshape(shape, order="F" if fortran else "C")
 
 

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO, TypeVar
@@ -69,12 +70,17 @@ class PlainProgress:
         self.started = clock()
         self._steps_shown = 0
         self._last_line = self.started
+        self._lock = threading.Lock()
 
     def _next_mark(self) -> int:
         """Items done at which the next line is due (the next tenth of the total)."""
         return math.ceil((self._steps_shown + 1) * self.total / PLAIN_STEPS)
 
     def advance(self, n: int = 1) -> None:
+        with self._lock:  # worker threads report too
+            self._advance(n)
+
+    def _advance(self, n: int) -> None:
         self.done += n
         if self.total is None:
             now = self.clock()

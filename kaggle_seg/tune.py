@@ -210,17 +210,17 @@ def _probability_files(
         for image_id in file:
             if image_id not in wanted:
                 continue
-            array = file[image_id]
+            shape, dtype = file.header(image_id)
             expected = (len(classes), *(int(n) for n in shapes[image_id]))
-            if array.shape != expected:
+            if shape != expected:
                 raise KsegError(
-                    f"{file.path}: {image_id} has probabilities {array.shape}, expected "
+                    f"{file.path}: {image_id} has probabilities {shape}, expected "
                     f"{expected} ({len(classes)} channel(s) {', '.join(classes)} at the image's "
                     "size)"
                 )
-            if array.dtype not in _STORED_DTYPES:
+            if dtype not in _STORED_DTYPES:
                 raise KsegError(
-                    f"{file.path}: {image_id} is stored as {array.dtype}; kseg writes OOF "
+                    f"{file.path}: {image_id} is stored as {dtype}; kseg writes OOF "
                     "probabilities as float16 or uint8 (train.oof_dtype)"
                 )
             found[image_id] = file
@@ -309,7 +309,7 @@ def read_mask_source(
         shapes.append(sizes.pop())
         names.append(str(volume[0][volume_column] if volume_column else volume[0]["id"]))
     ids = [r["id"] for r in records]
-    dtypes = {files[i][i].dtype for i in ids}
+    dtypes = {files[i].header(i)[1] for i in ids}
     if len(dtypes) > 1:
         raise KsegError(
             f"the folds store probabilities as {' and '.join(sorted(map(str, dtypes)))}: tune "

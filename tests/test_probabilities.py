@@ -60,6 +60,7 @@ def test_compressed_and_streamed_npz_still_open(tmp_path: Path) -> None:
         stored = open_probabilities(tmp_path / name)
         for image_id, array in arrays.items():
             np.testing.assert_array_equal(stored[image_id], array)
+            assert stored.header(image_id) == (array.shape, array.dtype)
     assert not open_probabilities(tmp_path / "old.npz").is_mapped("a")
     assert open_probabilities(tmp_path / "plain.npz").is_mapped("a")
 

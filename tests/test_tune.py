@@ -344,6 +344,22 @@ def test_search_bookkeeping_matches_the_metric(uwmgi_root: Path) -> None:
             )
 
 
+def test_tune_reads_compressed_oof_of_earlier_versions(tmp_path: Path, uwmgi_root: Path) -> None:
+    # oof.npz used to be written compressed: no memory map, one array decompressed at a time.
+    experiment = tmp_path / "runs" / "exp"
+    shutil.copytree(uwmgi_root / "runs" / "exp", experiment)
+    for path in experiment.glob("fold_*/oof.npz"):
+        with np.load(path) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+        path.unlink()
+        np.savez_compressed(path, **arrays)
+        assert not open_probabilities(path).is_mapped(next(iter(arrays)))
+    compressed = tune_experiment(experiment)
+    mapped = tune_experiment(uwmgi_root / "runs" / "exp", out=tmp_path / "mapped.json")
+    assert compressed.settings == mapped.settings
+    assert compressed.after == mapped.after and compressed.before == mapped.before
+
+
 def test_tune_keeps_the_defaults_on_ties(tmp_path: Path, uwmgi_root: Path) -> None:
     # Probabilities that are the truth itself: nothing can beat the defaults.
     table = read_table(uwmgi_root / "table.csv")
