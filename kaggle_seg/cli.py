@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from kaggle_seg import __version__
-from kaggle_seg.cli_kernel import dataset_app, kernel_app
+from kaggle_seg.cli_kernel import dataset_app, kernel_app, model_app
 from kaggle_seg.cli_weights import weights_app
 from kaggle_seg.errors import KsegError
 
@@ -27,6 +27,7 @@ app = typer.Typer(
 )
 app.add_typer(kernel_app, name="kernel")
 app.add_typer(dataset_app, name="dataset")
+app.add_typer(model_app, name="model")
 app.add_typer(weights_app, name="weights")
 
 Competition = Annotated[
@@ -290,11 +291,11 @@ def tune(
 
 @app.command()
 def submit(
-    checkpoints: Checkpoints,
+    checkpoints: Checkpoints = None,  # type: ignore[assignment]  # needed unless --kernel
     data_dir: Annotated[
-        Path,
+        Path | None,
         typer.Option(help="The competition folder as Kaggle mounts it (test/ or stage1_test/)."),
-    ],
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(help="CSV path (default submissions/<competition>_<experiment>_<date>.csv)."),
@@ -321,12 +322,30 @@ def submit(
     message: Annotated[str, typer.Option(help="Submission message for --upload.")] = "kseg",
     kernel: Annotated[
         str | None,
-        typer.Option(help="Code competitions: the pushed kernel (user/slug) --upload submits."),
+        typer.Option(
+            help="Code competitions: submit this pushed kernel (a kseg kernel folder or "
+            "owner/slug) instead of predicting here."
+        ),
     ] = None,
+    version: Annotated[
+        int | None,
+        typer.Option(help="With --kernel: its version (default: the one kseg kernel push made)."),
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option(help="With --kernel: wait for the version to finish and the score.")
+    ] = False,
 ) -> None:
-    """Predict the test set and write a validated submission CSV in the competition's format."""
+    """Predict the test set and write a validated submission CSV in the competition's format;
+    with --kernel, submit a finished version of a pushed kernel instead."""
     from kaggle_seg.submit import write_submission
 
+    if kernel is not None:
+        from kaggle_seg.submit import submit_pushed_kernel
+
+        typer.echo(submit_pushed_kernel(kernel, version, message, wait=wait, say=typer.echo))
+        return
+    if not checkpoints or data_dir is None:
+        raise KsegError("kseg submit needs --checkpoints and --data-dir (or --kernel)")
     _check_choice("--on-error", on_error, ("fail", "skip"))
     result = write_submission(
         checkpoints,
@@ -353,7 +372,7 @@ def submit(
     if upload:
         from kaggle_seg.submit import upload_submission
 
-        typer.echo(upload_submission(result.path, result.competition, message, kernel))
+        typer.echo(upload_submission(result.path, result.competition, message))
 
 
 @app.command()
