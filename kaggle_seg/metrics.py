@@ -210,40 +210,145 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
-def _scaled_coordinates(mask: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """[N, 3] coordinates of the voxels of a 3D mask, each axis multiplied by its scale."""
+def _scaled_coordinates(
+    mask: np.ndarray, scale: np.ndarray, offset: Sequence[int] = (0, 0, 0)
+) -> np.ndarray:
+    """[N, 3] coordinates of the voxels of a 3D mask (a crop starting at `offset` of a larger
+    array), each axis multiplied by its scale."""
     # flatnonzero + divmod is ~20x faster than np.argwhere, whose N-D nonzero is slow.
     flat = np.flatnonzero(mask)
     depth_index, rest = np.divmod(flat, mask.shape[1] * mask.shape[2])
     row_index, col_index = np.divmod(rest, mask.shape[2])
-    return np.column_stack((depth_index * scale[0], row_index * scale[1], col_index * scale[2]))
+    return np.column_stack(
+        (
+            (depth_index + offset[0]) * scale[0],
+            (row_index + offset[1]) * scale[1],
+            (col_index + offset[2]) * scale[2],
+        )
+    )
 
 
-def _directed_hausdorff(source: np.ndarray, target: np.ndarray, scale: np.ndarray) -> float:
-    """max over source voxels of the distance to the nearest target voxel (target not empty)."""
-    outside = source & ~target
+def _grown(box: tuple[slice, ...], shape: Sequence[int]) -> tuple[slice, ...]:
+    """The box one voxel larger on every side, within the array."""
+    return tuple(
+        slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(box, shape, strict=True)
+    )
+
+
+def _directed_hausdorff(
+    source: np.ndarray,
+    target: np.ndarray,
+    scale: np.ndarray,
+    source_box: tuple[slice, ...],
+    target_box: tuple[slice, ...],
+) -> float:
+    """max over source voxels of the distance to the nearest target voxel (target not empty);
+    the boxes are the masks' tight boxes in these arrays.
+
+    Only the source's box and the target's box grown by a voxel are read: the voxels, their
+    order and so the distances are those of the whole arrays, at a fraction of the work when a
+    mask is small in the box around both."""
+    outside = source[source_box] & ~target[source_box]
     if not outside.any():
         return 0.0
     # Voxels of source inside target are at distance 0, and the nearest target voxel of any other
-    # voxel is on target's surface (see _surface), so the tree holds the surface only.
+    # voxel is on target's surface (see _surface), so the tree holds the surface only. Within the
+    # grown box every neighbour of a target voxel is present: the same surface.
+    grown = _grown(target_box, target.shape)
+    surface = _surface(np.ascontiguousarray(target[grown]))
     tree = cKDTree(
-        _scaled_coordinates(_surface(target), scale), balanced_tree=False, compact_nodes=False
+        _scaled_coordinates(surface, scale, [b.start for b in grown]),
+        balanced_tree=False,
+        compact_nodes=False,
     )
-    queries = _scaled_coordinates(outside, scale)
+    queries = _scaled_coordinates(outside, scale, [b.start for b in source_box])
     # Starting worker threads costs a few ms, more than a small query takes on one core.
     workers = -1 if len(queries) >= _PARALLEL_QUERIES else 1
     distances, _ = tree.query(queries, workers=workers)
     return float(distances.max())
 
 
+def _directed_in_box(
+    truth: np.ndarray,
+    prediction: np.ndarray,
+    shape: Sequence[int],
+    truth_box: tuple[slice, ...] | None = None,
+    prediction_box: tuple[slice, ...] | None = None,
+) -> tuple[float, float]:
+    """Normalised directed Hausdorff distances (truth -> prediction, prediction -> truth) of
+    two non-empty masks cropped to a box around both (their own tight boxes in it, when
+    known)."""
+    scale = 1.0 / np.asarray(shape, dtype=np.float64)
+    truth_box = truth_box or _bounding_box(truth)
+    prediction_box = prediction_box or _bounding_box(prediction)
+    root3 = math.sqrt(3.0)
+    return (
+        _directed_hausdorff(truth, prediction, scale, truth_box, prediction_box) / root3,
+        _directed_hausdorff(prediction, truth, scale, prediction_box, truth_box) / root3,
+    )
+
+
 def _hausdorff_in_box(truth: np.ndarray, prediction: np.ndarray, shape: Sequence[int]) -> float:
     """Normalised symmetric Hausdorff of two non-empty masks cropped to a box around both."""
-    scale = 1.0 / np.asarray(shape, dtype=np.float64)
-    distance = max(
-        _directed_hausdorff(truth, prediction, scale),
-        _directed_hausdorff(prediction, truth, scale),
+    # max(a / c, b / c) is max(a, b) / c exactly: division by c is monotonic.
+    return max(_directed_in_box(truth, prediction, shape))
+
+
+def directed_hausdorff_3d(truth: np.ndarray, prediction: np.ndarray) -> tuple[float, float]:
+    """(truth -> prediction, prediction -> truth) directed Hausdorff distances of two [D, H, W]
+    masks, normalised as `hausdorff_3d`, whose value is their max (the same float). Both
+    empty: (NaN, NaN); exactly one empty: (1.0, 1.0)."""
+    truth, prediction = _as_mask(truth), _as_mask(prediction)
+    if truth.shape != prediction.shape or truth.ndim != 3:
+        raise InputError(
+            f"need two [D, H, W] volumes of one shape, got {truth.shape} and {prediction.shape}"
+        )
+    truth_box, prediction_box = _bounding_box(truth), _bounding_box(prediction)
+    if truth_box is None and prediction_box is None:
+        return math.nan, math.nan
+    if truth_box is None or prediction_box is None:
+        return 1.0, 1.0
+    box = tuple(
+        slice(min(t.start, p.start), max(t.stop, p.stop))
+        for t, p in zip(truth_box, prediction_box, strict=True)
     )
-    return distance / math.sqrt(3.0)
+
+    def within(inner: tuple[slice, ...]) -> tuple[slice, ...]:
+        return tuple(
+            slice(i.start - b.start, i.stop - b.start) for i, b in zip(inner, box, strict=True)
+        )
+
+    # Contiguous crops: the surface shifts and masks below run several times faster on them.
+    return _directed_in_box(
+        np.ascontiguousarray(truth[box]),
+        np.ascontiguousarray(prediction[box]),
+        truth.shape,
+        within(truth_box),
+        within(prediction_box),
+    )
+
+
+def distances_to_mask_3d(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """float64 [N]: distance of each voxel (z, y, x) of int points [N, 3] to the nearest
+    voxel of the non-empty [D, H, W] mask, normalised as `hausdorff_3d` (0 inside the mask)."""
+    mask = _as_mask(mask)
+    points = np.asarray(points, dtype=np.int64).reshape(-1, 3)
+    scale = 1.0 / np.asarray(mask.shape, dtype=np.float64)
+    distances = np.zeros(len(points))
+    outside = ~mask[points[:, 0], points[:, 1], points[:, 2]]
+    box = _bounding_box(mask)
+    if outside.any() and box is not None:
+        # The nearest mask voxel of a voxel outside is on the mask's surface (see _surface),
+        # found in the mask's box grown by one voxel: the same surface as the whole array's.
+        box = tuple(
+            slice(max(b.start - 1, 0), min(b.stop + 1, n))
+            for b, n in zip(box, mask.shape, strict=True)
+        )
+        surface = np.argwhere(_surface(np.ascontiguousarray(mask[box])))
+        surface += np.array([b.start for b in box])
+        tree = cKDTree(surface * scale)
+        distances[outside], _ = tree.query(points[outside] * scale)
+    return distances / math.sqrt(3.0)
 
 
 def hausdorff_3d(truth: np.ndarray, prediction: np.ndarray) -> float:
@@ -254,24 +359,7 @@ def hausdorff_3d(truth: np.ndarray, prediction: np.ndarray) -> float:
     two voxel sets is divided by sqrt(3), so it lies in [0, 1). Both empty: NaN (the metric skips
     the volume); exactly one empty: 1.0. Exact: it equals the brute-force all-pairs value.
     """
-    truth, prediction = _as_mask(truth), _as_mask(prediction)
-    if truth.shape != prediction.shape or truth.ndim != 3:
-        raise InputError(
-            f"need two [D, H, W] volumes of one shape, got {truth.shape} and {prediction.shape}"
-        )
-    truth_box, prediction_box = _bounding_box(truth), _bounding_box(prediction)
-    if truth_box is None and prediction_box is None:
-        return math.nan
-    if truth_box is None or prediction_box is None:
-        return 1.0
-    box = tuple(
-        slice(min(t.start, p.start), max(t.stop, p.stop))
-        for t, p in zip(truth_box, prediction_box, strict=True)
-    )
-    # Contiguous crops: the surface shifts and masks below run several times faster on them.
-    return _hausdorff_in_box(
-        np.ascontiguousarray(truth[box]), np.ascontiguousarray(prediction[box]), truth.shape
-    )
+    return max(directed_hausdorff_3d(truth, prediction))
 
 
 def _slice_dice(truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
@@ -486,14 +574,17 @@ def _non_empty(rles: pd.Series) -> np.ndarray:
 def _paint_uwmgi_volume(
     rles: pd.Series, slice_index: np.ndarray, class_index: np.ndarray, shape: tuple[int, ...]
 ) -> np.ndarray:
-    """[D, H, W, C] bool volume from one RLE (order "C") per (slice, class) row."""
-    volume = np.zeros(shape, dtype=bool)
+    """[D, H, W, C] bool volume from one RLE (order "C") per (slice, class) row (a view of a
+    [C, D, H, W] array: each class's volume is contiguous)."""
+    depth, height, width, n_classes = shape
+    volume = np.zeros((n_classes, depth, height, width), dtype=bool)
     keep = _non_empty(rles)
     if keep.any():
-        masks = decode_rles(rles.to_numpy()[keep].tolist(), shape[1:3], "C")
-        for mask, z, c in zip(masks, slice_index[keep], class_index[keep], strict=True):
-            volume[z, :, :, c] |= mask.astype(bool, copy=False)
-    return volume
+        # One numba call for the whole volume; rows naming the same (slice, class) are OR-ed.
+        slots = class_index[keep] * depth + slice_index[keep]
+        stack = volume.reshape(n_classes * depth, height, width)
+        decode_rles(rles.to_numpy()[keep].tolist(), (height, width), "C", out=stack, index=slots)
+    return np.moveaxis(volume, 0, -1)
 
 
 def _uwmgi_frame_volumes(

@@ -411,8 +411,14 @@ def predict_folder(
         table = competition.read_test_table(Path(test_dir), skipped)
         if table.empty and not skipped:
             raise InputError(f"{test_dir}: no test images to predict")
+    from kaggle_seg.progress import progress
+
     started = time.perf_counter()
-    stream = predict_probabilities(members, competition, table, skipped=skipped, **options)
+    stream = progress(
+        predict_probabilities(members, competition, table, skipped=skipped, **options),
+        len(table),
+        "predict",
+    )
     n_images = 0
     if save is None:
         for _ in stream:

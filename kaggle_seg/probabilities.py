@@ -2,10 +2,21 @@
 
 One format for out-of-fold predictions (`oof.npz`), `kseg predict --save` and what `kseg tune`
 and `kseg show` read back. numpy only, so readers do not pull in torch.
+
+`oof.npz` is written uncompressed, each array's data 64-byte aligned in the file, so that
+`open_probabilities` maps it: `kseg tune` reads a whole competition's OOF (16 GB of float16 for
+uwmgi) through the page cache instead of copying it into memory. Any npz `np.load` reads (the
+compressed ones of earlier versions, `kseg predict --save`) opens too, one array decompressed
+per lookup.
 """
 
 from __future__ import annotations
 
+import io
+import mmap
+import struct
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,17 +44,159 @@ def decode_probabilities(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32)
 
 
+# Array data starts at a multiple of this in a mapped npz (np.lib.format pads its own header
+# to 64 bytes, so aligning the member's start aligns the data).
+ALIGNMENT = 64
+_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # a zip local file header, 30 bytes
+_PADDING_FIELD = 0xCAFE  # a zip extra-field id no tool gives a meaning to
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def write_mappable_npz(
+    arrays: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]], path: Path
+) -> None:
+    """An npz (`np.load` reads it) whose arrays are stored uncompressed with their data
+    ALIGNMENT-aligned in the file, so `open_probabilities` can map them. `arrays`: a mapping,
+    or (name, array) pairs made as they are written (one array in memory at a time); written
+    atomically."""
+    pairs = arrays.items() if isinstance(arrays, Mapping) else arrays
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in pairs:
+            data = _npy_bytes(array)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_STORED
+            # Pad the local header's extra field so the member's data starts aligned.
+            header_end = archive.start_dir + _LOCAL_HEADER.size + len(info.filename.encode())
+            padding = -(header_end + 4) % ALIGNMENT
+            info.extra = struct.pack("<HH", _PADDING_FIELD, padding) + bytes(padding)
+            archive.writestr(info, data)
+
+
 def save_oof(probabilities: dict[str, np.ndarray], path: Path, dtype: str) -> None:
-    """id -> [K, H, W] probabilities as float16, or uint8 (value / 255), in one npz."""
+    """id -> [K, H, W] probabilities as float16, or uint8 (value / 255), in one mappable npz
+    (see `write_mappable_npz`)."""
     arrays = {k: encode_probabilities(v, dtype) for k, v in probabilities.items()}
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez_compressed(handle, **arrays)
+    write_mappable_npz(arrays, path)
 
 
 def load_oof(path: Path) -> dict[str, np.ndarray]:
     """oof.npz back as id -> float32 [K, H, W] probabilities."""
     with np.load(path) as data:
         return {k: decode_probabilities(data[k]) for k in data.files}
+
+
+class ProbabilityFile(Mapping[str, np.ndarray]):
+    """A probabilities npz opened for reading: id -> the stored [K, H, W] array (float16,
+    float32 or uint8 = value * 255, as saved; see `decode_probabilities`), read-only.
+
+    Arrays stored uncompressed are views of one read-only memory map of the file: nothing is
+    copied, and the OS pages them in and out as they are used. Compressed ones are
+    decompressed one per lookup.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._archive = zipfile.ZipFile(self.path)
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise KsegError(f"{self.path}: not a readable npz ({exc})") from exc
+        self._members = {
+            info.filename[: -len(".npy")]: info
+            for info in self._archive.infolist()
+            if info.filename.endswith(".npy")
+        }
+        self._map: mmap.mmap | None = None
+        self._offsets: dict[str, int | None] = {}
+        if any(info.compress_type == zipfile.ZIP_STORED for info in self._members.values()):
+            with open(self.path, "rb") as handle:
+                if self.path.stat().st_size:
+                    self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._members)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._members
+
+    def is_mapped(self, image_id: str) -> bool:
+        """Whether this array is a view of the file (stored uncompressed)."""
+        return self._members[image_id].compress_type == zipfile.ZIP_STORED
+
+    def __getitem__(self, image_id: str) -> np.ndarray:
+        info = self._members[image_id]
+        if info.compress_type != zipfile.ZIP_STORED or self._map is None:
+            with self._archive.open(info) as member:
+                return np.lib.format.read_array(member, allow_pickle=False)
+        return self._mapped_array(info)
+
+    @property
+    def buffer(self) -> np.ndarray | None:
+        """The whole file as a read-only uint8 array over its memory map (None: nothing is
+        stored uncompressed)."""
+        return None if self._map is None else np.frombuffer(self._map, dtype=np.uint8)
+
+    def data_offset(self, image_id: str) -> int | None:
+        """Byte offset of the array's data in `buffer` (C order), or None when the array is
+        compressed or not C-ordered."""
+        if image_id not in self._offsets:
+            offset = None
+            if self.is_mapped(image_id) and self._map is not None:
+                array = self[image_id]
+                if array.flags.c_contiguous:
+                    offset = array.ctypes.data - self.buffer.ctypes.data
+            self._offsets[image_id] = offset
+        return self._offsets[image_id]
+
+    def header(self, image_id: str) -> tuple[tuple[int, ...], np.dtype]:
+        """(shape, dtype) of the stored array, from its npy header only (nothing else is read
+        or decompressed)."""
+        info = self._members[image_id]
+        if info.compress_type == zipfile.ZIP_STORED and self._map is not None:
+            shape, _, dtype, _ = self._mapped_header(info)
+            return shape, dtype
+        with self._archive.open(info) as member:
+            shape, _, dtype = self._read_header(member, info)
+        return shape, dtype
+
+    def _read_header(self, member: Any, info: zipfile.ZipInfo) -> tuple:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+        if dtype.hasobject:
+            raise KsegError(f"{self.path}: {info.filename} holds Python objects, not numbers")
+        return shape, fortran, dtype
+
+    def _mapped_header(self, info: zipfile.ZipInfo) -> tuple:
+        """(shape, fortran order, dtype, data offset in the file) of a stored member."""
+        local = self._map[info.header_offset : info.header_offset + _LOCAL_HEADER.size]
+        fields = _LOCAL_HEADER.unpack(local)
+        if fields[0] != b"PK\x03\x04":
+            raise KsegError(f"{self.path}: {info.filename} has no local zip header")
+        start = info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
+        member = io.BytesIO(self._map[start : start + min(info.file_size, 65536)])
+        shape, fortran, dtype = self._read_header(member, info)
+        return shape, fortran, dtype, start + member.tell()
+
+    def _mapped_array(self, info: zipfile.ZipInfo) -> np.ndarray:
+        shape, fortran, dtype, offset = self._mapped_header(info)
+        count = int(np.prod(shape))
+        array = np.frombuffer(self._map, dtype=dtype, count=count, offset=offset)
+        return array.reshape(shape, order="F" if fortran else "C")
+
+
+def open_probabilities(path: str | Path) -> ProbabilityFile:
+    """`ProbabilityFile` of an npz written by `save_oof` (mapped) or any other npz of arrays."""
+    return ProbabilityFile(path)
 
 
 def save_class_oof(class_probabilities: dict[str, np.ndarray], path: Path) -> None:

@@ -355,6 +355,8 @@ def _predict_and_write(
             f"{source}: gate_probability is not applied to {competition_name} instances; remove it"
         )
     notes = [*test.notes, f"post-processing: {source}"]
+    from kaggle_seg.progress import progress
+
     stream = predict_probabilities(
         members,
         competition,
@@ -363,6 +365,7 @@ def _predict_and_write(
         skipped=skipped,
         **options,
     )
+    stream = progress(stream, len(test.table), "submit")
     table = test.table
     experiment = "+".join(dict.fromkeys(m.config.name for m in members))
     out = Path(out) if out else default_submission_path(competition_name, experiment)

@@ -1,29 +1,27 @@
 """`kseg tune`: post-processing settings chosen on out-of-fold probabilities by the competition
 metric itself (uwmgi GI score, DSB 2018 mAP, LGG mean Dice), written to
-`runs/<exp>/postprocess.json` for `kseg submit`.
+`runs/<exp>/postprocess.json` for `kseg submit`. This module reads and writes; the mask search
+(uwmgi, lgg) is `kaggle_seg.search`.
 
-The search is coordinate descent over small grids, starting from the defaults (threshold 0.5, no
-rule) and accepting a change only when it raises the score, so the chosen settings never score
-below the defaults on the OOF images. For uwmgi / lgg a class's score only depends on its own
-masks, and every rule but the threshold only decides which connected components survive: the
-components of each (class, threshold) are found once, with their areas and their overlap with the
-truth, so Dice needs no mask at all and only the 3D Hausdorff of a case-day whose masks changed is
-recomputed. With a classification head's out-of-fold class probabilities (oof_classes.npz in every
-fold) the per-class `gate_probability` is searched too: it only decides whether a whole (image,
-class) mask survives, so it is one more filter on the kept components. The before / after numbers
-come from the public path (`postprocess_masks`, `apply_z_continuity`, `postprocess_instances` and
-the metric functions), not from the search's bookkeeping.
+The OOF is read through memory maps (`open_probabilities`), one volume at a time: a whole
+competition's OOF is never copied into memory. With a classification head's out-of-fold class
+probabilities (oof_classes.npz in every fold) the per-class `gate_probability` is searched too.
+The before / after numbers come from the public path (`postprocess_masks`,
+`apply_z_continuity`, `postprocess_instances` and the metric functions), not from the search's
+bookkeeping.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -34,40 +32,39 @@ from kaggle_seg import paths
 from kaggle_seg.competitions import get_competition
 from kaggle_seg.config import ExperimentConfig
 from kaggle_seg.errors import KsegError
-from kaggle_seg.metrics import (
-    UWMGI_DICE_WEIGHT,
-    UWMGI_HAUSDORFF_WEIGHT,
-    dsb_image_score,
-    hausdorff_3d,
-    pixel_metrics,
-    uwmgi_score_volumes,
-)
+from kaggle_seg.metrics import dsb_image_score, pixel_metrics, uwmgi_score_volumes
 from kaggle_seg.paths import POSTPROCESS_FILE
 from kaggle_seg.postprocess import (
     PostprocessConfig,
     apply_z_continuity,
     default_postprocess,
     instance_labels,
-    mask_components,
     postprocess_instances,
     postprocess_masks,
     remove_small_instances,
     save_postprocess,
-    select_components,
-    z_continuous,
+)
+from kaggle_seg.probabilities import ProbabilityFile, decode_probabilities, open_probabilities
+from kaggle_seg.progress import make_progress
+from kaggle_seg.search import (
+    IMPROVEMENT,
+    THRESHOLD_GRID,
+    FastMaskSearch,
+    MaskSource,
+    SearchReport,
+    collect_mask_stats,
+    default_workers,
+    describe_parts,
+    median_image_area,
+    search_mask_settings,
+    settings_parts,
 )
 
-THRESHOLD_GRID: tuple[float, ...] = tuple(float(t) for t in np.round(np.linspace(0.3, 0.7, 9), 2))
-# Pixel counts for a 256 x 256 image, scaled by the OOF images' median area.
-MIN_AREA_GRID: tuple[int, ...] = (0, 16, 32, 64, 128, 256)
-GATE_PIXELS_GRID: tuple[int, ...] = (0, 32, 64, 128, 256, 512, 1024)
-# A class is emptied where the head's probability is below this; 0.0: off (no probability is).
-GATE_PROBABILITY_GRID: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_NUCLEUS_GRID: tuple[int, ...] = (0, 4, 8, 16, 32, 64)
-REFERENCE_AREA = 256 * 256
-# Score differences this small are float rounding, not an improvement: ties keep the default.
-IMPROVEMENT = 1e-9
 _FOLD_DIR = re.compile(r"^fold_(\d+)$")
+_STORED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16))
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -81,6 +78,7 @@ class TuneResult:
     n_images: int
     folds: list[int]
     path: Path | None = field(default=None)  # where the settings were written
+    search: SearchReport | None = None  # uwmgi / lgg: what the search scored
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -145,12 +143,6 @@ def _table_path(config: ExperimentConfig, experiment_dir: Path) -> Path:
     return beside if beside.is_file() else table
 
 
-def _oof_ids(path: Path) -> list[str]:
-    # An npz lists its arrays without decompressing them: the ids, to subsample before loading.
-    with np.load(path) as data:
-        return list(data.files)
-
-
 def _select_groups(
     table: pd.DataFrame, group_column: str, max_images: int | None, seed: int
 ) -> pd.DataFrame:
@@ -168,12 +160,6 @@ def _select_groups(
         chosen.append(sizes.index[index])
         total += int(sizes.iloc[index])
     return table[table[group_column].isin(chosen)]
-
-
-def _compact(probabilities: np.ndarray) -> np.ndarray:
-    """float16 when that holds the values exactly (OOF saved as float16), else float32."""
-    half = probabilities.astype(np.float16)
-    return half if np.array_equal(half, probabilities) else probabilities
 
 
 def _load_class_probabilities(
@@ -207,34 +193,43 @@ def _load_class_probabilities(
     return found
 
 
-def _load_probabilities(
-    folds: Sequence[tuple[int, Path]],
-    table: pd.DataFrame,
-    classes: Sequence[str],
-) -> dict[str, np.ndarray]:
-    """id -> [K, H, W] probabilities (float16 / float32) of the table's rows, from every fold."""
-    from kaggle_seg.probabilities import load_oof
+def _open_folds(folds: Sequence[tuple[int, Path]]) -> list[ProbabilityFile]:
+    return [open_probabilities(fold_dir / paths.OOF_FILE) for _, fold_dir in folds]
 
-    wanted = set(table["id"])
-    shapes = dict(zip(table["id"], zip(table["height"], table["width"], strict=True), strict=True))
-    probabilities: dict[str, np.ndarray] = {}
-    for _, fold_dir in folds:
-        path = fold_dir / paths.OOF_FILE
-        for image_id, array in load_oof(path).items():
+
+def _probability_files(
+    files: Sequence[ProbabilityFile], rows: pd.DataFrame, classes: Sequence[str]
+) -> dict[str, ProbabilityFile]:
+    """id -> the OOF file holding the row's probabilities, each checked for its shape [K, H, W]
+    at the image's size and a stored dtype (uint8 or float16); nothing is read but headers of
+    mapped arrays."""
+    wanted = set(rows["id"])
+    shapes = dict(zip(rows["id"], zip(rows["height"], rows["width"], strict=True), strict=True))
+    found: dict[str, ProbabilityFile] = {}
+    for file in files:
+        for image_id in file:
             if image_id not in wanted:
                 continue
+            shape, dtype = file.header(image_id)
             expected = (len(classes), *(int(n) for n in shapes[image_id]))
-            if array.shape != expected:
+            if shape != expected:
                 raise KsegError(
-                    f"{path}: {image_id} has probabilities {array.shape}, expected {expected} "
-                    f"({len(classes)} channel(s) {', '.join(classes)} at the image's size)"
+                    f"{file.path}: {image_id} has probabilities {shape}, expected "
+                    f"{expected} ({len(classes)} channel(s) {', '.join(classes)} at the image's "
+                    "size)"
                 )
-            probabilities[image_id] = _compact(array)
-    return probabilities
+            if dtype not in _STORED_DTYPES:
+                raise KsegError(
+                    f"{file.path}: {image_id} is stored as {dtype}; kseg writes OOF "
+                    "probabilities as float16 or uint8 (train.oof_dtype)"
+                )
+            found[image_id] = file
+    return found
 
 
 def _read_rows(
     folds: Sequence[tuple[int, Path]],
+    files: Sequence[ProbabilityFile],
     config: ExperimentConfig,
     experiment_dir: Path,
     group_column: str,
@@ -248,357 +243,49 @@ def _read_rows(
     table = read_table(table_path)
     known = set(table["id"])
     with_oof: set[str] = set()
-    for _, fold_dir in folds:
-        ids = _oof_ids(fold_dir / paths.OOF_FILE)
-        unknown = [i for i in ids if i not in known]
+    for (_, fold_dir), file in zip(folds, files, strict=True):
+        unknown = [i for i in file if i not in known]
         if unknown:
             raise KsegError(
                 f"{fold_dir / paths.OOF_FILE}: {len(unknown)} id(s) not in the table "
                 f"{table_path}, first {unknown[0]!r}"
             )
-        with_oof.update(ids)
+        with_oof.update(file)
     rows = table[table["id"].isin(with_oof)]
     return _select_groups(rows, group_column, max_images, seed).reset_index(drop=True)
+
+
+def ordered_map(
+    function: Callable[[T], R], items: Iterable[T], workers: int, ahead: int | None = None
+) -> Iterator[R]:
+    """function(item) for each item, in order, computed on `workers` threads with at most
+    `ahead` results waiting (memory stays at a few volumes)."""
+    ahead = ahead or 2 * workers
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 # ----------------------------------------------------------------------------- masks: uwmgi, lgg
 
 
-@dataclass
-class MaskData:
-    """uwmgi / lgg inputs. A volume is a uwmgi case-day (slices in slice order) or one lgg image.
-
-    probabilities: [K, H, W] per image (float16 / float32); truths: bool [K, D, H, W] per
-    volume; volumes: the image positions of each volume; names: case_day (or id) per volume.
-    """
-
-    classes: list[str]
-    probabilities: list[np.ndarray]
-    truths: list[np.ndarray]
-    volumes: list[list[int]]
-    names: list[str]
-    # float32 [K] per image from a classification head, or None without one
-    class_probabilities: list[np.ndarray] | None = None
-
-
-@dataclass
-class _ClassPart:
-    """One class's share of the score under one setting.
-
-    volumetric (uwmgi): running sums as `uwmgi_score_volumes` keeps them; per image (lgg):
-    intersection and truth + prediction pixel counts of every image.
-    """
-
-    dice_sum: float = 0.0
-    dice_count: int = 0
-    hausdorff_sum: float = 0.0
-    hausdorff_count: int = 0
-    intersections: np.ndarray | None = None
-    totals: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class _ClassRule:
-    threshold: float = 0.5
-    min_area: int = 0
-    gate_pixels: int = 0
-    gate_probability: float = 0.0
-
-
-class MaskSearch:
-    """Scores of per-class rules on `MaskData`, with the bookkeeping that makes a sweep cheap."""
-
-    def __init__(self, data: MaskData, volumetric: bool):
-        self.data = data
-        self.volumetric = volumetric
-        # (image, volume, slice) for every image, in image order.
-        self._where = sorted(
-            (i, v, z) for v, positions in enumerate(data.volumes) for z, i in enumerate(positions)
-        )
-        # Truth pixels per class, volume and slice.
-        self._truth_areas = [
-            [np.count_nonzero(truth[k], axis=(1, 2)) for truth in data.truths]
-            for k in range(len(data.classes))
-        ]
-        # Per image, uint8 [K, H, W]: how many grid thresholds each probability is above (as
-        # float32, the comparison postprocess_masks makes), so the mask at grid threshold j is
-        # `levels > j` without touching the probabilities again.
-        self._grid = np.asarray(THRESHOLD_GRID, dtype=np.float32)
-        self._levels = [
-            np.searchsorted(self._grid, p.astype(np.float32), side="left").astype(np.uint8)
-            for p in data.probabilities
-        ]
-        # Peak probability per class and image: no pixel is above a threshold at or over it.
-        self._peaks = [
-            [np.float32(p[k].max()) for p in data.probabilities] for k in range(len(data.classes))
-        ]
-        # Head probability per class and image, as postprocess_masks compares it (float64).
-        self._class_probabilities = (
-            None
-            if data.class_probabilities is None
-            else np.asarray(data.class_probabilities, dtype=np.float64).reshape(
-                len(data.probabilities), len(data.classes)
-            )
-        )
-        self._components: dict[tuple[int, float], list[tuple[np.ndarray, np.ndarray]]] = {}
-        self._hausdorff: dict[tuple, float] = {}
-        self._parts: dict[tuple, _ClassPart] = {}
-
-    def class_mask(self, i: int, k: int, threshold: float) -> np.ndarray:
-        """bool [H, W]: image i's class k probabilities above `threshold` (float32)."""
-        on_grid = np.flatnonzero(self._grid == np.float32(threshold))
-        if on_grid.size:
-            return self._levels[i][k] > on_grid[0]
-        return self.data.probabilities[i][k].astype(np.float32) > np.float32(threshold)
-
-    def components(self, k: int, threshold: float) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per image: (areas [n], overlaps with the truth [n]) of the class's 8-connected
-        components above `threshold`."""
-        key = (k, threshold)
-        if key not in self._components:
-            found = []
-            nothing = (np.zeros(0, np.int64), np.zeros(0, np.int64))
-            for i, v, z in self._where:
-                if not self._peaks[k][i] > np.float32(threshold):
-                    found.append(nothing)
-                    continue
-                mask = self.class_mask(i, k, threshold)
-                n, labels, areas = mask_components(mask)
-                truth = self.data.truths[v][k, z]
-                overlaps = np.bincount(labels[truth], minlength=n + 1)[1:].astype(np.int64)
-                found.append((areas, overlaps))
-            self._components[key] = found
-        return self._components[key]
-
-    def _predicted_volume(self, k: int, v: int, threshold: float, keeps: list[np.ndarray]):
-        """bool [D, H, W]: the kept components of one class in one volume."""
-        positions = self.data.volumes[v]
-        truth = self.data.truths[v]
-        volume = np.zeros(truth.shape[1:], dtype=bool)
-        for z, (i, keep) in enumerate(zip(positions, keeps, strict=True)):
-            if keep.all():
-                volume[z] = self.class_mask(i, k, threshold)
-            elif keep.any():
-                _, labels, _ = mask_components(self.class_mask(i, k, threshold))
-                volume[z] = np.concatenate(([False], keep))[labels]
-        return volume
-
-    def part(self, k: int, rule: _ClassRule, largest: bool, z_rule: bool) -> _ClassPart:
-        key = (k, rule, largest, z_rule)
-        if key in self._parts:
-            return self._parts[key]
-        components = self.components(k, rule.threshold)
-        part = _ClassPart()
-        n_images = len(self._where)
-        if not self.volumetric:
-            part.intersections = np.zeros(n_images, np.int64)
-            part.totals = np.zeros(n_images, np.int64)
-        for v, positions in enumerate(self.data.volumes):
-            keeps = [
-                select_components(components[i][0], rule.min_area, largest, rule.gate_pixels)
-                for i in positions
-            ]
-            if self._class_probabilities is not None:
-                # The head's gate empties the whole (image, class) mask, before z-continuity.
-                gated = self._class_probabilities[positions, k] < rule.gate_probability
-                keeps = [keep & ~g for keep, g in zip(keeps, gated, strict=True)]
-            if z_rule:
-                present = z_continuous(np.array([keep.any() for keep in keeps]))
-                keeps = [keep & p for keep, p in zip(keeps, present, strict=True)]
-            predicted = np.array(
-                [components[i][0][keep].sum() for i, keep in zip(positions, keeps, strict=True)],
-                dtype=np.int64,
-            )
-            overlap = np.array(
-                [components[i][1][keep].sum() for i, keep in zip(positions, keeps, strict=True)],
-                dtype=np.int64,
-            )
-            truth = self._truth_areas[k][v]
-            if not self.volumetric:
-                part.intersections[positions] = overlap
-                part.totals[positions] = truth + predicted
-                continue
-            # As uwmgi_score_volumes sums them: the Dice of the slices not both empty, in order.
-            scored = truth + predicted > 0
-            dice = 2.0 * overlap[scored] / (truth + predicted)[scored]
-            part.dice_sum += float(dice.sum())
-            part.dice_count += dice.size
-            truth_any, predicted_any = truth.any(), predicted.any()
-            if not truth_any and not predicted_any:
-                continue
-            if truth_any != predicted_any:
-                distance = 1.0
-            else:
-                signature = np.packbits(np.concatenate(keeps)).tobytes()
-                hkey = (k, v, rule.threshold, len(signature), signature)
-                if hkey not in self._hausdorff:
-                    predicted_volume = self._predicted_volume(k, v, rule.threshold, keeps)
-                    self._hausdorff[hkey] = hausdorff_3d(self.data.truths[v][k], predicted_volume)
-                distance = self._hausdorff[hkey]
-            part.hausdorff_sum += distance
-            part.hausdorff_count += 1
-        self._parts[key] = part
-        return part
-
-    def score_settings(self, settings: PostprocessConfig) -> float:
-        """The score of full settings by this bookkeeping (what the search compares)."""
-        gates = settings.gate_probability or [0.0] * len(self.data.classes)
-        parts = [
-            self.part(
-                k,
-                _ClassRule(
-                    settings.thresholds[k],
-                    settings.min_area[k],
-                    settings.gate_pixels[k],
-                    float(gates[k]),
-                ),
-                settings.largest_component,
-                settings.z_continuity,
-            )
-            for k in range(len(self.data.classes))
-        ]
-        return self.score(parts)
-
-    def score(self, parts: Sequence[_ClassPart]) -> float:
-        """The competition score of all classes' parts (uwmgi GI score, or mean image Dice)."""
-        if self.volumetric:
-            dice_count = sum(p.dice_count for p in parts)
-            hausdorff_count = sum(p.hausdorff_count for p in parts)
-            dice = sum(p.dice_sum for p in parts) / dice_count if dice_count else 1.0
-            hausdorff = (
-                sum(p.hausdorff_sum for p in parts) / hausdorff_count if hausdorff_count else 0.0
-            )
-            return UWMGI_DICE_WEIGHT * dice + UWMGI_HAUSDORFF_WEIGHT * (1.0 - hausdorff)
-        intersections = sum(p.intersections for p in parts)
-        totals = sum(p.totals for p in parts)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            dice = np.where(totals == 0, 1.0, 2.0 * intersections / totals)
-        return float(dice.mean()) if dice.size else 1.0
-
-
-def _scaled_grid(grid: Sequence[int], scale: float) -> list[int]:
-    return sorted({round(value * scale) for value in grid})
-
-
-def search_mask_settings(
-    data: MaskData, *, volumetric: bool, tune_z: bool, rounds: int = 2
-) -> tuple[PostprocessConfig, float]:
-    """Coordinate descent: per class threshold, min_area, gate_pixels (and gate_probability when
-    `data` has class probabilities); then largest_component (and z_continuity when `tune_z`) for
-    all classes. Returns the settings and their score."""
-    search = MaskSearch(data, volumetric)
-    n_classes = len(data.classes)
-    areas = [p.shape[1] * p.shape[2] for p in data.probabilities]
-    scale = float(np.median(areas)) / REFERENCE_AREA if areas else 1.0
-    grids = {
-        "threshold": list(THRESHOLD_GRID),
-        "min_area": _scaled_grid(MIN_AREA_GRID, scale),
-        "gate_pixels": _scaled_grid(GATE_PIXELS_GRID, scale),
-    }
-    if data.class_probabilities is not None:
-        grids["gate_probability"] = list(GATE_PROBABILITY_GRID)
-    rules = [_ClassRule() for _ in range(n_classes)]
-    flags = {"largest_component": False, "z_continuity": False}
-
-    def parts_for(rules: Sequence[_ClassRule], flags: dict[str, bool]) -> list[_ClassPart]:
-        return [
-            search.part(k, rules[k], flags["largest_component"], flags["z_continuity"])
-            for k in range(n_classes)
-        ]
-
-    parts = parts_for(rules, flags)
-    best = search.score(parts)
-    flag_names = ["largest_component", *(["z_continuity"] if tune_z else [])]
-    for _ in range(rounds):
-        improved = False
-        for k in range(n_classes):
-            for name, grid in grids.items():
-                for value in grid:
-                    candidate = dataclasses.replace(rules[k], **{name: value})
-                    if candidate == rules[k]:
-                        continue
-                    part = search.part(
-                        k, candidate, flags["largest_component"], flags["z_continuity"]
-                    )
-                    score = search.score([*parts[:k], part, *parts[k + 1 :]])
-                    if score > best + IMPROVEMENT:
-                        best, rules[k], improved = score, candidate, True
-                        parts[k] = part
-        for name in flag_names:
-            candidate_flags = {**flags, name: not flags[name]}
-            candidate_parts = parts_for(rules, candidate_flags)
-            score = search.score(candidate_parts)
-            if score > best + IMPROVEMENT:
-                best, flags, parts, improved = score, candidate_flags, candidate_parts, True
-        if not improved:
-            break
-    settings = PostprocessConfig(
-        classes=list(data.classes),
-        thresholds=[rule.threshold for rule in rules],
-        min_area=[rule.min_area for rule in rules],
-        gate_pixels=[rule.gate_pixels for rule in rules],
-        gate_probability=(
-            [rule.gate_probability for rule in rules]
-            if any(rule.gate_probability > 0 for rule in rules)
-            else None
-        ),
-        **flags,
-    )
-    return settings, best
-
-
-def _mask_volumes(
-    data: MaskData, settings: PostprocessConfig
-) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, truth, prediction) per volume, both bool [D, H, W, K], by the public functions."""
-    heads = data.class_probabilities
-    for name, positions, truth in zip(data.names, data.volumes, data.truths, strict=True):
-        masks = np.stack(
-            [
-                postprocess_masks(
-                    data.probabilities[i].astype(np.float32),
-                    settings,
-                    class_probabilities=None if heads is None else heads[i],
-                )
-                for i in positions
-            ]
-        )
-        if settings.z_continuity:
-            masks = apply_z_continuity(masks)
-        yield name, np.moveaxis(truth, 0, -1), np.moveaxis(masks, 1, -1)
-
-
-def score_uwmgi_settings(data: MaskData, settings: PostprocessConfig) -> dict[str, float]:
-    """The GI score of the OOF masks under `settings`: score, dice, hausdorff, and per class."""
-    result = uwmgi_score_volumes(_mask_volumes(data, settings), data.classes)
-    scores = {name: float(result[name]) for name in ("score", "dice", "hausdorff")}
-    for name, values in result["per_class"].items():
-        scores[f"dice_{name}"] = float(values["dice"])
-        scores[f"hausdorff_{name}"] = float(values["hausdorff"])
-    return scores
-
-
-def score_image_dice_settings(data: MaskData, settings: PostprocessConfig) -> dict[str, float]:
-    """Mean per-image pixel Dice (all classes pooled), as `kseg train` scores lgg folds."""
-    dice = [
-        pixel_metrics(truth, prediction)["dice"]
-        for _, truth, prediction in _mask_volumes(data, settings)
-    ]
-    value = float(np.mean(dice)) if dice else 1.0
-    return {"score": value, "dice": value}
-
-
-def read_mask_data(
+def read_mask_source(
     competition: Any,
     rows: pd.DataFrame,
-    probabilities: dict[str, np.ndarray],
+    files: dict[str, ProbabilityFile],
     classes: Sequence[str],
     volume_column: str | None,
     class_probabilities: dict[str, np.ndarray] | None = None,
-) -> MaskData:
-    """`MaskData` of table rows: truths read once with `competition.read_mask`; volumes are the
-    groups of `volume_column` (rows already in slice order), or single images when None.
-    `class_probabilities`: id -> [K] of a classification head, to tune its gate."""
+) -> tuple[MaskSource, list[str]]:
+    """The search's view of table rows (rows in slice order within each volume): volumes are
+    the groups of `volume_column`, or single images when None; probabilities read from
+    `files` (id -> its OOF file) a volume at a time, truths with `competition.read_mask`.
+    Returns the source and each volume's name."""
     records = rows.to_dict("records")
     if volume_column is None:
         groups = [[i] for i in range(len(records))]
@@ -607,57 +294,195 @@ def read_mask_data(
             list(positions)
             for _, positions in rows.groupby(volume_column, sort=True).indices.items()
         ]
-    truths, names = [], []
-    for positions in groups:
-        masks = [competition.read_mask(records[i]) for i in positions]
-        shapes = {m.shape for m in masks}
-        if len(shapes) != 1:
+    order = [i for positions in groups for i in positions]
+    records = [records[i] for i in order]
+    starts = np.cumsum([0, *(len(g) for g in groups)]).astype(np.int64)
+    shapes, names = [], []
+    for v in range(len(groups)):
+        volume = records[starts[v] : starts[v + 1]]
+        sizes = {(int(r["height"]), int(r["width"])) for r in volume}
+        if len(sizes) != 1:
             raise KsegError(
-                f"{records[positions[0]][volume_column]}: slices of different sizes "
-                f"{sorted(shapes)} in one volume"
+                f"{volume[0][volume_column]}: slices of different sizes {sorted(sizes)} in one "
+                "volume"
             )
-        # [D, H, W, K] -> [K, D, H, W]: one class's volume is then contiguous.
-        truths.append(np.ascontiguousarray(np.moveaxis(np.stack(masks) > 0, -1, 0)))
-        first = records[positions[0]]
-        names.append(str(first[volume_column] if volume_column else first["id"]))
-    return MaskData(
+        shapes.append(sizes.pop())
+        names.append(str(volume[0][volume_column] if volume_column else volume[0]["id"]))
+    ids = [r["id"] for r in records]
+    dtypes = {files[i].header(i)[1] for i in ids}
+    if len(dtypes) > 1:
+        raise KsegError(
+            f"the folds store probabilities as {' and '.join(sorted(map(str, dtypes)))}: tune "
+            "folds trained with one train.oof_dtype"
+        )
+
+    def read_slices(v: int) -> tuple[np.ndarray, np.ndarray, np.dtype]:
+        volume = ids[starts[v] : starts[v + 1]]
+        holders = {id(files[i]) for i in volume}
+        first = files[volume[0]]
+        offsets = [first.data_offset(i) for i in volume] if len(holders) == 1 else [None]
+        if None not in offsets:
+            return first.buffer, np.asarray(offsets, dtype=np.int64), first[volume[0]].dtype
+        # Compressed (or split) OOF: this volume's arrays, decompressed into one buffer.
+        arrays = [files[i][i] for i in volume]
+        size = arrays[0].nbytes
+        buffer = np.empty(size * len(arrays), dtype=np.uint8)
+        for z, array in enumerate(arrays):
+            buffer[z * size : (z + 1) * size] = np.ascontiguousarray(array).view(np.uint8).ravel()
+        return buffer, np.arange(len(arrays), dtype=np.int64) * size, arrays[0].dtype
+
+    def read_truth(v: int) -> np.ndarray:
+        volume = records[starts[v] : starts[v + 1]]
+        if hasattr(competition, "read_mask_stack"):  # uwmgi: one decode for the volume
+            return competition.read_mask_stack(volume)
+        masks = [competition.read_mask(r) for r in volume]
+        # [D, H, W, K] -> [K, D, H, W]: one class's volume is contiguous.
+        return np.ascontiguousarray(np.moveaxis(np.stack(masks), -1, 0))
+
+    heads = None
+    if class_probabilities is not None:
+        heads = np.stack([np.asarray(class_probabilities[i], np.float32) for i in ids])
+    source = MaskSource(
         classes=list(classes),
-        probabilities=[probabilities[r["id"]] for r in records],
-        truths=truths,
-        volumes=groups,
-        names=names,
-        class_probabilities=(
-            None
-            if class_probabilities is None
-            else [np.asarray(class_probabilities[r["id"]], np.float32) for r in records]
-        ),
+        volume_starts=starts,
+        shapes=shapes,
+        dtype=dtypes.pop() if dtypes else np.dtype(np.float16),
+        read_slices=read_slices,
+        read_truth=read_truth,
+        class_probabilities=heads,
+    )
+    return source, names
+
+
+def _mask_volumes(
+    source: MaskSource, names: Sequence[str], settings: PostprocessConfig, description: str
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, truth, prediction) per volume, both bool [D, H, W, K], by the public functions,
+    computed a few volumes ahead on worker threads."""
+    heads = source.class_probabilities
+    display = make_progress(source.n_slices, description, "images")
+
+    def one(v: int) -> tuple[str, np.ndarray, np.ndarray]:
+        buffer, offsets, dtype = source.read_slices(v)
+        height, width = source.shapes[v]
+        count = len(source.classes) * height * width
+        masks = []
+        for z, offset in enumerate(offsets):
+            stored = buffer[offset : offset + count * dtype.itemsize].view(dtype)
+            probabilities = decode_probabilities(stored.reshape(-1, height, width))
+            i = int(source.volume_starts[v]) + z
+            head = None if heads is None else heads[i]
+            masks.append(postprocess_masks(probabilities, settings, class_probabilities=head))
+        masks = np.stack(masks)
+        if settings.z_continuity:
+            masks = apply_z_continuity(masks)
+        truth = source.read_truth(v)
+        display.advance(len(offsets))
+        return names[v], np.moveaxis(truth, 0, -1), np.moveaxis(masks, 1, -1)
+
+    try:
+        yield from ordered_map(one, range(source.n_volumes), default_workers())
+    finally:
+        display.close()
+
+
+def score_uwmgi_settings(
+    source: MaskSource, names: Sequence[str], settings: PostprocessConfig, what: str = "score"
+) -> dict[str, float]:
+    """The GI score of the OOF masks under `settings`: score, dice, hausdorff, and per class."""
+    volumes = _mask_volumes(source, names, settings, f"tune: {what}")
+    result = uwmgi_score_volumes(volumes, source.classes)
+    scores = {name: float(result[name]) for name in ("score", "dice", "hausdorff")}
+    for name, values in result["per_class"].items():
+        scores[f"dice_{name}"] = float(values["dice"])
+        scores[f"hausdorff_{name}"] = float(values["hausdorff"])
+    return scores
+
+
+def score_image_dice_settings(
+    source: MaskSource, names: Sequence[str], settings: PostprocessConfig, what: str = "score"
+) -> dict[str, float]:
+    """Mean per-image pixel Dice (all classes pooled), as `kseg train` scores lgg folds."""
+    dice = [
+        pixel_metrics(truth, prediction)["dice"]
+        for _, truth, prediction in _mask_volumes(source, names, settings, f"tune: {what}")
+    ]
+    value = float(np.mean(dice)) if dice else 1.0
+    return {"score": value, "dice": value}
+
+
+def _tune_masks(
+    competition, rows, files, classes, rounds, class_probabilities, *, volumetric: bool
+):
+    volume_column = "case_day" if volumetric else None
+    if volumetric:
+        rows = rows.sort_values(["case_day", "slice_index"], kind="stable").reset_index(drop=True)
+    source, names = read_mask_source(
+        competition, rows, files, classes, volume_column, class_probabilities
+    )
+    started = time.perf_counter()
+    stats = collect_mask_stats(source, volumetric=volumetric)
+    report = SearchReport(seconds={"statistics": time.perf_counter() - started})
+    started = time.perf_counter()
+    search = FastMaskSearch(source, stats, volumetric)
+    settings, _ = search_mask_settings(
+        search,
+        classes,
+        median_area=median_image_area(source),
+        with_heads=source.class_probabilities is not None,
+        tune_z=volumetric,
+        rounds=rounds,
+        report=report,
+    )
+    report.seconds["search"] = time.perf_counter() - started
+    # The defaults were scored exactly as the search's start; the chosen settings are scored
+    # again below by the public path, which checks the bookkeeping on what gets written.
+    defaults = default_postprocess(classes)
+    before = describe_parts(settings_parts(search, defaults), classes, volumetric)
+    scorer = score_uwmgi_settings if volumetric else score_image_dice_settings
+    score = lambda data, s, what: scorer(*data, s, what)  # noqa: E731
+    return Tuned(settings, (source, names), score, report, before)
+
+
+def _tune_uwmgi(competition, rows, files, classes, rounds, class_probabilities=None):
+    return _tune_masks(
+        competition, rows, files, classes, rounds, class_probabilities, volumetric=True
     )
 
 
-def _tune_uwmgi(competition, rows, probabilities, classes, rounds, class_probabilities=None):
-    rows = rows.sort_values(["case_day", "slice_index"], kind="stable").reset_index(drop=True)
-    data = read_mask_data(
-        competition, rows, probabilities, classes, "case_day", class_probabilities
+def _tune_lgg(competition, rows, files, classes, rounds, class_probabilities=None):
+    return _tune_masks(
+        competition, rows, files, classes, rounds, class_probabilities, volumetric=False
     )
-    settings, _ = search_mask_settings(data, volumetric=True, tune_z=True, rounds=rounds)
-    return settings, data, score_uwmgi_settings
-
-
-def _tune_lgg(competition, rows, probabilities, classes, rounds, class_probabilities=None):
-    data = read_mask_data(competition, rows, probabilities, classes, None, class_probabilities)
-    settings, _ = search_mask_settings(data, volumetric=False, tune_z=False, rounds=rounds)
-    return settings, data, score_image_dice_settings
 
 
 # ----------------------------------------------------------------------------- dsb2018 instances
 
 
+class LazyProbabilities(Sequence[np.ndarray]):
+    """float32 [K, H, W] probabilities of ids, decoded from their (mapped) OOF file on each
+    access: nothing is held in memory."""
+
+    def __init__(self, ids: Sequence[str], files: dict[str, ProbabilityFile]):
+        self.ids, self.files = list(ids), files
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        image_id = self.ids[i]
+        return decode_probabilities(self.files[image_id][image_id])
+
+
 @dataclass
 class InstanceData:
-    """dsb2018 inputs: [K, H, W] probabilities (K = 1, or 2 with borders) and int32 truth labels."""
+    """dsb2018 inputs: [K, H, W] probabilities (K = 1, or 2 with borders; a LazyProbabilities
+    reads them from the OOF on each access) and int32 truth labels."""
 
     classes: list[str]
-    probabilities: list[np.ndarray]
+    probabilities: Sequence[np.ndarray]
     truths: list[np.ndarray]
 
 
@@ -686,6 +511,7 @@ def search_instance_settings(
     def scores(threshold: float, border_threshold: float) -> dict[int, float]:
         key = (threshold, border_threshold)
         if key not in tables:
+            display.advance()
             settings = _instance_settings(data.classes, threshold, border_threshold, 0)
             per_image = {m: [] for m in min_nuclei}
             for probabilities, truth in zip(data.probabilities, data.truths, strict=True):
@@ -703,6 +529,9 @@ def search_instance_settings(
             tables[key] = {m: float(np.mean(v)) if v else 1.0 for m, v in per_image.items()}
         return tables[key]
 
+    # At most one table per (threshold, border threshold) pair.
+    n_pairs = len(THRESHOLD_GRID) ** (2 if has_border else 1)
+    display = make_progress(n_pairs, "tune: search", "thresholds")
     current = {"threshold": 0.5, "border_threshold": 0.5, "min_nucleus": defaults.min_nucleus}
     best = scores(0.5, 0.5)[current["min_nucleus"]]
     names = ["threshold", *(["border_threshold"] if has_border else [])]
@@ -718,37 +547,56 @@ def search_instance_settings(
                         current = {**candidate, "min_nucleus": min_nucleus}
         if not improved:
             break
+    display.close()
     settings = _instance_settings(
         data.classes, current["threshold"], current["border_threshold"], current["min_nucleus"]
     )
     return settings, best
 
 
-def score_instance_settings(data: InstanceData, settings: PostprocessConfig) -> dict[str, float]:
+def score_instance_settings(
+    data: InstanceData, settings: PostprocessConfig, what: str = "score"
+) -> dict[str, float]:
     """DSB 2018 mAP of `postprocess_instances` under `settings`, averaged over the images."""
-    scores = [
-        dsb_image_score(truth, postprocess_instances(p.astype(np.float32), settings))
-        for p, truth in zip(data.probabilities, data.truths, strict=True)
-    ]
+    display = make_progress(len(data.truths), f"tune: {what}", "images")
+    scores = []
+    for p, truth in zip(data.probabilities, data.truths, strict=True):
+        scores.append(dsb_image_score(truth, postprocess_instances(p.astype(np.float32), settings)))
+        display.advance()
+    display.close()
     value = float(np.mean(scores)) if scores else 1.0
     return {"score": value, "map": value}
 
 
-def _tune_dsb2018(competition, rows, probabilities, classes, rounds, class_probabilities=None):
+def _tune_dsb2018(competition, rows, files, classes, rounds, class_probabilities=None):
     # The nuclei split has no per-class gate: a head's probabilities are not used.
     records = rows.to_dict("records")
     data = InstanceData(
         classes=list(classes),
-        probabilities=[probabilities[r["id"]] for r in records],
+        probabilities=LazyProbabilities([r["id"] for r in records], files),
         truths=[competition.read_instances(r) for r in records],
     )
     settings, _ = search_instance_settings(data, rounds=rounds)
-    return settings, data, score_instance_settings
+    return Tuned(settings, data, score_instance_settings)
 
 
 # ----------------------------------------------------------------------------- entry point
 
-_Tuner = Callable[..., tuple[PostprocessConfig, Any, Callable[[Any, PostprocessConfig], dict]]]
+
+@dataclass
+class Tuned:
+    """A tuner's answer: the settings, its data and scorer (the public path) for the before /
+    after numbers, and what the mask search did; `before` when the search already scored the
+    defaults exactly."""
+
+    settings: PostprocessConfig
+    data: Any
+    score: Callable[..., dict[str, float]]
+    report: SearchReport | None = None
+    before: dict[str, float] | None = None
+
+
+_Tuner = Callable[..., Tuned]
 TUNERS: dict[str, _Tuner] = {
     "uwmgi": _tune_uwmgi,
     "dsb2018": _tune_dsb2018,
@@ -788,14 +636,19 @@ def tune_experiment(
     tuner = get_tuner(competition.name)
     classes = model_classes(config)
     group_column = "case_day" if competition.name == "uwmgi" else "group"
-    rows = _read_rows(folds, config, experiment_dir, group_column, max_images, seed)
-    probabilities = _load_probabilities(folds, rows, classes)
+    files = _open_folds(folds)
+    rows = _read_rows(folds, files, config, experiment_dir, group_column, max_images, seed)
+    holders = _probability_files(files, rows, classes)
     class_probabilities = _load_class_probabilities(folds, rows, classes)
-    settings, data, score = tuner(
-        competition, rows, probabilities, classes, rounds, class_probabilities=class_probabilities
+    tuned = tuner(
+        competition, rows, holders, classes, rounds, class_probabilities=class_probabilities
     )
-    before = score(data, default_postprocess(classes))
-    after = score(data, settings)
+    settings, data, score, report = tuned.settings, tuned.data, tuned.score, tuned.report
+    started = time.perf_counter()
+    before = tuned.before or score(data, default_postprocess(classes), "score with defaults")
+    after = score(data, settings, "score tuned")
+    if report is not None:
+        report.seconds["scoring"] = time.perf_counter() - started
     if after["score"] < before["score"] or math.isnan(after["score"]):
         # Cannot happen while the search's bookkeeping matches the public path (tested); if it
         # ever does, the defaults are the safe answer.
@@ -808,4 +661,5 @@ def tune_experiment(
         n_images=len(rows),
         folds=[fold for fold, _ in folds],
         path=path,
+        search=report,
     )

@@ -22,9 +22,11 @@ from kaggle_seg.models import build_model
 from kaggle_seg.postprocess import PostprocessConfig, default_postprocess, save_postprocess
 from kaggle_seg.predict import load_ensemble, predict_probabilities
 from kaggle_seg.prepare import prepare_table, read_table
+from kaggle_seg.probabilities import open_probabilities
+from kaggle_seg.search import FastMaskSearch, collect_mask_stats
 from kaggle_seg.submit import write_submission
 from kaggle_seg.train import load_class_oof, load_oof, save_class_oof, train_fold
-from kaggle_seg.tune import MaskSearch, read_mask_data, score_uwmgi_settings, tune_experiment
+from kaggle_seg.tune import read_mask_source, score_uwmgi_settings, tune_experiment
 
 UWMGI_CLASSES = ("large_bowel", "small_bowel", "stomach")
 # The smallest smp encoder that builds offline: a 0.3M-parameter model with its decoder.
@@ -289,15 +291,17 @@ def test_search_bookkeeping_matches_the_metric_with_a_gate(gated_experiment: Pat
     root = gated_experiment.parent.parent
     table = read_table(root / "table.csv")
     competition = get_competition("uwmgi")
-    masks, heads = {}, {}
+    files, heads = {}, {}
     for fold in (0, 1):
-        masks.update(load_oof(gated_experiment / f"fold_{fold}" / "oof.npz"))
+        file = open_probabilities(gated_experiment / f"fold_{fold}" / "oof.npz")
+        files.update(dict.fromkeys(file, file))
         heads.update(load_class_oof(gated_experiment / f"fold_{fold}" / "oof_classes.npz"))
     rng = np.random.default_rng(2)
     heads = {k: rng.uniform(0, 1, 3).astype(np.float32) for k in heads}  # gates that hurt too
     classes = list(UWMGI_CLASSES)
-    data = read_mask_data(competition, table, masks, classes, "case_day", heads)
-    search = MaskSearch(data, volumetric=True)
+    table = table.sort_values(["case_day", "slice_index"], kind="stable")
+    source, names = read_mask_source(competition, table, files, classes, "case_day", heads)
+    search = FastMaskSearch(source, collect_mask_stats(source, volumetric=True), volumetric=True)
     for trial in range(4):
         settings = default_postprocess(classes).model_copy(
             update={
@@ -308,7 +312,8 @@ def test_search_bookkeeping_matches_the_metric_with_a_gate(gated_experiment: Pat
             }
         )
         fast = search.score_settings(settings)
-        assert fast == pytest.approx(score_uwmgi_settings(data, settings)["score"], abs=1e-12)
+        expected = score_uwmgi_settings(source, names, settings)["score"]
+        assert fast == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.slow  # about a minute on two CPU cores

@@ -464,6 +464,98 @@ def test_decode_rles_per_row_shapes() -> None:
     np.testing.assert_array_equal(got[2], [[1, 1]])
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_decode_into_the_callers_buffer(order: str) -> None:
+    rle = RLE_3X4_C if order == "C" else RLE_3X4_F
+    out = np.zeros((3, 4), np.uint8)
+    assert decode_rle(rle, (3, 4), order, out=out) is out
+    np.testing.assert_array_equal(out, MASK_3X4)
+    # Only the runs are written: a pixel already set stays set (an OR), bool works too.
+    flags = np.zeros((3, 4), bool)
+    flags[2, 3] = True
+    decode_rle(rle, (3, 4), order, out=flags)
+    np.testing.assert_array_equal(
+        flags, MASK_3X4.astype(bool) | (np.arange(12) == 11).reshape(3, 4)
+    )
+    stack = np.zeros((2, 3, 4), np.uint8)
+    decode_rle(rle, (3, 4), order, out=stack[1])  # a contiguous slot of a stack
+    np.testing.assert_array_equal(stack[1], MASK_3X4)
+    assert not stack[0].any()
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (np.zeros((4, 3), np.uint8), r"shape \(3, 4\), got uint8 \(4, 3\)"),
+        (np.zeros((3, 4), np.int32), r"uint8 array of shape \(3, 4\), got int32"),
+        (np.zeros((4, 3), np.uint8).T, "not C-contiguous"),
+        ([[0] * 4] * 3, "must be a numpy array, got list"),
+    ],
+)
+def test_decode_out_must_fit(out: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        decode_rle(RLE_3X4_C, (3, 4), "C", out=out)  # type: ignore[arg-type]
+    read_only = np.zeros((3, 4), np.uint8)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        decode_rle(RLE_3X4_C, (3, 4), "C", out=read_only)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_decode_rles_stack_out_and_index(order: str) -> None:
+    rle = RLE_3X4_C if order == "C" else RLE_3X4_F
+    stack = decode_rles([rle, "", "1 1"], (3, 4), order)
+    assert stack.shape == (3, 3, 4) and stack.dtype == np.uint8 and stack.flags.c_contiguous
+    np.testing.assert_array_equal(stack[0], MASK_3X4)
+    assert not stack[1].any() and stack[2].sum() == 1 and stack[2, 0, 0] == 1
+    # Rows into chosen slots of a caller's stack; two rows in one slot are united.
+    out = np.zeros((4, 3, 4), bool)
+    assert decode_rles([rle, "1 1", None], (3, 4), order, out=out, index=[2, 2, 0]) is out
+    np.testing.assert_array_equal(out[2], MASK_3X4 | (np.arange(12) == 0).reshape(3, 4))
+    assert not out[0].any() and not out[1].any() and not out[3].any()
+    # Without out, the stack is as deep as the largest slot.
+    assert decode_rles(["1 1"], (3, 4), order, index=[3]).shape == (4, 3, 4)
+    with pytest.raises(ValueError, match=r"index must lie in \[0, 4\)"):
+        decode_rles(["1 1"], (3, 4), order, out=out, index=[4])
+    with pytest.raises(ValueError, match="index has 1 entries for 2 RLE strings"):
+        decode_rles(["1 1", ""], (3, 4), order, index=[0])
+    with pytest.raises(ValueError, match="need one"):
+        decode_rles(["1 1"], [(3, 4)], order, out=out)
+
+
+def test_decode_rles_per_row_shapes_share_one_buffer() -> None:
+    got = decode_rles(["1 2", "3 1"], [(2, 2), (1, 3)], "C")
+    assert got[0].base is not None and got[0].base is got[1].base
+    np.testing.assert_array_equal(got[1], [[0, 0, 1]])
+
+
+def test_labels_into_the_callers_buffer() -> None:
+    out = np.zeros((3, 4), np.int32)
+    assert decode_rles_to_labels([RLE_3X4_C, "1 1"], (3, 4), "C", out=out) is out
+    np.testing.assert_array_equal(out, MASK_3X4 + 2 * (np.arange(12) == 0).reshape(3, 4))
+    with pytest.raises(ValueError, match="int32 array of shape"):
+        decode_rles_to_labels(["1 1"], (3, 4), "C", out=np.zeros((3, 4), np.uint8))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 20), st.integers(1, 20)),
+    seeds=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=6),
+    order=st.sampled_from(["C", "F"]),
+    slots=st.data(),
+)
+def test_decode_rles_index_is_an_or_of_the_rows(
+    shape: tuple[int, int], seeds: list[int], order: str, slots: st.DataObject
+) -> None:
+    masks = [np.random.default_rng(seed).random(shape) < 0.4 for seed in seeds]
+    index = slots.draw(st.lists(st.integers(0, 2), min_size=len(masks), max_size=len(masks)))
+    stack = decode_rles([encode_rle(m, order) for m in masks], shape, order, index=index)
+    expected = np.zeros((max(index) + 1, *shape), bool)
+    for mask, slot in zip(masks, index, strict=True):
+        expected[slot] |= mask
+    np.testing.assert_array_equal(stack, expected)
+
+
 def test_encode_rles_stack() -> None:
     stack = np.stack([MASK_3X4, 1 - MASK_3X4, 0 * MASK_3X4])
     assert encode_rles(stack, "C") == [RLE_3X4_C, "1 1 4 3 10 3", ""]

@@ -1,5 +1,7 @@
-"""`kseg tune` on tiny fake experiments: a uwmgi phantom and real DSB 2018 images, with OOF
-probabilities made from the truth (blurred, noised, plus small spurious blobs)."""
+"""`kseg tune` on tiny experiments: a uwmgi phantom and real DSB 2018 / LGG images, with OOF
+probabilities made from the truth (blurred, noised, plus small spurious blobs) or from a tiny
+training run; the fast search against the exhaustive one (every candidate scored by the public
+post-processing and metric functions)."""
 
 from __future__ import annotations
 
@@ -22,9 +24,20 @@ from kaggle_seg.postprocess import (
     postprocess_masks,
 )
 from kaggle_seg.prepare import prepare_table, read_table
+from kaggle_seg.probabilities import open_probabilities
+from kaggle_seg.search import (
+    ClassPart,
+    ClassRule,
+    FastMaskSearch,
+    SearchReport,
+    collect_mask_stats,
+    median_image_area,
+    score_parts,
+    search_mask_settings,
+    settings_parts,
+)
 from kaggle_seg.tune import (
-    MaskSearch,
-    read_mask_data,
+    read_mask_source,
     score_image_dice_settings,
     score_uwmgi_settings,
     tune_experiment,
@@ -129,56 +142,222 @@ def test_tune_uwmgi_improves_the_gi_score(uwmgi_root: Path) -> None:
     )
 
 
+def open_oof(root: Path) -> dict:
+    """id -> the OOF file holding it, over the experiment's folds."""
+    files = {}
+    for path in sorted((root / "runs" / "exp").glob("fold_*/oof.npz")):
+        file = open_probabilities(path)
+        files.update(dict.fromkeys(file, file))
+    return files
+
+
+def mask_source(root: Path, volumes: bool, heads: dict | None = None, table=None):
+    table = read_table(root / "table.csv") if table is None else table
+    if volumes:
+        table = table.sort_values(["case_day", "slice_index"], kind="stable")
+    competition = get_competition(table_competition(table))
+    classes = list(competition.classes)
+    column = "case_day" if volumes else None
+    return read_mask_source(competition, table, open_oof(root), classes, column, heads)
+
+
+def table_competition(table) -> str:
+    return "uwmgi" if "case_day" in table.columns else "lgg"
+
+
+class PublicPathSearch:
+    """The exhaustive search's scorer: every candidate scored by `postprocess_masks`,
+    `apply_z_continuity` and the metric's own per-slice Dice and `hausdorff_3d`, volume by
+    volume, as `uwmgi_score_volumes` does (lgg: the per-image pixel Dice)."""
+
+    def __init__(self, source, volumetric: bool):
+        from kaggle_seg.probabilities import decode_probabilities
+
+        self.source, self.volumetric = source, volumetric
+        self.classes = source.classes
+        self.slices = []  # per volume: float32 [D, K, H, W]
+        for v in range(source.n_volumes):
+            buffer, offsets, dtype = source.read_slices(v)
+            height, width = source.shapes[v]
+            n = len(self.classes) * height * width * dtype.itemsize
+            self.slices.append(
+                np.stack(
+                    [
+                        decode_probabilities(
+                            buffer[o : o + n].view(dtype).reshape(-1, height, width)
+                        )
+                        for o in offsets
+                    ]
+                )
+            )
+        self.parts: dict = {}
+
+    def part(self, k: int, rule: ClassRule, largest: bool, z_rule: bool) -> ClassPart:
+        from kaggle_seg.metrics import gi_dice_per_slice, hausdorff_3d
+
+        key = (k, rule, largest, z_rule)
+        if key in self.parts:
+            return self.parts[key]
+        n = len(self.classes)
+        settings = PostprocessConfig(
+            classes=self.classes,
+            thresholds=[rule.threshold] * n,
+            min_area=[rule.min_area] * n,
+            gate_pixels=[rule.gate_pixels] * n,
+            gate_probability=[rule.gate_probability] * n if rule.gate_probability else None,
+            largest_component=largest,
+            z_continuity=z_rule,
+        )
+        heads = self.source.class_probabilities
+        part = ClassPart()
+        intersections, totals = [], []
+        for v, volume in enumerate(self.slices):
+            first = int(self.source.volume_starts[v])
+            masks = np.stack(
+                [
+                    postprocess_masks(
+                        p, settings, class_probabilities=None if heads is None else heads[first + z]
+                    )
+                    for z, p in enumerate(volume)
+                ]
+            )
+            if z_rule:
+                masks = apply_z_continuity(masks)
+            prediction = masks[:, k].astype(bool)
+            truth = self.source.read_truth(v)[k].astype(bool)
+            if not self.volumetric:
+                intersections.append(np.count_nonzero(truth & prediction))
+                totals.append(np.count_nonzero(truth) + np.count_nonzero(prediction))
+                continue
+            dice = gi_dice_per_slice(truth, prediction)
+            dice = dice[~np.isnan(dice)]
+            part.dice_sum += float(dice.sum())
+            part.dice_count += dice.size
+            distance = hausdorff_3d(truth, prediction)
+            if not np.isnan(distance):
+                part.hausdorff_sum += distance
+                part.hausdorff_count += 1
+        if not self.volumetric:
+            part.intersections = np.array(intersections)
+            part.totals = np.array(totals)
+        self.parts[key] = part
+        return part
+
+    bound = part
+
+    def score(self, parts) -> float:
+        return score_parts(parts, self.volumetric)
+
+
+def search_both(source, volumetric: bool, tune_z: bool):
+    """(settings and score) of the fast search and of the exhaustive one, and the report."""
+    report = SearchReport()
+    options = dict(
+        median_area=median_image_area(source),
+        with_heads=source.class_probabilities is not None,
+        tune_z=tune_z,
+    )
+    fast = FastMaskSearch(source, collect_mask_stats(source, volumetric=volumetric), volumetric)
+    found = search_mask_settings(fast, source.classes, report=report, **options)
+    reference = PublicPathSearch(source, volumetric)
+    exhaustive = search_mask_settings(reference, source.classes, **options)
+    return found, exhaustive, report
+
+
+def test_fast_search_equals_the_exhaustive_search(uwmgi_root: Path) -> None:
+    source, _ = mask_source(uwmgi_root, volumes=True)
+    (fast, fast_score), (settings, score), report = search_both(source, True, tune_z=True)
+    assert fast == settings
+    assert fast_score == pytest.approx(score, abs=1e-12)
+    # The bounds did their job: most candidates were passed over without a mask being built.
+    assert report.passed_over > report.scored > 0
+    # With a head's gate (random probabilities: gates that help and that hurt).
+    rng = np.random.default_rng(3)
+    table = read_table(uwmgi_root / "table.csv")
+    heads = {i: rng.uniform(0.0, 1.0, 3).astype(np.float32) for i in table["id"]}
+    source, _ = mask_source(uwmgi_root, volumes=True, heads=heads)
+    (fast, fast_score), (settings, score), _ = search_both(source, True, tune_z=True)
+    assert fast == settings
+    assert fast_score == pytest.approx(score, abs=1e-12)
+
+
+def test_fast_search_equals_the_exhaustive_search_on_hard_cases(
+    uwmgi_root: Path, tmp_path: Path
+) -> None:
+    # Heavy noise: fragments of organs that min_area removes, specks that tie for the largest
+    # component, slices that z-continuity empties, in uint8 (256 levels) this time.
+    table = read_table(uwmgi_root / "table.csv")
+    competition = get_competition("uwmgi")
+    rng = np.random.default_rng(7)
+    oof = {}
+    for row in table.to_dict("records"):
+        truth = np.moveaxis(competition.read_mask(row), -1, 0).astype(np.float32)
+        speckle = (rng.random(truth.shape) < 0.004) * 0.6
+        oof[row["id"]] = np.clip(0.6 * truth + rng.normal(0, 0.2, truth.shape) + speckle, 0, 1)
+    config = ExperimentConfig(data=DataConfig(competition="uwmgi", table=uwmgi_root / "table.csv"))
+    write_experiment(tmp_path, config, [oof], dtype="uint8")
+    shutil.copy(uwmgi_root / "table.csv", tmp_path / "table.csv")
+    source, _ = mask_source(tmp_path, volumes=True, table=table)
+    (fast, fast_score), (settings, score), report = search_both(source, True, tune_z=True)
+    assert fast == settings
+    assert fast_score == pytest.approx(score, abs=1e-12)
+    assert report.hausdorff_volumes > 0  # some masks had to be built and measured in full
+
+
 def test_search_bookkeeping_matches_the_metric(uwmgi_root: Path) -> None:
     table = read_table(uwmgi_root / "table.csv")
-    from kaggle_seg.train import load_oof
-
-    oof = {}
-    for fold in (0, 1):
-        oof.update(load_oof(uwmgi_root / "runs" / "exp" / f"fold_{fold}" / "oof.npz"))
     classes = list(get_competition("uwmgi").classes)
-    competition = get_competition("uwmgi")
-    volumes = read_mask_data(competition, table, oof, classes, "case_day")
-    images = read_mask_data(competition, table, oof, classes, None)
     rng = np.random.default_rng(1)
-    for trial in range(4):
-        settings = PostprocessConfig(
-            classes=classes,
-            thresholds=rng.choice([0.3, 0.42, 0.5, 0.65], 3).tolist(),
-            min_area=rng.choice([0, 8, 40, 400], 3).tolist(),
-            gate_pixels=rng.choice([0, 50, 900], 3).tolist(),
-            largest_component=bool(trial % 2),
-            z_continuity=trial >= 2,
-        )
-        fast = MaskSearch(volumes, volumetric=True).score_settings(settings)
-        assert fast == pytest.approx(score_uwmgi_settings(volumes, settings)["score"], abs=1e-12)
-        settings.z_continuity = False
-        fast = MaskSearch(images, volumetric=False).score_settings(settings)
-        assert fast == pytest.approx(
-            score_image_dice_settings(images, settings)["score"], abs=1e-12
-        )
+    heads = {image_id: rng.uniform(0.0, 1.0, 3).astype(np.float32) for image_id in table["id"]}
+    for with_heads in (False, True):
+        volumes, names = mask_source(uwmgi_root, True, heads if with_heads else None)
+        images, image_names = mask_source(uwmgi_root, False, heads if with_heads else None, table)
+        fast_volumes = FastMaskSearch(volumes, collect_mask_stats(volumes, volumetric=True), True)
+        fast_images = FastMaskSearch(images, collect_mask_stats(images, volumetric=False), False)
+        for trial in range(5):
+            settings = PostprocessConfig(
+                classes=classes,
+                thresholds=rng.choice([0.3, 0.45, 0.5, 0.65], 3).tolist(),
+                min_area=rng.choice([0, 8, 40, 400], 3).tolist(),
+                gate_pixels=rng.choice([0, 50, 900], 3).tolist(),
+                gate_probability=rng.choice([0.0, 0.25, 0.9], 3).tolist() if with_heads else None,
+                largest_component=bool(trial % 2),
+                z_continuity=trial >= 2,
+            )
+            # The bound is exact in its Dice and never above the exact Hausdorff sum.
+            gates = settings.gate_probability or [0.0] * 3
+            for k in range(3):
+                rule = ClassRule(
+                    settings.thresholds[k], settings.min_area[k], settings.gate_pixels[k], gates[k]
+                )
+                flags = (settings.largest_component, settings.z_continuity)
+                bound = fast_volumes.bound(k, rule, *flags)
+                exact = fast_volumes.part(k, rule, *flags)
+                assert bound.dice_sum == exact.dice_sum
+                assert bound.hausdorff_sum <= exact.hausdorff_sum + 1e-12
+            expected = score_uwmgi_settings(volumes, names, settings)["score"]
+            assert fast_volumes.score_settings(settings) == pytest.approx(expected, abs=1e-12)
+            settings.z_continuity = False
+            expected = score_image_dice_settings(images, image_names, settings)["score"]
+            assert fast_images.score(settings_parts(fast_images, settings)) == pytest.approx(
+                expected, abs=1e-12
+            )
 
-    # A classification head's empty-slice gate: random class probabilities, so gates that help
-    # and gates that hurt are both scored.
-    heads = {image_id: rng.uniform(0.0, 1.0, 3).astype(np.float32) for image_id in oof}
-    gated_volumes = read_mask_data(competition, table, oof, classes, "case_day", heads)
-    gated_images = read_mask_data(competition, table, oof, classes, None, heads)
-    for trial in range(3):
-        settings = PostprocessConfig(
-            classes=classes,
-            thresholds=rng.choice([0.3, 0.5], 3).tolist(),
-            min_area=rng.choice([0, 40], 3).tolist(),
-            gate_pixels=rng.choice([0, 50], 3).tolist(),
-            gate_probability=rng.choice([0.0, 0.25, 0.5, 0.9], 3).tolist(),
-            z_continuity=trial == 1,
-        )
-        fast = MaskSearch(gated_volumes, volumetric=True).score_settings(settings)
-        expected = score_uwmgi_settings(gated_volumes, settings)["score"]
-        assert fast == pytest.approx(expected, abs=1e-12)
-        settings.z_continuity = False
-        fast = MaskSearch(gated_images, volumetric=False).score_settings(settings)
-        expected = score_image_dice_settings(gated_images, settings)["score"]
-        assert fast == pytest.approx(expected, abs=1e-12)
+
+def test_tune_reads_compressed_oof_of_earlier_versions(tmp_path: Path, uwmgi_root: Path) -> None:
+    # oof.npz used to be written compressed: no memory map, one array decompressed at a time.
+    experiment = tmp_path / "runs" / "exp"
+    shutil.copytree(uwmgi_root / "runs" / "exp", experiment)
+    for path in experiment.glob("fold_*/oof.npz"):
+        with np.load(path) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+        path.unlink()
+        np.savez_compressed(path, **arrays)
+        assert not open_probabilities(path).is_mapped(next(iter(arrays)))
+    compressed = tune_experiment(experiment)
+    mapped = tune_experiment(uwmgi_root / "runs" / "exp", out=tmp_path / "mapped.json")
+    assert compressed.settings == mapped.settings
+    assert compressed.after == mapped.after and compressed.before == mapped.before
 
 
 def test_tune_keeps_the_defaults_on_ties(tmp_path: Path, uwmgi_root: Path) -> None:
@@ -309,6 +488,84 @@ def test_tune_dsb2018_improves_the_map(dsb_root: Path, tmp_path: Path, targets: 
         ]
     )
     assert result.after["score"] == pytest.approx(by_hand, abs=1e-12)
+
+
+TINY_DSB = """
+name: tiny
+data:
+  competition: dsb2018
+  table: {root}/table.csv
+  folds: {root}/folds.csv
+  targets: mask_border
+augment: {{preset: light, height: 64, width: 64}}
+model: {{architecture: unet, params: {{base_channels: 8, depth: 3}}}}
+train:
+  epochs: 3
+  batch_size: 8
+  num_workers: 0
+  optimizer: {{name: adam, lr: 0.01}}
+  loss: [{{name: bce, weight: 0.6}}, {{name: dice, weight: 0.4}}]
+  cache: memory
+"""
+
+
+@pytest.mark.slow  # trains a tiny model for a few seconds first
+def test_dsb_search_equals_the_exhaustive_search_on_trained_oof(
+    write_dsb_subset, tmp_path: Path
+) -> None:
+    from kaggle_seg.config import load_experiment
+    from kaggle_seg.probabilities import load_oof
+    from kaggle_seg.search import IMPROVEMENT, THRESHOLD_GRID
+    from kaggle_seg.train import train_fold
+    from kaggle_seg.tune import MIN_NUCLEUS_GRID
+
+    root = write_dsb_subset(tmp_path, 24, 8)
+    (root / "tiny.yaml").write_text(TINY_DSB.format(root=root))
+    train_fold(load_experiment(root / "tiny.yaml"), 0, run_root=root / "runs", device="cpu")
+    experiment = root / "runs" / "tiny"
+    result = tune_experiment(experiment)
+
+    # The exhaustive search: the same coordinate descent, every candidate scored by
+    # postprocess_instances and the competition metric.
+    competition = get_competition("dsb2018")
+    table = read_table(root / "table.csv").set_index("id", drop=False)
+    oof = load_oof(experiment / "fold_0" / "oof.npz")
+    truths = {i: competition.read_instances(table.loc[i]) for i in oof}
+    classes = ["nuclei", "border"]
+
+    def score(threshold: float, border: float, min_nucleus: int) -> float:
+        settings = default_postprocess(classes).model_copy(
+            update={"thresholds": [threshold, border], "min_nucleus": min_nucleus}
+        )
+        return float(
+            np.mean(
+                [
+                    dsb_image_score(truths[i], postprocess_instances(p, settings))
+                    for i, p in oof.items()
+                ]
+            )
+        )
+
+    default_min = default_postprocess(classes).min_nucleus
+    current = {"threshold": 0.5, "border_threshold": 0.5, "min_nucleus": default_min}
+    best = score(0.5, 0.5, default_min)
+    for _ in range(2):
+        improved = False
+        for name in ("threshold", "border_threshold"):
+            for value in THRESHOLD_GRID:
+                candidate = {**current, name: value}
+                for min_nucleus in sorted({*MIN_NUCLEUS_GRID, default_min}):
+                    found = score(
+                        candidate["threshold"], candidate["border_threshold"], min_nucleus
+                    )
+                    if found > best + IMPROVEMENT:
+                        best, improved = found, True
+                        current = {**candidate, "min_nucleus": min_nucleus}
+        if not improved:
+            break
+    assert result.settings.thresholds == [current["threshold"], current["border_threshold"]]
+    assert result.settings.min_nucleus == current["min_nucleus"]
+    assert result.after["score"] == pytest.approx(best, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------- lgg

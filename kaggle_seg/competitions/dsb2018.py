@@ -75,8 +75,11 @@ class DSB2018:
 
     def _read_kaggle_layout(self, train_dir: Path, labels_csv: Path) -> pd.DataFrame:
         rles = _rles_by_image(str(labels_csv)) if labels_csv.is_file() else {}
+        from kaggle_seg.progress import progress
+
+        folders = sorted(p for p in train_dir.iterdir() if p.is_dir())
         rows = []
-        for folder in sorted(p for p in train_dir.iterdir() if p.is_dir()):
+        for folder in progress(folders, description="prepare"):
             image_id = folder.name
             image_path = folder / "images" / f"{image_id}.png"
             height, width = image_size(image_path)

@@ -46,8 +46,10 @@ class LGG:
         folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("TCGA_"))
         if not folders:
             raise InputError(f"{root}: no TCGA_* patient folders (expected kaggle_3m/)")
+        from kaggle_seg.progress import progress
+
         rows = []
-        for folder in folders:
+        for folder in progress(folders, description="prepare", unit="patients"):
             patient = "_".join(folder.name.split("_")[:3])  # TCGA_CS_4942, without the date
             n_rows = len(rows)
             for path in folder.glob("*.tif"):

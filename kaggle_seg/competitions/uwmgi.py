@@ -57,8 +57,11 @@ def scan_slices(images_dir: str | Path) -> pd.DataFrame:
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise InputError(f"{images_dir}: folder of case folders not found")
+    from kaggle_seg.progress import progress
+
     rows = []
-    for path in images_dir.glob("*/*/scans/slice_*.png"):
+    files = list(images_dir.glob("*/*/scans/slice_*.png"))
+    for path in progress(files, description=f"scan {images_dir.name}", unit="slices"):
         case_day = path.parent.parent.name
         match = _CASE_DAY.match(case_day)
         if match is None:
@@ -221,13 +224,39 @@ class UWMGI:
         from kaggle_seg.data.rle import decode_rle
 
         shape = (int(row["height"]), int(row["width"]))
-        masks = []
-        for column in RLE_COLUMNS:
+        masks = np.zeros((len(RLE_COLUMNS), *shape), dtype=np.uint8)
+        for k, column in enumerate(RLE_COLUMNS):
             try:
-                masks.append(decode_rle(row[column], shape, "C"))
+                decode_rle(row[column], shape, "C", out=masks[k])  # only the runs are written
             except ValueError as exc:
                 raise InputError(f"slice {row['id']}, {column[4:]}: {exc}") from exc
-        return np.stack(masks, axis=-1)
+        return np.ascontiguousarray(np.moveaxis(masks, 0, -1))
+
+    def read_mask_stack(self, rows: list[Any]) -> np.ndarray:
+        """uint8 0/1 [K, N, H, W]: the masks of N slices of one size (a case-day), every RLE
+        decoded in one call into one array; errors name the slice and class."""
+        from kaggle_seg.data.rle import decode_rles
+
+        shapes = {(int(r["height"]), int(r["width"])) for r in rows}
+        if len(shapes) != 1:
+            raise InputError(f"slices of different sizes {sorted(shapes)} in one stack")
+        height, width = shapes.pop()
+        n = len(rows)
+        stack = np.zeros((len(RLE_COLUMNS), n, height, width), dtype=np.uint8)
+        rles = [r[column] for column in RLE_COLUMNS for r in rows]
+        names = [f"slice {r['id']}, {column[4:]}" for column in RLE_COLUMNS for r in rows]
+        try:
+            decode_rles(
+                rles, (height, width), "C", labels=names, out=stack.reshape(-1, height, width)
+            )
+        except ValueError as exc:  # "row i (id=slice ..., class): ..." -> "slice ..., class: ..."
+            message = str(exc)
+            for i, name in enumerate(names):
+                prefix = f"row {i} (id={name}): "
+                if message.startswith(prefix):
+                    raise InputError(f"{name}: {message[len(prefix) :]}") from exc
+            raise InputError(message) from exc
+        return stack
 
     def stratify_labels(self, table: pd.DataFrame) -> pd.Series:
         # The organ combination, e.g. "101" = large bowel and stomach present.

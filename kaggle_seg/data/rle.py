@@ -8,17 +8,17 @@ competitions and is therefore always an explicit argument:
 - "F": column-major, pixel 1 = (row 0, col 0), then down the first column (DSB 2018).
 
 numba kernels find the runs and write / parse the ASCII text directly: a 266x266 organ mask
-encodes in ~6 us and decodes in ~3-9 us, ~20x faster than the usual numpy recipes
-(benchmarks/README.md).
+encodes in ~6 us and decodes in ~2-9 us, 10-20x faster than the usual numpy recipes. Decoding
+into memory the caller owns (`decode_rle(..., out=)`, a zeroed buffer of which only the runs
+are written) and a whole column of rows in one call into one stack (`decode_rles`) spare the
+allocation and the Python step per mask (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import math
 import operator
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -29,6 +29,7 @@ from numba.core import cgutils
 from numba.extending import box, intrinsic, models, register_model
 
 from kaggle_seg.errors import RLEError
+from kaggle_seg.jit import jit_cache_enabled
 
 RLEOrder = Literal["C", "F"]
 
@@ -45,35 +46,7 @@ __all__ = [
 ]
 
 
-def _jit_cache_enabled() -> bool:
-    """Whether numba can keep its compiled kernels on disk for this module.
-
-    numba's ``cache=True`` raises at decoration time when none of its cache directories is
-    writable (the package sitting in Kaggle's read-only /kaggle/input with no writable
-    NUMBA_CACHE_DIR or home). Checks the same places, in numba's order: NUMBA_CACHE_DIR, the
-    package's __pycache__, the user-wide cache dir.
-    """
-    candidates = []
-    if numba.config.CACHE_DIR:
-        candidates.append(numba.config.CACHE_DIR)
-    candidates.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__"))
-    try:
-        from numba.misc.appdirs import AppDirs
-
-        candidates.append(AppDirs(appname="numba", appauthor=False).user_cache_dir)
-    except ImportError:  # private module; without it we only trust the two places above
-        pass
-    for directory in candidates:
-        try:
-            os.makedirs(directory, exist_ok=True)
-            tempfile.TemporaryFile(dir=directory).close()
-        except OSError:
-            continue
-        return True
-    return False
-
-
-_CACHE = _jit_cache_enabled()
+_CACHE = jit_cache_enabled(__file__)
 
 # Decode kernels return (pair index << 3) | status; _raise_decode_error spells it out.
 _OK = 0
@@ -84,7 +57,6 @@ _LENGTH_LT_1 = 4
 _PAST_END = 5
 _RUN_ORDER = 6
 _INSTANCE_OVERLAP = 7
-_END = -1  # no more tokens (internal to _read_pair)
 
 # uint64 constants: numba turns uint64-with-int64 arithmetic and comparisons into float64.
 _ZERO = np.uint64(0)
@@ -93,6 +65,10 @@ _HIGHS = np.uint64(0x8080808080808080)
 # Numbers are saturated here while parsing so that absurd tokens cannot overflow int64.
 _SATURATE = 10**17
 _WHITESPACE = " \t\n\r\f\v"
+# Bytes readable past the end of every text a decode kernel parses: its 8-byte loads need
+# them. _padded adds a space first, which the kernels count as part of the text.
+_PADDING = 8
+_PADDING_BYTES = b" " + bytes(_PADDING)
 _UINT8 = np.dtype(np.uint8)
 _NDARRAY = np.ndarray
 
@@ -486,8 +462,9 @@ def _encode_columns_text(mask: np.ndarray) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Decoding kernels: they read the RLE's ASCII bytes directly (numba takes `bytes` as a
-# read-only uint8 buffer, no numpy wrapper needed). The parsing helpers are inlined by numba
-# itself (inline="always"): LLVM alone left the calls in, ~1.5x slower per token.
+# read-only uint8 buffer, no numpy wrapper needed; the batch kernels take one uint8 array
+# holding every row). _parse_runs turns a text into validated (start, length) pairs, which
+# the kernels then write.
 # --------------------------------------------------------------------------------------------
 
 
@@ -497,9 +474,10 @@ def _is_space(byte: np.uint8) -> bool:
 
 
 @numba.njit(cache=_CACHE, nogil=True, inline="always")
-def _parse_digits8(text: bytes, i: int) -> tuple[int, int]:
-    """SWAR parse of the token at text[i : i + 8] (needs i + 8 <= len(text)):
-    (number of leading digits, their value); 8 digits or more report 8 and no value."""
+def _parse_digits8(text: bytes, i: int) -> tuple[int, int, bool]:
+    """SWAR parse of the token at text[i : i + 8] (needs i + 8 <= len(text)): (number of
+    leading digits, their value, whether a space follows them within the 8 bytes); 8 digits
+    or more report 8 and no value."""
     word = _ZERO
     for j in range(8):  # LLVM merges these into one unaligned load
         word |= np.uint64(text[_u(i + j)]) << _u(8 * j)
@@ -510,55 +488,40 @@ def _parse_digits8(text: bytes, i: int) -> tuple[int, int]:
         & np.uint64(0x1010101010101010)
     )
     bad = (((bad & np.uint64(0x7F7F7F7F7F7F7F7F)) + np.uint64(0x7F7F7F7F7F7F7F7F)) | bad) & _HIGHS
-    n_digits = np.int64(_trailing_zeros(bad) >> np.uint64(3))
-    if n_digits == 0 or n_digits == 8:
-        return n_digits, 0
+    zeros = _trailing_zeros(bad)  # 8 * digits + 7, or 64 when all 8 bytes are digits
+    bits = zeros & np.uint64(56)
+    # The byte after the digits, from the same word: no second, dependent load.
+    spaced = ((word >> bits) & np.uint64(0xFF)) == np.uint64(32)
     # Shift the digits to the top (leading zeros below), then combine pairs, quads, octets.
-    value = digits << _u(8 * (8 - n_digits))
+    value = (digits << _ONE) << (np.uint64(63) - bits)  # no shift by 64 when bits is 0
     value = (value * np.uint64(10 * 256 + 1)) >> np.uint64(8)
     value = ((value & np.uint64(0x00FF00FF00FF00FF)) * np.uint64(100 * 65536 + 1)) >> _u(16)
     value = ((value & np.uint64(0x0000FFFF0000FFFF)) * np.uint64(10000 * 2**32 + 1)) >> _u(32)
-    return n_digits, np.int64(value & np.uint64(0xFFFFFFFF))
+    return np.int64(zeros >> np.uint64(3)), np.int64(value & np.uint64(0xFFFFFFFF)), spaced
 
 
-@numba.njit(cache=_CACHE, nogil=True, inline="always")
-def _read_number(text: bytes, i: int) -> tuple[int, int]:
-    """Skip whitespace, read one token: (position after, value); value -1 if there is no
-    token, -2 if it is not all digits. Saturates at ~1e18 so absurd numbers fail the
-    image-end check instead of overflowing."""
-    n = len(text)
-    if i + 8 <= n:  # the common case, a 1-7 digit token and one space, without loops
-        n_digits, value = _parse_digits8(text, i)
-        if n_digits > 0 and n_digits < 8 and text[_u(i + n_digits)] == 32:
-            return i + n_digits + 1, value
-    while i < n and _is_space(text[_u(i)]):
+@numba.njit(cache=_CACHE, nogil=True)
+def _read_number_slow(text: bytes, i: int, end: int) -> tuple[int, int]:
+    """Skip whitespace, read one token of text[:end]: (position after, value); value -1 if
+    there is no token, -2 if it is not all digits. Saturates at ~1e18 so absurd numbers fail
+    the image-end check instead of overflowing. Only for what _parse_runs' fast path leaves:
+    other whitespace, long or bad tokens, the end of a text."""
+    while i < end and _is_space(text[_u(i)]):
         i += 1
-    if i >= n:
+    if i >= end:
         return i, -1
     first = i
     value = 0
-    while i < n:
+    while i < end:
         digit = np.int64(text[_u(i)]) - 48
         if digit < 0 or digit > 9:
             break
         if value < _SATURATE:
             value = value * 10 + digit
         i += 1
-    if i == first or (i < n and not _is_space(text[_u(i)])):
+    if i == first or (i < end and not _is_space(text[_u(i)])):
         return i, -2
     return i, value
-
-
-@numba.njit(cache=_CACHE, nogil=True, inline="always")
-def _read_pair(text: bytes, i: int) -> tuple[int, int, int, int]:
-    """Read "start length" from text[i:]: (position after, start, length, status or _END)."""
-    i, start = _read_number(text, i)
-    if start < 0:
-        return i, 0, 0, (_END if start == -1 else _BAD_TOKEN)
-    i, length = _read_number(text, i)
-    if length < 0:
-        return i, 0, 0, (_ODD_TOKENS if length == -1 else _BAD_TOKEN)
-    return i, start, length, _OK
 
 
 @numba.njit(cache=_CACHE, nogil=True)
@@ -575,114 +538,189 @@ def _check_run(start: int, length: int, prev_end: int, n_pixels: int) -> int:
     return _OK
 
 
-@numba.njit(cache=_CACHE, nogil=True)
-def _decode_c_kernel(text: bytes, out: np.ndarray) -> int:
-    """Parse RLE text into out [H, W] (uint8 0 / 1, row-major numbering), writing every pixel.
+@numba.njit(cache=_CACHE, nogil=True, inline="always")
+def _parse_runs(text, i: int, end: int, n_pixels: int, runs: np.ndarray) -> tuple[int, int]:
+    """The RLE text[i:end] (bytes or uint8 array, with at least 8 readable bytes past `end`:
+    see _padded) as 0-indexed (first pixel, length) pairs in runs[:2 * n], checked against
+    an image of n_pixels: returns (n, _OK) or (n, (pair << 3) | status) at the first bad pair.
+    runs needs room for (end - i) // 2 + 2 numbers.
 
-    Returns _OK or (pair index << 3) | status; out is garbage on error.
+    A 1-7 digit token followed by a space within text[:end] is read with one 8-byte load
+    (_parse_digits8), anything else by _read_number_slow. Written as one flat loop over pairs,
+    loads first and checks after: each alternative tried (a reader function, a loop over
+    tokens, the bounds check first) ran ~3x slower.
     """
-    flat = out.reshape(-1)
-    n_pixels = flat.size
-    i = 0
-    pair = 0
+    n = 0
     prev_end = 0  # 1-indexed last pixel of the previous run
     while True:
-        i, start, length, status = _read_pair(text, i)
-        if status == _END:
-            break
-        if status == _OK:
-            status = _check_run(start, length, prev_end, n_pixels)
+        n_digits, start, spaced = _parse_digits8(text, i)
+        if n_digits > 0 and n_digits < 8 and spaced and i + n_digits < end:
+            i += n_digits + 1
+        else:
+            i, start = _read_number_slow(text, i, end)
+            if start < 0:
+                return n, (_OK if start == -1 else (n << 3) | _BAD_TOKEN)
+        n_digits, length, spaced = _parse_digits8(text, i)
+        if n_digits > 0 and n_digits < 8 and spaced and i + n_digits < end:
+            i += n_digits + 1
+        else:
+            i, length = _read_number_slow(text, i, end)
+            if length < 0:
+                return n, (n << 3) | (_ODD_TOKENS if length == -1 else _BAD_TOKEN)
+        status = _check_run(start, length, prev_end, n_pixels)
         if status != _OK:
-            return (pair << 3) | status
-        flat[prev_end : start - 1] = 0  # the gap: no separate zeroing pass
-        flat[start - 1 : start - 1 + length] = 1
+            return n, (n << 3) | status
         prev_end = start + length - 1
-        pair += 1
-    flat[prev_end:] = 0
-    return _OK
+        runs[2 * n] = start - 1
+        runs[2 * n + 1] = length
+        n += 1
 
 
-@numba.njit(cache=_CACHE, nogil=True)
-def _decode_f_kernel(text: bytes, out: np.ndarray) -> int:
-    """As _decode_c_kernel for column-major numbering, still into a C-order out [H, W]."""
+@numba.njit(cache=_CACHE, nogil=True, inline="always")
+def _set_span(flat: np.ndarray, first: int, stop: int, value: np.uint8) -> None:
+    """flat[first:stop] = value as a plain loop, which LLVM turns into a memset (numba's slice
+    assignment goes through its generic strided path, slower on a 266x266 mask)."""
+    for p in range(first, stop):
+        flat[_u(p)] = value
+
+
+@numba.njit(cache=_CACHE, nogil=True, inline="always")
+def _write_runs_c(runs: np.ndarray, n_runs: int, flat: np.ndarray, write_gaps: bool) -> None:
+    """Runs (0-indexed first pixel, length) set to 1 in flat [H * W] (row-major numbering);
+    with `write_gaps` every other pixel set to 0, in the same pass (else flat is zero)."""
+    after = 0
+    for r in range(n_runs):
+        first = runs[2 * r]
+        if write_gaps:
+            _set_span(flat, after, first, np.uint8(0))
+        after = first + runs[2 * r + 1]
+        _set_span(flat, first, after, np.uint8(1))
+    if write_gaps:
+        _set_span(flat, after, flat.size, np.uint8(0))
+
+
+@numba.njit(cache=_CACHE, nogil=True, inline="always")
+def _write_runs_f(runs: np.ndarray, n_runs: int, out: np.ndarray, write_gaps: bool) -> None:
+    """As _write_runs_c for column-major numbering, into a C-order out [H, W]."""
     height = out.shape[0]
-    flat = out.reshape(-1)
-    n_pixels = flat.size
-    flat[:] = 0
-    i = 0
-    pair = 0
-    prev_end = 0
-    while True:
-        i, start, length, status = _read_pair(text, i)
-        if status == _END:
-            break
-        if status == _OK:
-            status = _check_run(start, length, prev_end, n_pixels)
-        if status != _OK:
-            return (pair << 3) | status
-        row, col = (start - 1) % height, (start - 1) // height
-        remaining = length
+    if write_gaps:
+        _set_span(out.reshape(-1), 0, out.size, np.uint8(0))
+    for r in range(n_runs):
+        row, col = runs[2 * r] % height, runs[2 * r] // height
+        remaining = runs[2 * r + 1]
         while remaining > 0:  # one column segment at a time
             segment = min(remaining, height - row)
-            out[row : row + segment, col] = 1
+            for y in range(row, row + segment):
+                out[y, col] = 1
             remaining -= segment
             row = 0
             col += 1
-        prev_end = start + length - 1
-        pair += 1
+
+
+@numba.njit(cache=_CACHE, nogil=True)
+def _decode_kernel(text: bytes, out: np.ndarray, column_major: bool, write_gaps: bool) -> int:
+    """One RLE (text from _padded) into out [H, W] (C-contiguous uint8): _OK or
+    (pair << 3) | status.
+
+    write_gaps: every pixel is written (no zeroing pass needed); else out must be zero and
+    only the runs are written. On error out holds nothing useful.
+    """
+    end = len(text) - _PADDING
+    runs = np.empty(end // 2 + 2, dtype=np.int64)
+    n_runs, result = _parse_runs(text, 0, end, out.size, runs)
+    if result != _OK:
+        return result
+    if column_major:
+        _write_runs_f(runs, n_runs, out, write_gaps)
+    else:
+        _write_runs_c(runs, n_runs, out.reshape(-1), write_gaps)
     return _OK
 
 
 @numba.njit(cache=_CACHE, nogil=True)
-def _decode_label_kernel(text: bytes, out: np.ndarray, label: int, column_major: bool) -> int:
-    """Add one instance's RLE text as `label` to the int32 label map out [H, W].
+def _decode_rows_kernel(
+    text: np.ndarray,
+    bounds: np.ndarray,
+    out: np.ndarray,
+    starts: np.ndarray,
+    heights: np.ndarray,
+    widths: np.ndarray,
+    column_major: bool,
+) -> tuple[int, int]:
+    """Row r's RLE, text[bounds[r]:bounds[r + 1]], OR-ed into the zeroed image
+    out[starts[r] : starts[r] + heights[r] * widths[r]] (out: flat uint8, C order per image).
 
-    Returns _OK or (pair << 3) | status. For _INSTANCE_OVERLAP the instance is not written
-    and the status is (flat C index of the first pixel already labelled << 3) | 7.
+    One call for all rows: no Python step per row. Returns (-1, _OK), or the first failing
+    row and its (pair << 3) | status.
+    """
+    longest = np.max(np.diff(bounds)) if bounds.size > 1 else 0
+    runs = np.empty(longest // 2 + 2, dtype=np.int64)
+    for r in range(bounds.size - 1):
+        size = heights[r] * widths[r]
+        n_runs, result = _parse_runs(text, bounds[r], bounds[r + 1], size, runs)
+        if result != _OK:
+            return r, result
+        image = out[starts[r] : starts[r] + size]
+        if column_major:
+            _write_runs_f(runs, n_runs, image.reshape((heights[r], widths[r])), False)
+        else:
+            _write_runs_c(runs, n_runs, image, False)
+    return -1, _OK
+
+
+@numba.njit(cache=_CACHE, nogil=True)
+def _decode_labels_kernel(
+    text: np.ndarray, bounds: np.ndarray, out: np.ndarray, column_major: bool
+) -> tuple[int, int]:
+    """Instance r's RLE, text[bounds[r]:bounds[r + 1]], written as label r + 1 into the int32
+    label map out [H, W] (C-contiguous; zero, or holding labels of earlier instances).
+
+    Returns (-1, _OK), or the failing row and (pair << 3) | status; for _INSTANCE_OVERLAP
+    (flat C index of the first pixel already labelled << 3) | 7, that pixel still holding the
+    other instance's label (each pixel is checked before it is written).
     """
     height, width = out.shape
-    n_pixels = height * width
-    for step in range(2):  # check every run against earlier instances first, then write
-        i = 0
-        pair = 0
-        prev_end = 0
-        while True:
-            i, start, length, status = _read_pair(text, i)
-            if status == _END:
-                break
-            if status == _OK:
-                status = _check_run(start, length, prev_end, n_pixels)
-            if status != _OK:
-                return (pair << 3) | status
-            for p in range(start - 1, start - 1 + length):
-                row, col = (p % height, p // height) if column_major else divmod(p, width)
-                if step == 0 and out[row, col] != 0:
-                    return ((row * width + col) << 3) | _INSTANCE_OVERLAP
-                if step == 1:
-                    out[row, col] = label
-            prev_end = start + length - 1
-            pair += 1
-    return _OK
+    flat = out.reshape(-1)
+    longest = np.max(np.diff(bounds)) if bounds.size > 1 else 0
+    runs = np.empty(longest // 2 + 2, dtype=np.int64)
+    for r in range(bounds.size - 1):
+        label = np.int32(r + 1)
+        n_runs, result = _parse_runs(text, bounds[r], bounds[r + 1], out.size, runs)
+        if result != _OK:
+            return r, result
+        for k in range(n_runs):
+            first, length = runs[2 * k], runs[2 * k + 1]
+            if column_major:
+                row, col = first % height, first // height
+                while length > 0:
+                    segment = min(length, height - row)
+                    for y in range(row, row + segment):
+                        if out[y, col] != 0:
+                            return r, ((y * width + col) << 3) | _INSTANCE_OVERLAP
+                        out[y, col] = label
+                    length -= segment
+                    row = 0
+                    col += 1
+            else:
+                for p in range(first, first + length):
+                    if flat[p] != 0:
+                        return r, (p << 3) | _INSTANCE_OVERLAP
+                    flat[p] = label
+    return -1, _OK
 
 
 @numba.njit(cache=_CACHE, nogil=True)
 def _scan_kernel(text: bytes, n_pixels: int) -> tuple[int, int]:
-    """Validate RLE text for an image of n_pixels: (_OK or (pair << 3) | status, area)."""
-    i = 0
-    pair = 0
-    prev_end = 0
+    """Validate RLE text (from _padded) for an image of n_pixels: (_OK or (pair << 3) |
+    status, area)."""
+    end = len(text) - _PADDING
+    runs = np.empty(end // 2 + 2, dtype=np.int64)
+    n_runs, result = _parse_runs(text, 0, end, n_pixels, runs)
+    if result != _OK:
+        return result, 0
     area = 0
-    while True:
-        i, start, length, status = _read_pair(text, i)
-        if status == _END:
-            break
-        if status == _OK:
-            status = _check_run(start, length, prev_end, n_pixels)
-        if status != _OK:
-            return (pair << 3) | status, area
-        area += length
-        prev_end = start + length - 1
-        pair += 1
+    for r in range(n_runs):
+        area += runs[2 * r + 1]
     return _OK, area
 
 
@@ -723,6 +761,13 @@ def _rle_bytes(rle: object) -> bytes:
     ):
         return b""
     raise RLEError(f"RLE must be a string, None or NaN, got {type(rle).__name__}: {rle!r}")
+
+
+def _padded(rle: object) -> bytes:
+    """The RLE's bytes as the kernels read them: a space after the text (so its last token
+    takes the 8-byte fast path too), then _PADDING spare bytes (so no 8-byte load reads past
+    the buffer)."""
+    return _rle_bytes(rle) + _PADDING_BYTES
 
 
 def _raise_decode_error(rle: str, result: int, n_pixels: int, image: str) -> None:
@@ -791,16 +836,32 @@ def encode_rle(mask: np.ndarray, order: RLEOrder) -> str:
     return _encode_columns_text(np.ascontiguousarray(mask))
 
 
-def _decode(rle: object, height: int, width: int, column_major: bool) -> np.ndarray:
-    out = np.empty((height, width), dtype=_UINT8)
-    text = _rle_bytes(rle)
-    result = _decode_f_kernel(text, out) if column_major else _decode_c_kernel(text, out)
-    if result != _OK:
-        _raise_decode_error(rle, result, height * width, f"{height} x {width}")
-    return out
+_COLUMN_MAJOR = {"C": False, "F": True}
 
 
-def decode_rle(rle: str | float | None, shape: tuple[int, int], order: RLEOrder) -> np.ndarray:
+def _check_out(out: np.ndarray, shape: tuple[int, ...], dtype: np.dtype, what: str) -> np.ndarray:
+    """`out` as a writeable C-contiguous array of `shape` and `dtype` (bool counts as uint8),
+    viewed as `dtype`; ValueError naming what is wrong otherwise."""
+    if not isinstance(out, np.ndarray):
+        raise ValueError(f"{what} must be a numpy array, got {type(out).__name__}")
+    kind_ok = out.dtype == dtype or (dtype == _UINT8 and out.dtype == np.bool_)
+    if not kind_ok or out.shape != shape or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(
+            f"{what} must be a writeable C-contiguous {dtype} array of shape {shape}, got "
+            f"{out.dtype} {out.shape}"
+            + ("" if out.flags.c_contiguous else ", not C-contiguous")
+            + ("" if out.flags.writeable else ", read-only")
+        )
+    return out.view(dtype)
+
+
+def decode_rle(
+    rle: str | float | None,
+    shape: tuple[int, int],
+    order: RLEOrder,
+    *,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Decode a Kaggle RLE string into a binary mask.
 
     Args:
@@ -808,18 +869,44 @@ def decode_rle(rle: str | float | None, shape: tuple[int, int], order: RLEOrder)
             pd.NA decode to an empty mask.
         shape: (H, W) of the image.
         order: "C" (row-major) or "F" (column-major) pixel numbering.
+        out: a caller's zeroed uint8 (or bool) [H, W] C-contiguous buffer to decode into:
+            only the runs are written (1), so nothing is allocated and pixels outside the runs
+            are not touched. Pixels already set stay set (an OR). On error it holds part of
+            the mask.
 
     Returns:
-        [H, W] uint8 mask of 0 / 1, C-contiguous in either order.
+        [H, W] uint8 mask of 0 / 1, C-contiguous in either order (`out` itself when given).
 
     Raises:
         RLEError: odd number of tokens, a token that is not a non-negative integer, start or
             length < 1, a run past the image end, unsorted or overlapping runs. Touching runs
             are accepted.
     """
-    column_major = _check_order(order)
-    height, width = _check_shape(shape)
-    return _decode(rle, height, width, column_major)
+    column_major = _COLUMN_MAJOR.get(order)
+    if column_major is None:
+        _check_order(order)  # raises
+    if (
+        type(shape) is tuple
+        and len(shape) == 2
+        and type(shape[0]) is int
+        and type(shape[1]) is int
+        and shape[0] > 0
+        and shape[1] > 0
+    ):
+        height, width = shape  # the common case, without _check_shape's conversions
+    else:
+        height, width = _check_shape(shape)
+    if out is None:
+        # Every pixel is written (gaps 0, runs 1): one pass, no zeroing pass before it.
+        target = np.empty((height, width), dtype=_UINT8)
+        write_gaps = True
+    else:
+        target = _check_out(out, (height, width), _UINT8, "out")
+        write_gaps = False
+    result = _decode_kernel(_padded(rle), target, column_major, write_gaps)
+    if result != _OK:
+        _raise_decode_error(rle, result, height * width, f"{height} x {width}")
+    return target if out is None else out
 
 
 def encode_rles(masks: Iterable[np.ndarray] | np.ndarray, order: RLEOrder) -> list[str]:
@@ -832,44 +919,108 @@ def _row_name(i: int, labels: Sequence[str] | None) -> str:
     return f"row {i}" if labels is None else f"row {i} (id={list(labels)[i]})"
 
 
+def _pack_texts(rles: Sequence[object]) -> tuple[np.ndarray, np.ndarray]:
+    """All rows' ASCII bytes in one uint8 array and the int64 [N + 1] bounds of each row
+    (row r is text[bounds[r]:bounds[r + 1]])."""
+    encoded = [_rle_bytes(rle) for rle in rles]
+    bounds = np.zeros(len(encoded) + 1, dtype=np.int64)
+    # Each row ends in a space and the text in _PADDING spare bytes (see _padded).
+    np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)) + 1, out=bounds[1:])
+    text = b" ".join(encoded) + b" " + bytes(_PADDING) if encoded else bytes(_PADDING)
+    return np.frombuffer(text, dtype=_UINT8), bounds
+
+
+def _single_shape(shapes: object) -> bool:
+    return (
+        isinstance(shapes, tuple | list)
+        and len(shapes) == 2
+        and all(isinstance(x, int | np.integer) for x in shapes)
+    )
+
+
 def decode_rles(
     rles: Sequence[str | float | None],
     shapes: tuple[int, int] | Sequence[tuple[int, int]],
     order: RLEOrder,
     *,
     labels: Sequence[str] | None = None,
-) -> list[np.ndarray]:
-    """Decode a column of RLE strings (e.g. a CSV column) into N binary masks.
+    out: np.ndarray | None = None,
+    index: Sequence[int] | np.ndarray | None = None,
+) -> np.ndarray | list[np.ndarray]:
+    """Decode a column of RLE strings (e.g. a CSV column) into one stack of binary masks, in a
+    single numba call (no Python step per row).
 
     Args:
         rles: N RLE strings; "", None, NaN and pd.NA are empty masks.
         shapes: one (H, W) for all rows, or N of them (e.g. DSB's Height / Width columns).
         order: "C" (row-major) or "F" (column-major) pixel numbering.
         labels: N row names (e.g. image ids) used in error messages.
+        out: one shape only: a caller's zeroed uint8 (or bool) [M, H, W] C-contiguous stack;
+            row i is OR-ed into out[index[i]] (out[i] without `index`), so rows sharing a
+            slot are united and only the runs' pixels are written.
+        index: N slots of `out` (or of the returned stack, then M = max(index) + 1).
 
     Returns:
-        N masks, each [H, W] uint8 of 0 / 1.
+        One shape: the uint8 [M, H, W] stack of 0 / 1 (`out` when given; M = N without
+        `index`). Several shapes: N masks [H_i, W_i], views into one zeroed buffer.
 
     Raises:
         RLEError: as decode_rle, prefixed with the row: "row 17 (id=abc): runs overlap at ...".
     """
     column_major = _check_order(order)
-    single = len(shapes) == 2 and all(isinstance(x, (int, np.integer)) for x in shapes)
-    if single:
+    rles = list(rles)  # by position, also for a pandas Series
+    n = len(rles)
+    if _single_shape(shapes):
         height, width = _check_shape(shapes)
+        heights = np.full(n, height, dtype=np.int64)
+        widths = np.full(n, width, dtype=np.int64)
+        slots = np.arange(n, dtype=np.int64) if index is None else np.asarray(index, np.int64)
+        if slots.shape != (n,):
+            raise ValueError(f"index has {slots.size} entries for {n} RLE strings")
+        if out is None:
+            depth = int(slots.max()) + 1 if n else 0
+            # np.zeros: fresh pages come zeroed from the OS, so only the runs are written.
+            stack = np.zeros((depth, height, width), dtype=_UINT8)
+        else:
+            if out.ndim != 3:
+                raise ValueError(f"out must be a stack [M, H, W], got shape {out.shape}")
+            stack = _check_out(out, (out.shape[0], height, width), _UINT8, "out")
+        if n and (slots.min() < 0 or slots.max() >= stack.shape[0]):
+            raise ValueError(f"index must lie in [0, {stack.shape[0]}) for a stack of that depth")
+        starts = slots * (height * width)
     else:
-        shapes = list(shapes)  # by position, also for a pandas Series
-        if len(shapes) != len(rles):
-            raise RLEError(f"got {len(rles)} RLE strings but {len(shapes)} shapes")
-    masks = []
-    for i, rle in enumerate(rles):
+        if out is not None or index is not None:
+            raise ValueError("out= and index= need one (H, W) for all rows")
+        shapes = list(shapes)
+        if len(shapes) != n:
+            raise RLEError(f"got {n} RLE strings but {len(shapes)} shapes")
+        heights = np.empty(n, dtype=np.int64)
+        widths = np.empty(n, dtype=np.int64)
+        for i, shape in enumerate(shapes):
+            try:
+                heights[i], widths[i] = _check_shape(shape)
+            except RLEError as error:
+                raise RLEError(f"{_row_name(i, labels)}: {error}") from None
+        sizes = heights * widths
+        starts = np.zeros(n, dtype=np.int64)
+        np.cumsum(sizes[:-1], out=starts[1:])
+        stack = np.zeros(int(sizes.sum()), dtype=_UINT8)
+    text, bounds = _pack_texts(rles)
+    row, result = _decode_rows_kernel(
+        text, bounds, stack.reshape(-1), starts, heights, widths, column_major
+    )
+    if row >= 0:
+        h, w = int(heights[row]), int(widths[row])
         try:
-            if not single:
-                height, width = _check_shape(shapes[i])
-            masks.append(_decode(rle, height, width, column_major))
+            _raise_decode_error(rles[row], result, h * w, f"{h} x {w}")
         except RLEError as error:
-            raise RLEError(f"{_row_name(i, labels)}: {error}") from None
-    return masks
+            raise RLEError(f"{_row_name(row, labels)}: {error}") from None
+    if _single_shape(shapes):
+        return stack if out is None else out
+    return [
+        stack[s : s + h * w].reshape(h, w)
+        for s, h, w in zip(starts.tolist(), heights.tolist(), widths.tolist(), strict=True)
+    ]
 
 
 def decode_rles_to_labels(
@@ -878,17 +1029,20 @@ def decode_rles_to_labels(
     order: RLEOrder,
     *,
     labels: Sequence[str] | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Decode the instance RLEs of one image (e.g. DSB nuclei) into a label map.
+    """Decode the instance RLEs of one image (e.g. DSB nuclei) into a label map, in one numba
+    call.
 
     Args:
         rles: N RLE strings, one per instance; "", None and NaN are empty instances.
         shape: (H, W) of the image.
         order: "C" (row-major) or "F" (column-major) pixel numbering.
         labels: N row names (e.g. image ids) used in error messages.
+        out: a caller's zeroed int32 [H, W] C-contiguous buffer to write into.
 
     Returns:
-        [H, W] int32 label map: 0 background, i + 1 where rles[i] is set.
+        [H, W] int32 label map: 0 background, i + 1 where rles[i] is set (`out` when given).
 
     Raises:
         RLEError: a malformed RLE (naming its row), or two instances sharing a pixel (naming
@@ -896,21 +1050,26 @@ def decode_rles_to_labels(
     """
     column_major = _check_order(order)
     height, width = _check_shape(shape)
-    out = np.zeros((height, width), dtype=np.int32)
-    for i, rle in enumerate(rles):
+    rles = list(rles)
+    if out is None:
+        target = np.zeros((height, width), dtype=np.int32)
+    else:
+        target = _check_out(out, (height, width), np.dtype(np.int32), "out")
+    text, bounds = _pack_texts(rles)
+    row, result = _decode_labels_kernel(text, bounds, target, column_major)
+    if row >= 0 and result & 7 != _INSTANCE_OVERLAP:
         try:
-            result = _decode_label_kernel(_rle_bytes(rle), out, i + 1, column_major)
-            if result != _OK and result & 7 != _INSTANCE_OVERLAP:
-                _raise_decode_error(rle, result, height * width, f"{height} x {width}")
+            _raise_decode_error(rles[row], result, height * width, f"{height} x {width}")
         except RLEError as error:
-            raise RLEError(f"{_row_name(i, labels)}: {error}") from None
-        if result != _OK:
-            row, col = divmod(result >> 3, width)
-            raise RLEError(
-                f"{_row_name(i, labels)} overlaps {_row_name(int(out[row, col]) - 1, labels)} "
-                f"at pixel (row {row}, col {col}): instances must not overlap"
-            )
-    return out
+            raise RLEError(f"{_row_name(row, labels)}: {error}") from None
+    if row >= 0:
+        pixel_row, pixel_col = divmod(result >> 3, width)
+        other = int(target[pixel_row, pixel_col]) - 1
+        raise RLEError(
+            f"{_row_name(row, labels)} overlaps {_row_name(other, labels)} "
+            f"at pixel (row {pixel_row}, col {pixel_col}): instances must not overlap"
+        )
+    return target if out is None else out
 
 
 def validate_rle(rle: str | float | None, n_pixels: int) -> None:
@@ -918,7 +1077,7 @@ def validate_rle(rle: str | float | None, n_pixels: int) -> None:
 
     "", None and NaN are valid (empty). Checks everything decode_rle checks, without decoding.
     """
-    result, _ = _scan_kernel(_rle_bytes(rle), n_pixels)
+    result, _ = _scan_kernel(_padded(rle), n_pixels)
     if result != _OK:
         _raise_decode_error(rle, result, n_pixels, "given n_pixels")
 
@@ -926,7 +1085,7 @@ def validate_rle(rle: str | float | None, n_pixels: int) -> None:
 def rle_area(rle: str | float | None) -> int:
     """Foreground pixel count of an RLE (sum of lengths) without decoding. Checks the syntax
     and the run order, not the image end (which it does not know)."""
-    result, area = _scan_kernel(_rle_bytes(rle), _SATURATE)
+    result, area = _scan_kernel(_padded(rle), _SATURATE)
     if result != _OK:
         _raise_decode_error(rle, result, _SATURATE, "rle_area's limit")
     return area
@@ -938,5 +1097,7 @@ def warmup() -> None:
     for order in ("C", "F"):
         rle = encode_rle(mask, order)
         decode_rle(rle, mask.shape, order)
+        decode_rle(rle, mask.shape, order, out=np.zeros(mask.shape, np.uint8))
+        decode_rles([rle, ""], mask.shape, order)
         decode_rles_to_labels([rle], mask.shape, order)
     rle_area("1 2")

@@ -1,0 +1,71 @@
+"""Probability files: the mapped OOF layout and reading every npz kseg has written."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kaggle_seg.errors import KsegError
+from kaggle_seg.probabilities import (
+    ALIGNMENT,
+    ProbabilityWriter,
+    load_oof,
+    open_probabilities,
+    save_oof,
+)
+
+
+def sample(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    # Odd sizes and id lengths, so that no alignment happens by chance.
+    return {
+        "a": rng.random((3, 5, 7), np.float32),
+        "case1_day0_slice_0001": rng.random((1, 13, 3), np.float32),
+        "bb": rng.random((2, 1, 1), np.float32),
+    }
+
+
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_oof_is_mapped_aligned_and_loads_as_before(tmp_path: Path, dtype: str) -> None:
+    arrays = sample(np.random.default_rng(0))
+    path = tmp_path / "oof.npz"
+    save_oof(arrays, path, dtype)
+    with zipfile.ZipFile(path) as archive:
+        assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_STORED}
+    loaded = load_oof(path)  # the plain np.load path still reads it
+    stored = open_probabilities(path)
+    assert sorted(stored) == sorted(arrays) and len(stored) == 3
+    for image_id, probabilities in arrays.items():
+        array = stored[image_id]
+        assert stored.is_mapped(image_id)
+        assert array.dtype == np.dtype(dtype) and array.shape == probabilities.shape
+        assert not array.flags.writeable and not array.flags.owndata  # a view of the file
+        assert array.ctypes.data % ALIGNMENT == 0
+        with np.load(path) as reference:
+            np.testing.assert_array_equal(array, reference[image_id])
+        tolerance = 1 / 255 if dtype == "uint8" else 1e-3
+        np.testing.assert_allclose(loaded[image_id], probabilities, atol=tolerance)
+
+
+def test_compressed_and_streamed_npz_still_open(tmp_path: Path) -> None:
+    arrays = {k: v.astype(np.float16) for k, v in sample(np.random.default_rng(1)).items()}
+    np.savez_compressed(tmp_path / "old.npz", **arrays)  # oof.npz of earlier versions
+    with ProbabilityWriter(tmp_path / "pred.npz", "float16") as writer:  # kseg predict --save
+        for image_id, array in arrays.items():
+            writer.add(image_id, array)
+    np.savez(tmp_path / "plain.npz", **arrays)  # stored, not aligned
+    for name in ("old.npz", "pred.npz", "plain.npz"):
+        stored = open_probabilities(tmp_path / name)
+        for image_id, array in arrays.items():
+            np.testing.assert_array_equal(stored[image_id], array)
+            assert stored.header(image_id) == (array.shape, array.dtype)
+    assert not open_probabilities(tmp_path / "old.npz").is_mapped("a")
+    assert open_probabilities(tmp_path / "plain.npz").is_mapped("a")
+
+
+def test_unreadable_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "oof.npz").write_text("not a zip")
+    with pytest.raises(KsegError, match=r"oof\.npz: not a readable npz"):
+        open_probabilities(tmp_path / "oof.npz")
