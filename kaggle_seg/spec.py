@@ -42,6 +42,9 @@ class InputSpec:
     stack_stride: int
     tile_size: int | None = None  # "crop": whole images above this side are tiled
     tile_overlap: float = 0.25
+    # Resolved data.preprocess (kaggle_seg/preprocess.py): "store" steps on each image read,
+    # "input" steps after the sizing, as in training.
+    preprocess: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def from_config(cls, config: Any) -> InputSpec:
@@ -55,6 +58,7 @@ class InputSpec:
             data.stack_stride,
             getattr(augment, "tile_size", None),
             getattr(augment, "tile_overlap", 0.25),
+            tuple(getattr(data, "preprocess", ())),
         )
 
     def input_shape(self, height: int, width: int) -> tuple[int, int]:
