@@ -222,8 +222,11 @@ def write_grid(
     from kaggle_seg.io import atomic_path
     from kaggle_seg.show import _display_image, _has_truth, _masks_rgb, _read_truth
 
-    image = _display_image(competition, competition.read_image(row))
-    grey = image.mean(axis=-1)
+    raw = competition.read_image(row)
+    image = _display_image(competition, raw)
+    # Heat maps sit on the mean of all input channels: each stage sees every channel (LGG's
+    # three sequences), not only the one `kseg show` draws.
+    grey = _display_image(competition, np.repeat(raw.mean(axis=-1, keepdims=True), 3, -1))[..., 0]
     n_classes = len(competition.classes)
     top: list[tuple[str, np.ndarray, np.ndarray | None]] = [("image", image, None)]
     if competition.name != "dsb2018" and _has_truth(competition, pd.Series(row)):
