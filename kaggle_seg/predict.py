@@ -196,12 +196,12 @@ class PredictionDataset:
                     ),
                     train=False,
                 ),
-                s.preprocess,
+                s.preprocess_steps,
             )
             for s in self.specs
         ]
         # The "store" steps (n4, clahe) of each spec, on the image as read.
-        self.readers = [PreprocessedReader(s.preprocess) for s in self.specs]
+        self.readers = [PreprocessedReader(s.preprocess_steps) for s in self.specs]
         self.stacks = []
         for s in self.specs:
             if s.stack_depth > 1:

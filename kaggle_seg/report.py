@@ -106,6 +106,18 @@ def _panels(run: ExperimentRun) -> str:
     return '<div class="panels">' + "".join(parts) + "</div>"
 
 
+def _settings_table(settings: object) -> str:
+    """Per-class settings as rows of a table, the rules for all classes below it."""
+    values = settings.model_dump(mode="json")  # type: ignore[attr-defined]
+    classes = values.pop("classes")
+    per_class = {k: v for k, v in values.items() if isinstance(v, list)}
+    frame = pd.DataFrame(per_class, index=pd.Index(classes, name="class"))
+    rest = {k: v for k, v in values.items() if k not in per_class}
+    return (
+        _table(frame) + "<p>" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in rest.items()) + "</p>"
+    )
+
+
 def _experiment_section(run: ExperimentRun, panels: bool) -> str:
     from kaggle_seg import report_plots
     from kaggle_seg.report_data import get_scorer
@@ -121,11 +133,7 @@ def _experiment_section(run: ExperimentRun, panels: bool) -> str:
         out += ["<h3>CV per fold and overall</h3>", _table(cv)]
         out.append(_image(report_plots.cv_bars(run.cv, run.name), "CV per fold"))
     if run.settings is not None:
-        settings = json.dumps(run.settings.model_dump(mode="json"), indent=1)
-        out += [
-            "<h3>Tuned post-processing (postprocess.json)</h3>",
-            f"<pre>{html.escape(settings)}</pre>",
-        ]
+        out += ["<h3>Tuned post-processing (postprocess.json)</h3>", _settings_table(run.settings)]
     histories = [(f"fold {f.fold}", f.history) for f in run.folds if f.history is not None]
     if histories:
         out += [

@@ -223,7 +223,7 @@ def test_training_and_prediction_give_the_same_input(lgg_rows: pd.DataFrame):
         mask_store=masks,
     )
     spec = InputSpec.from_config(config)
-    assert [s["name"] for s in spec.preprocess] == ["n4", "clahe", "zscore"]
+    assert [s["name"] for s in spec.preprocess_steps] == ["n4", "clahe", "zscore"]
     predicted = PredictionDataset(competition, lgg_rows, [spec])
     for i in range(len(lgg_rows)):
         trained = valid[i]["image"]
@@ -233,3 +233,46 @@ def test_training_and_prediction_give_the_same_input(lgg_rows: pd.DataFrame):
         torch.testing.assert_close(trained, given, atol=2e-3, rtol=0)
     raw = PredictionDataset(competition, lgg_rows, [InputSpec.from_config(lgg_config([]))])
     assert not torch.allclose(raw[0]["inputs"][0], predicted[0]["inputs"][0], atol=0.1)
+
+
+@pytest.mark.slow
+def test_trained_oof_equals_prediction_with_n4_and_zscore(shared_data: Path, tmp_path: Path):
+    """Train (store filled with N4 once), OOF and `predict` see the same inputs: the fold's
+    out-of-fold probabilities are what prediction from its best.pt gives."""
+    from kaggle_seg.predict import load_ensemble, predict_probabilities
+    from kaggle_seg.train import load_oof, train_fold
+
+    competition = get_competition("lgg")
+    table = competition.read_table(shared_data / "lgg", build_data_config("lgg"))
+    patients = sorted(table["group"].unique())[:2]
+    table = pd.concat([table[table["group"] == p].head(10) for p in patients], ignore_index=True)
+    table.to_csv(tmp_path / "table.csv", index=False)
+    folds = pd.DataFrame(
+        {"id": table["id"], "fold": (table["group"] == patients[1]).astype(int),
+         "group": table["group"]}
+    )  # fmt: skip
+    folds.to_csv(tmp_path / "folds.csv", index=False)
+    config = ExperimentConfig.model_validate(
+        {
+            "name": "n4run",
+            "data": {
+                "competition": "lgg",
+                "table": str(tmp_path / "table.csv"),
+                "folds": str(tmp_path / "folds.csv"),
+                "preprocess": [{"name": "n4", "iterations": [10, 5]}, "zscore"],
+            },
+            "augment": {"preset": "lgg", "height": 64, "width": 64},
+            "model": {"architecture": "unet", "params": {"base_channels": 4, "depth": 2}},
+            "train": {"epochs": 1, "batch_size": 4, "num_workers": 0, "cache": "memmap"},
+        }
+    )
+    train_fold(config, 0, run_root=tmp_path / "runs", device="cpu")
+    run = tmp_path / "runs" / "n4run"
+    assert list((run / "cache").glob("lgg-images-*.json"))  # the N4 store, on disk
+    oof = load_oof(run / "fold_0" / "oof.npz")
+    members = load_ensemble([run / "fold_0"])
+    assert [s["name"] for s in members[0].spec.preprocess_steps] == ["n4", "zscore"]
+    valid = table[folds["fold"] == 0].reset_index(drop=True)
+    predicted = predict_probabilities(members, competition, valid, num_workers=0)
+    for _, image_id, probabilities in predicted:
+        np.testing.assert_allclose(probabilities, oof[image_id], atol=2e-3)
