@@ -26,7 +26,7 @@ def explain(
     stage: Annotated[
         str | None,
         typer.Option(
-            help="Grad-CAM stage, e.g. encoder.3 or decoder.0 (default: deepest encoder)."
+            help="Grad-CAM stage, e.g. encoder.3 or decoder.0 (default: the last decoder stage)."
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",

@@ -5,7 +5,7 @@ Per image, over the image at its own size:
 - the mean activation (over channels) of each encoder stage and each decoder stage, captured
   with forward hooks, so the model is not changed;
 - per class, a Grad-CAM map of the class's logits inside its predicted mask (the whole image
-  when the mask is empty) with respect to one stage (`stage`, by default the deepest encoder
+  when the mask is empty) with respect to one stage (`stage`, by default the last decoder
   stage), computed by pytorch-grad-cam (`GradCAM` + `SemanticSegmentationTarget`).
 
 The model input is made exactly as prediction makes it (`predict.PredictionDataset`: the
@@ -118,13 +118,15 @@ def run_with_stages(
 
 
 def choose_stage(stages: list[Stage], stage: str | None) -> Stage:
-    """The stage named `stage`, or by default the deepest encoder stage that has a module."""
+    """The stage named `stage`, or by default the last one with a module: the last decoder stage,
+    which the head reads (Grad-CAM's "last convolutional layer"). On a trained U-Net it gives a
+    map as sharp as the mask; deep encoder stages, whose detail reaches the output through the
+    skips, give coarse maps that often mark the context rather than the object."""
     if stage is None:
         with_module = [s for s in stages if s.module is not None]
-        encoder = [s for s in with_module if s.name.startswith("encoder.")]
         if not with_module:
             raise KsegError("no stage of this model returns its feature map from a module")
-        return (encoder or with_module)[-1]
+        return with_module[-1]
     chosen = next((s for s in stages if s.name == stage), None)
     if chosen is None:
         names = ", ".join(s.name for s in stages)
