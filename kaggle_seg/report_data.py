@@ -302,14 +302,17 @@ def speed(run: ExperimentRun) -> pd.DataFrame:
             continue
         monitor = fold.config.train.monitor
         best = None
-        if monitor in history.columns:
-            values = pd.to_numeric(history[monitor], errors="coerce")
+        values = pd.to_numeric(history.get(monitor, pd.Series(dtype=float)), errors="coerce")
+        if values.notna().any():
             best_index = (
                 values.idxmax() if fold.config.train.monitor_mode == "max" else values.idxmin()
             )
-            best = (int(history.loc[best_index, "epoch"]), float(values[best_index]))
-        seconds = pd.to_numeric(history.get("train_seconds"), errors="coerce")
-        rate = pd.to_numeric(history.get("images_per_s"), errors="coerce")
+            epoch = history["epoch"][best_index] if "epoch" in history.columns else best_index + 1
+            best = (int(epoch), float(values[best_index]))
+        seconds, rate = (
+            pd.to_numeric(history[c], errors="coerce") if c in history.columns else None
+            for c in ("train_seconds", "images_per_s")
+        )
         rows.append(
             {
                 "fold": fold.fold,
