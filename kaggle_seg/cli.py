@@ -15,7 +15,7 @@ import typer
 
 from kaggle_seg import __version__
 from kaggle_seg.cli_insight import explain, report
-from kaggle_seg.cli_kernel import dataset_app, kernel_app
+from kaggle_seg.cli_kernel import dataset_app, kernel_app, model_app
 from kaggle_seg.cli_weights import weights_app
 from kaggle_seg.errors import KsegError
 
@@ -28,6 +28,7 @@ app = typer.Typer(
 )
 app.add_typer(kernel_app, name="kernel")
 app.add_typer(dataset_app, name="dataset")
+app.add_typer(model_app, name="model")
 app.add_typer(weights_app, name="weights")
 app.command()(explain)
 app.command()(report)
@@ -139,6 +140,14 @@ def train(
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda (default: cuda when visible).")
     ] = None,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help="Train on every row for train.epochs, no validation, into runs/<exp>/full/ "
+            "(final submissions; needs train.monitor=train_loss).",
+        ),
+    ] = False,
 ) -> None:
     """Train a fold (or several): runs/<experiment>/fold_<k>/ gets config, checkpoints, history
     and out-of-fold probabilities. Under `torchrun --nproc_per_node N -m kaggle_seg train ...`
@@ -147,8 +156,13 @@ def train(
     from kaggle_seg.train import train_fold
 
     experiment = load_experiment(config, overrides or [])
+    if full:
+        if fold is not None or folds_list is not None:
+            raise KsegError("--full trains on every row: leave out --fold / --folds")
+        train_fold(experiment, 0, run_root=runs_dir, resume=resume, device=device, full=True)
+        return
     if (fold is None) == (folds_list is None):
-        raise KsegError("pass exactly one of --fold K or --folds 0,1,2")
+        raise KsegError("pass exactly one of --fold K or --folds 0,1,2 (or --full)")
     try:
         to_train = [fold] if fold is not None else [int(k) for k in folds_list.split(",")]
     except ValueError:
@@ -280,11 +294,11 @@ def tune(
 
 @app.command()
 def submit(
-    checkpoints: Checkpoints,
+    checkpoints: Checkpoints = None,  # type: ignore[assignment]  # needed unless --kernel
     data_dir: Annotated[
-        Path,
+        Path | None,
         typer.Option(help="The competition folder as Kaggle mounts it (test/ or stage1_test/)."),
-    ],
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(help="CSV path (default submissions/<competition>_<experiment>_<date>.csv)."),
@@ -311,12 +325,30 @@ def submit(
     message: Annotated[str, typer.Option(help="Submission message for --upload.")] = "kseg",
     kernel: Annotated[
         str | None,
-        typer.Option(help="Code competitions: the pushed kernel (user/slug) --upload submits."),
+        typer.Option(
+            help="Code competitions: submit this pushed kernel (a kseg kernel folder or "
+            "owner/slug) instead of predicting here."
+        ),
     ] = None,
+    version: Annotated[
+        int | None,
+        typer.Option(help="With --kernel: its version (default: the one kseg kernel push made)."),
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option(help="With --kernel: wait for the version to finish and the score.")
+    ] = False,
 ) -> None:
-    """Predict the test set and write a validated submission CSV in the competition's format."""
+    """Predict the test set and write a validated submission CSV in the competition's format;
+    with --kernel, submit a finished version of a pushed kernel instead."""
     from kaggle_seg.submit import write_submission
 
+    if kernel is not None:
+        from kaggle_seg.submit import submit_pushed_kernel
+
+        typer.echo(submit_pushed_kernel(kernel, version, message, wait=wait, say=typer.echo))
+        return
+    if not checkpoints or data_dir is None:
+        raise KsegError("kseg submit needs --checkpoints and --data-dir (or --kernel)")
     _check_choice("--on-error", on_error, ("fail", "skip"))
     result = write_submission(
         checkpoints,
@@ -343,7 +375,7 @@ def submit(
     if upload:
         from kaggle_seg.submit import upload_submission
 
-        typer.echo(upload_submission(result.path, result.competition, message, kernel))
+        typer.echo(upload_submission(result.path, result.competition, message))
 
 
 @app.command()

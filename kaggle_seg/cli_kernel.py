@@ -1,4 +1,5 @@
-"""`kseg kernel ...` and `kseg dataset ...`: Kaggle kernels and datasets (sub-apps of cli.py).
+"""`kseg kernel ...`, `kseg dataset ...` and `kseg model ...`: Kaggle kernels, datasets and
+Models (sub-apps of cli.py).
 
 Wiring only, like cli.py: heavy modules and the `kaggle` client are imported inside commands.
 """
@@ -12,8 +13,23 @@ import typer
 
 from kaggle_seg.errors import KsegError
 
-kernel_app = typer.Typer(help="Build, rehearse and push Kaggle kernels.", no_args_is_help=True)
+kernel_app = typer.Typer(
+    help="Build, rehearse, push and follow Kaggle kernels.", no_args_is_help=True
+)
 dataset_app = typer.Typer(help="Create or version Kaggle datasets.", no_args_is_help=True)
+model_app = typer.Typer(help="Upload weights as Kaggle Model instances.", no_args_is_help=True)
+
+KernelName = Annotated[
+    str,
+    typer.Argument(help="A folder written by kseg kernel build, or owner/kernel-slug."),
+]
+Version = Annotated[
+    int | None,
+    typer.Option(help="Kernel version (default: the one kseg kernel push made, else the latest)."),
+]
+Timeout = Annotated[float, typer.Option(help="Seconds to wait before giving up.")]
+Poll = Annotated[float, typer.Option(help="Seconds between two questions to Kaggle.")]
+Message = Annotated[str, typer.Option(help="Version notes.")]
 
 
 def _megabytes(n_bytes: int) -> str:
@@ -56,7 +72,29 @@ def kernel_build(
     weights_dataset: Annotated[
         str | None, typer.Option(help="Slug of the weights dataset (default: <slug>-weights).")
     ] = None,
-    gpu: Annotated[bool, typer.Option("--gpu/--no-gpu", help="Run on a Kaggle GPU.")] = True,
+    accelerator: Annotated[
+        str,
+        typer.Option(help="t4x2, l4, cpu or tpu (p100 is refused: Kaggle's torch cannot use it)."),
+    ] = "t4x2",
+    weights_as: Annotated[
+        str,
+        typer.Option(help="Ship the weights as a dataset or as a Kaggle Model instance (model)."),
+    ] = "dataset",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="With --weights-as model: model slug, owner/model or owner/model/framework/"
+            "variation (default: <user>/<slug>-weights/pyTorch/default)."
+        ),
+    ] = None,
+    docker_image: Annotated[
+        str | None,
+        typer.Option(help="Run on this Kaggle image (gcr.io/kaggle-images/python@sha256:...)."),
+    ] = None,
+    pin_image: Annotated[
+        str | None,
+        typer.Option(help="docker_image_pinning_type: original (the first run's image) or latest."),
+    ] = None,
     tta: Annotated[
         str | None, typer.Option(help="Passed to kseg submit --tta (e.g. flip).")
     ] = None,
@@ -74,19 +112,14 @@ def kernel_build(
     force: Annotated[bool, typer.Option(help="Replace an existing kernel folder.")] = False,
 ) -> None:
     """Write kernels/<name>/: the kernel script and metadata, a wheels dataset (kaggle_seg and
-    what the Kaggle image lacks) and a weights dataset (best.pt per fold, postprocess.json)."""
-    from kaggle_seg.kernel import build_kernel, parse_folds
+    what the Kaggle image lacks) and the weights (best.pt per fold, postprocess.json)."""
+    from kaggle_seg.kernel import SubmitOptions, build_kernel, parse_folds
 
-    submit_options: list[str] = []
-    if tta:
-        submit_options += ["--tta", tta]
-    if batch_size:
-        submit_options += ["--batch-size", str(batch_size)]
     build = build_kernel(
         competition,
         experiments,
         folds=parse_folds(folds),
-        ensemble_weights=weights,
+        submit=SubmitOptions(tta=tta, batch_size=batch_size, ensemble_weights=weights),
         runs_root=runs_dir,
         out_root=out_dir,
         name=name,
@@ -94,8 +127,11 @@ def kernel_build(
         username=username,
         wheels_dataset=wheels_dataset,
         weights_dataset=weights_dataset,
-        enable_gpu=gpu,
-        submit_options=submit_options,
+        accelerator=accelerator,
+        weights_as=weights_as,
+        model=model,
+        docker_image=docker_image,
+        image_pinning=pin_image,
         wheels_from=wheels_from,
         repack=repack_installed,
         force=force,
@@ -106,7 +142,8 @@ def kernel_build(
         f"  wheels  {build.wheels_dataset}: {_megabytes(build.wheels_bytes)}; "
         f"{build.project_wheel} + {shipped}"
     )
-    typer.echo(f"  weights {build.weights_dataset}: {_megabytes(build.weights_bytes)}")
+    kind = "model  " if build.weights_as == "model" else "weights"
+    typer.echo(f"  {kind} {build.weights_source}: {_megabytes(build.weights_bytes)}")
     for warning in build.warnings:
         typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"next: kseg kernel rehearse {build.kernel_dir}")
@@ -123,6 +160,13 @@ def kernel_rehearse(
         int | None,
         typer.Option(help="Train cases (uwmgi, default 2) / images (dsb2018, 8) held back."),
     ] = None,
+    image_versions: Annotated[
+        str,
+        typer.Option(
+            help="kaggle: Kaggle's pinned versions from the registry (cached); local: this "
+            "machine's (weaker)."
+        ),
+    ] = "kaggle",
     isolation: Annotated[
         str, typer.Option(help="auto, unshare (network namespace) or guard (socket guard).")
     ] = "auto",
@@ -145,6 +189,8 @@ def kernel_rehearse(
         timeout_s=timeout,
         keep=keep,
         work_root=work_dir,
+        image_versions=image_versions,
+        say=typer.echo,
     )
     for line in summarize_rehearsal(rehearsal):
         typer.echo(line)
@@ -156,36 +202,119 @@ def kernel_rehearse(
 @kernel_app.command("push")
 def kernel_push(
     kernel_dir: Annotated[Path, typer.Argument(help="A folder written by kseg kernel build.")],
+    with_datasets: Annotated[
+        bool, typer.Option(help="Push the wheels and weights datasets (or Model) first.")
+    ] = False,
+    wait: Annotated[bool, typer.Option(help="Wait until the new version has run.")] = False,
+    message: Message = "kseg",
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the datasets to be ready.")
+    ] = 1800.0,
+    run_timeout: Annotated[
+        float, typer.Option(help="With --wait: seconds to wait for the version's run.")
+    ] = 12 * 3600.0,
+    poll: Poll = 15.0,
 ) -> None:
-    """Push the kernel (push its wheels and weights datasets first: kseg dataset push)."""
-    import json
+    """Push the kernel once Kaggle has its datasets ready (with --with-datasets, push them
+    first); with --wait, follow the new version until it has run."""
+    from kaggle_seg.kernel.publish import KernelRef, push_kernel_folder, wait_for_kernel
 
-    from kaggle_seg.kaggle_api import push_kernel
-    from kaggle_seg.kernel import (
-        KERNEL_METADATA,
-        check_kernel_metadata,
-        check_no_credentials,
-        read_build_record,
+    pushed = push_kernel_folder(
+        kernel_dir,
+        with_datasets=with_datasets,
+        message=message,
+        timeout_s=timeout,
+        poll_s=poll,
+        say=typer.echo,
     )
+    typer.echo(f"pushed {pushed.kernel} version {pushed.version}: {pushed.url}")
+    if wait:
+        ref = KernelRef(pushed.kernel, pushed.version, None, Path(kernel_dir))
+        wait_for_kernel(ref, timeout_s=run_timeout, poll_s=poll, say=typer.echo)
+    else:
+        typer.echo(f"next: kseg kernel wait {kernel_dir}")
 
-    record = read_build_record(kernel_dir)
-    meta = json.loads((Path(kernel_dir) / KERNEL_METADATA).read_text())
-    check_kernel_metadata(meta, record["competition"])
-    check_no_credentials(Path(kernel_dir))
-    typer.echo(push_kernel(Path(kernel_dir)))
+
+@kernel_app.command("status")
+def kernel_status(kernel: KernelName, version: Version = None) -> None:
+    """Say whether the kernel version is queued, running, complete or failed (with its log's
+    last lines)."""
+    from kaggle_seg.kernel.publish import report_kernel, resolve_kernel
+
+    report_kernel(resolve_kernel(kernel, version), typer.echo)
+
+
+@kernel_app.command("wait")
+def kernel_wait(
+    kernel: KernelName,
+    version: Version = None,
+    timeout: Timeout = 12 * 3600.0,
+    poll: Poll = 30.0,
+) -> None:
+    """Wait until the kernel version has run; a failed one shows its log's last lines."""
+    from kaggle_seg.kernel.publish import resolve_kernel, wait_for_kernel
+
+    wait_for_kernel(resolve_kernel(kernel, version), timeout_s=timeout, poll_s=poll, say=typer.echo)
 
 
 @dataset_app.command("push")
 def dataset_push(
     folder: Annotated[Path, typer.Argument(help="A folder with dataset-metadata.json.")],
-    message: Annotated[str, typer.Option(help="Version notes.")] = "kseg",
+    message: Message = "kseg",
     public: Annotated[bool, typer.Option(help="Make a new dataset public.")] = False,
+    wait: Annotated[bool, typer.Option(help="Wait until Kaggle has processed it.")] = False,
+    timeout: Timeout = 1800.0,
+    poll: Poll = 15.0,
 ) -> None:
     """Create the dataset, or push a new version of it."""
     from kaggle_seg.kaggle_api import push_dataset
     from kaggle_seg.kernel import DATASET_METADATA, check_no_credentials
+    from kaggle_seg.kernel.publish import wait_for_datasets
 
     if not (Path(folder) / DATASET_METADATA).is_file():
         raise KsegError(f"{folder}: no {DATASET_METADATA} (kseg kernel build writes one)")
     check_no_credentials(Path(folder))
     typer.echo(push_dataset(Path(folder), message, public=public))
+    if wait:
+        import json
+
+        ref = json.loads((Path(folder) / DATASET_METADATA).read_text())["id"]
+        wait_for_datasets([ref], timeout_s=timeout, poll_s=poll, say=typer.echo)
+
+
+@model_app.command("push")
+def model_push(
+    source: Annotated[
+        Path,
+        typer.Argument(help="A kernel folder built with --weights-as model, or runs/<EXP>."),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="For runs/<EXP>: model slug, owner/model or owner/model/framework/variation."
+        ),
+    ] = None,
+    folds: Annotated[str | None, typer.Option(help="For runs/<EXP>: folds to upload.")] = None,
+    username: Annotated[str | None, typer.Option(help="Kaggle user owning the model.")] = None,
+    license_name: Annotated[str, typer.Option("--license", help="The model's licence.")] = (
+        "Apache 2.0"
+    ),
+    message: Message = "kseg",
+) -> None:
+    """Upload best.pt and config.yaml per fold and postprocess.json as a new version of a Kaggle
+    Model instance (owner/model/framework/variation); a kernel folder's metadata then names it."""
+    from kaggle_seg.kernel import kaggle_username, parse_folds, slugify
+    from kaggle_seg.kernel.build import model_handle
+    from kaggle_seg.kernel.publish import push_experiment_model, push_model
+    from kaggle_seg.kernel.targets import BUILD_RECORD
+
+    if (source / BUILD_RECORD).is_file():
+        if model is not None:
+            raise KsegError("--model: a kernel folder's model was set by kseg kernel build")
+        typer.echo(f"pushed model {push_model(source, message, license_name)}")
+        return
+    handle = model_handle(model, kaggle_username(username), slugify(f"kseg {source.name}"))
+    pushed = push_experiment_model(
+        source, handle, folds=parse_folds(folds), notes=message, license_name=license_name
+    )
+    typer.echo(f"pushed model {pushed}")

@@ -146,7 +146,12 @@ class TrainConfig(StrictModel):
     # Before each validation, BN running statistics of the validated weights are recomputed
     # from this many training batches (kaggle_seg/batchnorm.py); 0 keeps the running averages.
     bn_recalibration_batches: int = Field(32, ge=0)
-    early_stopping_patience: int | None = Field(None, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1)  # validations without a gain
+    # ...and at least this many optimizer steps since the best: on a small dataset an epoch is
+    # a handful of steps, and a patience in epochs alone stops before the model has learnt.
+    early_stopping_min_steps: int = Field(0, ge=0)
+    # Validate every N epochs (and after the last): whole-image validation is dear on CPU.
+    validate_every: int = Field(1, ge=1)
     monitor: str = "score"  # a history.csv column: score, dice, valid_loss, ...
     monitor_mode: Literal["max", "min"] = "max"
     # Two-phase training: encoder frozen for N epochs, then unfrozen with its own LR.

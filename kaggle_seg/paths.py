@@ -12,6 +12,12 @@ def fold_dir(experiment: str, fold: int, root: Path = RUNS_ROOT) -> Path:
     return Path(root) / experiment / f"fold_{fold}"
 
 
+def full_dir(experiment: str, root: Path = RUNS_ROOT) -> Path:
+    """runs/<experiment>/full/: a `kseg train --full` run on every row, without validation."""
+    return Path(root) / experiment / FULL_RUN
+
+
+FULL_RUN = "full"
 BEST_CHECKPOINT = "best.pt"
 LAST_CHECKPOINT = "last.pt"
 HISTORY_FILE = "history.csv"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -332,11 +332,9 @@ def write_submission(
     )
 
 
-def upload_submission(
-    csv: Path, competition_name: str, message: str, kernel: str | None = None
-) -> str:
-    """`kseg submit --upload`: a file competition gets the CSV; a code competition (uwmgi) is
-    submitted as a kernel version, named by `kernel` (user/slug, pushed with kseg kernel push)."""
+def upload_submission(csv: Path, competition_name: str, message: str) -> str:
+    """`kseg submit --upload`: a file competition gets the CSV; a code competition (uwmgi) takes
+    a kernel version instead (`kseg submit --kernel`)."""
     from kaggle_seg import kaggle_api
     from kaggle_seg.competitions import get_competition
 
@@ -344,10 +342,34 @@ def upload_submission(
     if competition.kaggle_slug is None:
         raise KsegError(f"{competition.name} is a dataset, not a Kaggle competition")
     if competition.code_competition:
-        if kernel is None:
-            raise KsegError(
-                f"{competition.kaggle_slug} is a code competition: submissions come from a "
-                "kernel; pass --kernel user/slug (built and pushed with `kseg kernel`)"
-            )
-        return kaggle_api.submit_kernel(competition.kaggle_slug, kernel, message)
+        raise KsegError(
+            f"{competition.kaggle_slug} is a code competition: Kaggle scores a kernel version, "
+            "not this CSV; push the kernel (kseg kernel push) and run kseg submit --kernel "
+            "kernels/<name>"
+        )
     return kaggle_api.submit_file(competition.kaggle_slug, csv, message)
+
+
+def submit_pushed_kernel(
+    kernel: str,
+    version: int | None,
+    message: str,
+    *,
+    wait: bool = False,
+    timeout_s: float = 12 * 3600.0,
+    poll_s: float = 30.0,
+    say: Callable[[str], None] = print,
+) -> str:
+    """`kseg submit --kernel`: submit a finished version of a pushed code-competition kernel (a
+    kernel folder, whose record names the version pushed, or owner/slug), without predicting
+    here; with `wait`, wait for the version to finish and for the score."""
+    from kaggle_seg.kernel.publish import resolve_kernel, submit_kernel_version
+
+    return submit_kernel_version(
+        resolve_kernel(kernel, version),
+        message=message,
+        wait=wait,
+        timeout_s=timeout_s,
+        poll_s=poll_s,
+        say=say,
+    )

@@ -123,8 +123,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---- data ---------------------------------------------------------------------------------------
 
 
-def load_fold_tables(config: ExperimentConfig, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train rows, validation rows) of the table for `fold`, in table order."""
+def check_full_run(config: ExperimentConfig) -> None:
+    """`--full` trains on every row without validation: best.pt can only follow a training
+    column (train_loss...), and early stopping has nothing to watch."""
+    monitor = config.train.monitor
+    if not monitor.startswith("train_"):
+        raise KsegError(
+            f"--full trains without a validation fold, so train.monitor {monitor!r} is never "
+            "measured: pass --set train.monitor=train_loss --set train.monitor_mode=min "
+            "(the last epochs are then kept), or train folds instead"
+        )
+
+
+def load_fold_tables(
+    config: ExperimentConfig, fold: int, *, full: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train rows, validation rows) of the table for `fold`, in table order; with `full`,
+    every row trains and none validates."""
     from kaggle_seg.data.folds import read_folds
     from kaggle_seg.prepare import read_table
 
@@ -139,6 +154,8 @@ def load_fold_tables(config: ExperimentConfig, fold: int) -> tuple[pd.DataFrame,
     if table["fold"].isna().any():
         missing = table.loc[table["fold"].isna(), "id"].iloc[0]
         raise KsegError(f"{config.data.folds}: no fold for id {missing} of {config.data.table}")
+    if full:
+        return table.reset_index(drop=True), table.iloc[:0].reset_index(drop=True)
     if fold not in set(table["fold"]):
         raise KsegError(
             f"--fold {fold}: {config.data.folds} has folds {sorted(set(table['fold']))}"
@@ -248,15 +265,27 @@ class FoldResult:
 class Trainer:
     """One fold's training state; `fit()` runs it. Kept as an object so resume is one load."""
 
-    def __init__(self, config: ExperimentConfig, fold: int, run_root: Path, runtime: Runtime):
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        fold: int,
+        run_root: Path,
+        runtime: Runtime,
+        *,
+        full: bool = False,
+    ):
         from kaggle_seg.models import build_model, has_class_head
 
-        self.config, self.fold, self.runtime = config, fold, runtime
+        self.config, self.fold, self.runtime, self.full = config, fold, runtime, full
         self.class_head = has_class_head(config.model)
-        self.run_dir = paths.fold_dir(config.name, fold, run_root)
+        if full:
+            check_full_run(config)
+            self.run_dir = paths.full_dir(config.name, run_root)
+        else:
+            self.run_dir = paths.fold_dir(config.name, fold, run_root)
         self.competition = get_competition(config.data.competition)
         seed_everything(config.train.seed + runtime.rank)
-        self.train_table, self.valid_table = load_fold_tables(config, fold)
+        self.train_table, self.valid_table = load_fold_tables(config, fold, full=full)
         self.classes = self._n_outputs()
         self.in_channels = self.competition.channels * config.data.stack_depth
         self.model = build_model(config.model, self.in_channels, self.classes).to(runtime.device)
@@ -282,6 +311,7 @@ class Trainer:
         self.epoch = 0
         self.optimizer_steps = 0  # the EMA warm-up counts these
         self.bn_batches = 0  # training batches the last BN recalibration used
+        self.best_step = 0  # optimizer steps at the best checkpoint
         self.best_value = -math.inf if config.train.monitor_mode == "max" else math.inf
         self.best_epoch = -1
         self.bad_epochs = 0
@@ -423,6 +453,7 @@ class Trainer:
             "interrupted": interrupted,
             "best_value": self.best_value,
             "best_epoch": self.best_epoch,
+            "best_step": self.best_step,
             "bad_epochs": self.bad_epochs,
             "history": self.history,
             "rng": rng_state(),
@@ -463,6 +494,7 @@ class Trainer:
         self.optimizer_steps = state.get("optimizer_steps", 0)
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
         self.bad_epochs, self.history = state["bad_epochs"], state["history"]
+        self.best_step = state.get("best_step", 0)
         set_rng_state(state["rng"])
 
     def eval_model(self) -> nn.Module:
@@ -700,14 +732,23 @@ class Trainer:
         started = time.perf_counter()
         try:
             while self.epoch < cfg.epochs:
-                if cfg.early_stopping_patience and self.bad_epochs >= cfg.early_stopping_patience:
-                    self._log(f"early stop: no {cfg.monitor} gain for {self.bad_epochs} epochs")
+                if self._should_stop_early():
+                    self._log(
+                        f"early stop: no {cfg.monitor} gain in {self.bad_epochs} validations "
+                        f"({self.optimizer_steps - self.best_step} optimizer steps)"
+                    )
                     break
                 self._apply_freezing()
                 train_metrics = self.train_one_epoch()
-                self.recalibrate_batchnorm()
-                valid_metrics, _, _ = self.predict_valid()
-                self._end_epoch({**train_metrics, **valid_metrics})
+                validate = not self.full and (
+                    (self.epoch + 1) % cfg.validate_every == 0 or self.epoch + 1 == cfg.epochs
+                )
+                valid_metrics: dict[str, float] = {}
+                if validate or self.full:
+                    self.recalibrate_batchnorm()  # the weights best.pt may keep
+                if validate:
+                    valid_metrics, _, _ = self.predict_valid()
+                self._end_epoch({**train_metrics, **valid_metrics}, judged=validate or self.full)
         except KeyboardInterrupt:
             last = self.run_dir / paths.LAST_CHECKPOINT
             if self.runtime.is_main:
@@ -716,7 +757,8 @@ class Trainer:
                 f"interrupted in epoch {self.epoch + 1}: saved {last}; continue with --resume "
                 "(the epoch restarts from the weights it had reached)"
             ) from None
-        self._write_oof()
+        if not self.full:
+            self._write_oof()
         minutes = (time.perf_counter() - started) / 60
         self._log(
             f"fold {self.fold}: best {cfg.monitor} {self.best_value:.4f} at epoch "
@@ -726,25 +768,36 @@ class Trainer:
             self.run_dir, self.best_value, self.best_epoch, pd.DataFrame(self.history)
         )
 
-    def _end_epoch(self, metrics: dict[str, float]) -> None:
+    def _should_stop_early(self) -> bool:
         cfg = self.config.train
-        if cfg.monitor not in metrics:
+        return bool(
+            cfg.early_stopping_patience
+            and self.bad_epochs >= cfg.early_stopping_patience
+            and self.optimizer_steps - self.best_step >= cfg.early_stopping_min_steps
+        )
+
+    def _end_epoch(self, metrics: dict[str, float], judged: bool = True) -> None:
+        """Record the epoch; `judged` (it was validated, or a --full run) lets it become the
+        best checkpoint and count for early stopping."""
+        cfg = self.config.train
+        if judged and cfg.monitor not in metrics:
             raise KsegError(
                 f"train.monitor: {cfg.monitor!r} is not measured; choose one of "
                 f"{', '.join(sorted(metrics))}"
             )
-        value = metrics[cfg.monitor]
+        value = metrics.get(cfg.monitor, math.nan)
         lr = self.optimizer.param_groups[-1]["lr"]
         row = {"epoch": self.epoch + 1, **metrics, "lr": lr, **self._validated_weights()}
         self.history.append(row)
         if self.scheduler_steps == "epoch":
             self.scheduler.step()
-        elif self.scheduler_steps == "metric":
+        elif self.scheduler_steps == "metric" and judged:
             self.scheduler.step(value)
-        improved = self._improved(value)
+        improved = judged and self._improved(value)
         if improved:
             self.best_value, self.best_epoch, self.bad_epochs = value, self.epoch, 0
-        else:
+            self.best_step = self.optimizer_steps
+        elif judged:
             self.bad_epochs += 1
         self.epoch += 1
         if self.runtime.is_main:
@@ -812,12 +865,15 @@ def train_fold(
     run_root: Path = paths.RUNS_ROOT,
     resume: bool = False,
     device: str | None = None,
+    full: bool = False,
 ) -> FoldResult:
-    """Train one fold; under torchrun every process calls this and rank 0 writes the files."""
+    """Train one fold; under torchrun every process calls this and rank 0 writes the files.
+    `full`: train on every row of the table for train.epochs, without validation, into
+    runs/<experiment>/full/ (a final-submission model; `fold` is ignored)."""
     runtime = start_runtime(device)
     if runtime.device.type == "cpu":
         # Activation buffers are mmapped and faulted in afresh every step otherwise: on CPU
         # that was ~1/3 of the step (benchmarks/README.md, "Training-step overhead").
         keep_freed_memory(heap_only=True)
-    trainer = Trainer(config, fold, Path(run_root), runtime)
+    trainer = Trainer(config, fold, Path(run_root), runtime, full=full)
     return trainer.fit(resume=resume)

@@ -1,11 +1,16 @@
 """A local fake of the Kaggle API server and the `fake_kaggle` fixture that uses it.
 
-The official client (kaggle 2.x over kagglesdk) sends every call as
-`POST <endpoint>/api/v1/<service>/<Method>` with a JSON body, and uploads files in two steps:
+The official client (kaggle 2.x over kagglesdk) and kagglehub send every call as
+`POST <endpoint>/api/v1/<service>/<Method>` with a JSON body, and upload files in two steps:
 `StartBlobUpload` (or `StartSubmissionUpload`) returns a token and a `createUrl`, then the file is
 PUT to that URL and the token is named in the final request. The fake implements the methods
-that publishing uses, answers with the JSON the client expects, and records every request and
-upload, so tests can check what would have reached kaggle.com without any network.
+that publishing uses (datasets and their status; kernels, their status, log and metadata; file
+and code submissions and the list of submissions; Models and Model instances), answers with
+the JSON the clients expect, and records every request and upload, so tests can check what
+would have reached kaggle.com without any network.
+
+Processing takes time on Kaggle: `dataset_progress`, `kernel_progress` and
+`submission_progress` give the statuses successive status calls answer (the last one stays).
 
 Use it from a test module with
 
@@ -88,6 +93,14 @@ class FakeKaggle:
     failures: dict[str, Failure] = field(default_factory=dict)
     replies: dict[str, dict[str, Any]] = field(default_factory=dict)
     kernel_versions: dict[str, int] = field(default_factory=dict)
+    kernels: dict[str, dict[str, Any]] = field(default_factory=dict)  # owner/slug -> SaveKernel
+    dataset_progress: dict[str, list[str]] = field(default_factory=dict)
+    kernel_progress: dict[str, list[tuple[str, str | None]]] = field(default_factory=dict)
+    kernel_logs: dict[str, str] = field(default_factory=dict)  # owner/slug -> printed text
+    submissions: dict[int, dict[str, Any]] = field(default_factory=dict)
+    submission_progress: dict[int, list[tuple[str, str | None]]] = field(default_factory=dict)
+    models: set[str] = field(default_factory=set)  # owner/model
+    model_instances: dict[str, int] = field(default_factory=dict)  # .../framework/slug -> version
     url: str = ""
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -122,6 +135,13 @@ class FakeKaggle:
     def add_dataset(self, ref: str) -> None:
         """Make dataset `owner/slug` exist, so a push creates a new version of it."""
         self.datasets.add(ref)
+
+    def progress(self, table: dict, key: Any, default: Any) -> Any:
+        """The next status of `key` in `table` (a list consumed per call, its last item kept)."""
+        steps = table.get(key)
+        if not steps:
+            return default
+        return steps.pop(0) if len(steps) > 1 else steps[0]
 
     # ---- inspection, for tests ----
 
@@ -168,7 +188,7 @@ class FakeKaggle:
             ref = f"{body.get('ownerSlug')}/{body.get('datasetSlug')}"
             if ref not in self.datasets:
                 return 404, {"code": 404, "message": f"Dataset {ref} not found"}
-            return 200, {"status": "READY"}
+            return 200, {"status": self.progress(self.dataset_progress, ref, "READY")}
         if endpoint in ("StartBlobUpload", "StartSubmissionUpload"):
             name = body.get("name") or body.get("fileName") or "unnamed"
             return 200, self._new_upload(name, int(body.get("contentLength", 0)))
@@ -190,6 +210,7 @@ class FakeKaggle:
             slug = body.get("slug") or str(body.get("id"))
             version = self.kernel_versions.get(slug, 0) + 1
             self.kernel_versions[slug] = version
+            self.kernels[slug] = body
             return 200, {
                 "ref": f"/code/{slug}",
                 "url": f"{self.url}/code/{slug}",
@@ -204,13 +225,106 @@ class FakeKaggle:
             return 200, {"message": f"Successfully submitted to {competition}", "ref": 4242}
         if endpoint == "CreateCodeSubmission":
             competition = body.get("competitionName")
-            return 200, {"message": f"Your kernel was submitted to {competition}", "ref": 4343}
+            ref = 4343 + len(self.submissions)
+            self.submissions[ref] = {"competition": competition, **body}
+            return 200, {"message": f"Your kernel was submitted to {competition}", "ref": ref}
+        return self._answer_more(endpoint, body)
+
+    def _answer_more(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Kernel status, log and metadata; the list of submissions; Models."""
+        kernel = f"{body.get('userName')}/{body.get('kernelSlug')}"
+        if endpoint == "GetKernelSessionStatus":
+            if kernel not in self.kernels:
+                return 404, {"code": 404, "message": f"Kernel {kernel} not found"}
+            status, failure = self.progress(self.kernel_progress, kernel, ("COMPLETE", None))
+            return 200, {"status": status, **({"failureMessage": failure} if failure else {})}
+        if endpoint == "ListKernelSessionOutput":
+            lines = self.kernel_logs.get(kernel, "").splitlines()
+            log = [
+                {"stream_name": "stdout", "time": i, "data": f"{line}\n"}
+                for i, line in enumerate(lines)
+            ]
+            return 200, {"files": [], "log": json.dumps(log)}
+        if endpoint == "GetKernel":
+            saved = self.kernels.get(kernel)
+            if saved is None:
+                return 404, {"code": 404, "message": f"Kernel {kernel} not found"}
+            return 200, _kernel_answer(kernel, saved)
+        if endpoint == "ListSubmissions":
+            listed = []
+            for ref, entry in self.submissions.items():
+                if entry["competition"] != body.get("competitionName"):
+                    continue
+                status, score = self.progress(self.submission_progress, ref, ("COMPLETE", "0.85"))
+                answer = {"ref": ref, "status": status}
+                if status == "COMPLETE":
+                    answer["publicScore"] = score
+                elif status == "ERROR":
+                    answer["errorDescription"] = score
+                listed.append(answer)
+            return 200, {"submissions": listed[::-1]}
+        return self._answer_models(endpoint, body)
+
+    def _answer_models(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        model = f"{body.get('ownerSlug')}/{body.get('modelSlug')}"
+        if endpoint == "GetModel":
+            if model not in self.models:
+                return 404, {"code": 404, "message": f"Model {model} not found"}
+            return 200, {"id": 1, "ownerSlug": body.get("ownerSlug"), "slug": body.get("modelSlug")}
+        if endpoint == "CreateModel":
+            model = f"{body.get('ownerSlug')}/{body.get('slug')}"
+            self.models.add(model)
+            return 200, {"id": len(self.models), "ref": model, "url": f"{self.url}/models/{model}"}
+        if endpoint in ("CreateModelInstance", "CreateModelInstanceVersion"):
+            inner = body.get("body", {})
+            framework = body.get("framework") or inner.get("framework")
+            instance = (
+                f"{model}/{framework}/{body.get('instanceSlug') or inner.get('instanceSlug')}"
+            )
+            if model not in self.models:
+                return 404, {"code": 404, "message": f"Model {model} not found"}
+            if missing := self._missing_tokens(_tokens(inner)):
+                return 400, {"code": 400, "message": f"unknown upload tokens {missing}"}
+            if endpoint == "CreateModelInstance" and instance in self.model_instances:
+                return 200, {"error": f"{instance} already exists", "errorCode": 409}
+            self.model_instances[instance] = self.model_instances.get(instance, 0) + 1
+            return 200, {"id": 1, "ref": instance, "url": f"{self.url}/models/{instance}"}
+        if endpoint == "GetModelInstance":
+            instance = f"{model}/{body.get('framework')}/{body.get('instanceSlug')}"
+            if instance not in self.model_instances:
+                return 404, {"code": 404, "message": f"Model instance {instance} not found"}
+            version = self.model_instances[instance]
+            return 200, {"slug": body.get("instanceSlug"), "versionNumber": version}
         return 404, {"code": 404, "message": f"fake_kaggle has no handler for {endpoint}"}
 
     def _missing_tokens(self, tokens: Any) -> list[str]:
         return [
             token for token in tokens if token not in self.uploads or not self.uploads[token].done
         ]
+
+
+def _tokens(body: dict[str, Any]) -> list[str]:
+    """Upload tokens of a request's files and (nested) directories."""
+    tokens = [file["token"] for file in body.get("files", [])]
+    for directory in body.get("directories", []):
+        tokens += _tokens(directory)
+    return tokens
+
+
+def _kernel_answer(kernel: str, saved: dict[str, Any]) -> dict[str, Any]:
+    """GetKernel's answer for a kernel pushed with SaveKernel `saved`."""
+    names = ("language", "kernelType", "isPrivate", "enableGpu", "enableTpu", "enableInternet")
+    metadata = {name: saved[name] for name in names if name in saved}
+    for source in ("dataset", "competition", "kernel", "model"):
+        metadata[f"{source}DataSources"] = saved.get(f"{source}DataSources", [])
+    metadata.update(ref=kernel, title=saved.get("newTitle", ""), slug=kernel.split("/")[1])
+    blob = {
+        "source": saved.get("text", ""),
+        "language": saved.get("language", "python"),
+        "kernelType": saved.get("kernelType", "script"),
+        "slug": kernel.split("/")[1],
+    }
+    return {"metadata": metadata, "blob": blob}
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -15,13 +15,19 @@ import pytest
 
 from kaggle_seg.errors import KsegError
 from kaggle_seg.kaggle_api import (
-    check_credentials,
-    kaggle_api,
+    dataset_status,
+    kernel_competitions,
+    kernel_log,
+    kernel_status,
+    model_version,
     push_dataset,
     push_kernel,
+    submission_status,
     submit_file,
     submit_kernel,
+    upload_model,
 )
+from kaggle_seg.kaggle_client import check_credentials, client_has, kaggle_api
 
 if TYPE_CHECKING:
     from fake_kaggle import FakeKaggle
@@ -29,6 +35,11 @@ if TYPE_CHECKING:
 pytest_plugins = ["fake_kaggle"]  # the fake_kaggle and no_kaggle_credentials fixtures
 
 USERNAME = "kseg-tester"  # the fake's account
+# Older clients publish a dataset without a file whose upload failed: kseg refuses them (the
+# refusal is tested by test_a_failed_upload_stops_the_push, on any client).
+needs_dataset_push = pytest.mark.skipif(
+    not client_has("dataset push"), reason="this kaggle client cannot push datasets safely"
+)
 DATASET = f"{USERNAME}/uwmgi-weights"
 
 
@@ -205,6 +216,7 @@ def test_a_wrong_key_is_reported_as_rejected_credentials(
 # ---- datasets ----
 
 
+@needs_dataset_push
 def test_push_creates_an_absent_dataset_with_folders_zipped(
     fake_kaggle: FakeKaggle, tmp_path: Path
 ) -> None:
@@ -227,12 +239,14 @@ def test_push_creates_an_absent_dataset_with_folders_zipped(
         assert archive.read("best.pt") == b"\x00" * 1000
 
 
+@needs_dataset_push
 def test_push_public_dataset(fake_kaggle: FakeKaggle, tmp_path: Path) -> None:
     push_dataset(make_dataset(tmp_path / "weights"), public=True)
     (create,) = fake_kaggle.calls("CreateDataset")
     assert not create.get("isPrivate")
 
 
+@needs_dataset_push
 def test_push_versions_an_existing_dataset(fake_kaggle: FakeKaggle, tmp_path: Path) -> None:
     fake_kaggle.add_dataset(DATASET)
     url = push_dataset(make_dataset(tmp_path / "weights"), "fold 0 retrained")
@@ -276,14 +290,28 @@ def test_a_failed_upload_stops_the_push(fake_kaggle: FakeKaggle, tmp_path: Path)
         push_dataset(folder)
     message = assert_one_line(error)
     # kseg's contract, whatever the client's own wording: the push stops, the one line names
-    # the dataset and the file that did not arrive, and no dataset or version was created.
+    # the dataset, and no dataset or version was created. A client that raises on a failed
+    # upload (2.2.5+) names the file; an older one, which would publish without the file, is
+    # refused before anything is sent.
     assert DATASET in message
-    uploaded = {"folds.csv", "fold_0.zip"}
-    assert any(name in message for name in uploaded), message
+    if client_has("dataset push"):
+        uploaded = {"folds.csv", "fold_0.zip"}
+        assert any(name in message for name in uploaded), message
+    else:
+        assert "kaggle>=2.2.5" in message
+        assert fake_kaggle.requests == []
     assert "CreateDataset" not in fake_kaggle.endpoints()
     assert "CreateDatasetVersion" not in fake_kaggle.endpoints()
 
 
+def test_dataset_status_follows_kaggle_processing(fake_kaggle: FakeKaggle) -> None:
+    assert dataset_status(DATASET) == "missing"
+    fake_kaggle.add_dataset(DATASET)
+    fake_kaggle.dataset_progress[DATASET] = ["BLOBS_RECEIVED", "READY"]
+    assert [dataset_status(DATASET), dataset_status(DATASET)] == ["blobs_received", "ready"]
+
+
+@needs_dataset_push
 def test_api_500_gives_status_and_message(fake_kaggle: FakeKaggle, tmp_path: Path) -> None:
     fake_kaggle.fail("CreateDataset", 500, "dataset quota exceeded")
     with pytest.raises(KsegError) as error:
@@ -294,6 +322,7 @@ def test_api_500_gives_status_and_message(fake_kaggle: FakeKaggle, tmp_path: Pat
     assert "CreateDataset" in message
 
 
+@needs_dataset_push
 def test_api_500_without_json_body(fake_kaggle: FakeKaggle, tmp_path: Path) -> None:
     fake_kaggle.fail("GetDatasetStatus", 503, "backend down")
     with pytest.raises(KsegError, match=r"HTTP 503 .*backend down"):
@@ -305,8 +334,9 @@ def test_api_500_without_json_body(fake_kaggle: FakeKaggle, tmp_path: Path) -> N
 
 def test_push_kernel_sends_the_metadata(fake_kaggle: FakeKaggle, tmp_path: Path) -> None:
     folder = make_kernel(tmp_path / "kernel")
-    url = push_kernel(folder)
-    assert url.endswith(f"/code/{USERNAME}/uwmgi-inference")
+    pushed = push_kernel(folder)
+    assert pushed.url.endswith(f"/code/{USERNAME}/uwmgi-inference")
+    assert pushed.version == 1
     (saved,) = fake_kaggle.calls("SaveKernel")
     assert saved["slug"] == f"{USERNAME}/uwmgi-inference"
     assert saved["newTitle"] == "uwmgi inference"
@@ -319,6 +349,32 @@ def test_push_kernel_sends_the_metadata(fake_kaggle: FakeKaggle, tmp_path: Path)
     assert saved["datasetDataSources"] == [DATASET]
     assert saved["competitionDataSources"] == ["uw-madison-gi-tract-image-segmentation"]
     assert fake_kaggle.requests[0].user == USERNAME
+    assert "machineShape" not in saved  # none in the metadata: none is sent
+
+
+def test_push_kernel_sends_the_machine_shape(fake_kaggle: FakeKaggle, tmp_path: Path) -> None:
+    folder = make_kernel(tmp_path / "kernel", machine_shape="NvidiaTeslaT4")
+    assert push_kernel(folder).version == 1
+    assert push_kernel(folder).version == 2
+    shapes = [call["machineShape"] for call in fake_kaggle.calls("SaveKernel")]
+    assert shapes == ["NvidiaTeslaT4", "NvidiaTeslaT4"]
+
+
+def test_kernel_status_log_and_competitions(fake_kaggle: FakeKaggle, tmp_path: Path) -> None:
+    push_kernel(make_kernel(tmp_path / "kernel"))
+    kernel = f"{USERNAME}/uwmgi-inference"
+    fake_kaggle.kernel_progress[kernel] = [("RUNNING", None), ("ERROR", "exit code 1")]
+    fake_kaggle.kernel_logs[kernel] = "installing\nerror: postprocess.json: invalid\n"
+    running = kernel_status(kernel, 1)
+    assert (running.status, running.failure) == ("running", None)
+    failed = kernel_status(kernel, 1)
+    assert (failed.status, failed.failure) == ("error", "exit code 1")
+    asked = {call.get("versionLabel") for call in fake_kaggle.calls("GetKernelSessionStatus")}
+    assert asked == ({"v1"} if client_has("kernel version") else {None})
+    assert kernel_log(kernel, 1) == "installing\nerror: postprocess.json: invalid\n"
+    assert kernel_competitions(kernel) == ["uw-madison-gi-tract-image-segmentation"]
+    with pytest.raises(KsegError, match="owner/kernel-slug"):
+        kernel_status("uwmgi-inference")
 
 
 def test_push_kernel_rejected_sources_are_an_error(fake_kaggle: FakeKaggle, tmp_path: Path) -> None:
@@ -388,8 +444,10 @@ def test_submit_file_missing(fake_kaggle: FakeKaggle, tmp_path: Path) -> None:
 def test_submit_kernel_names_kernel_and_version(fake_kaggle: FakeKaggle) -> None:
     competition = "uw-madison-gi-tract-image-segmentation"
     kernel = f"{USERNAME}/uwmgi-inference"
-    message = submit_kernel(competition, kernel, "ensemble v3", version=3)
-    assert competition in message
+    submitted = submit_kernel(competition, kernel, "ensemble v3", version=3)
+    assert competition in submitted.message
+    assert submission_status(competition, submitted.ref).status == "complete"
+    assert submission_status(competition, 999) is None
     submit_kernel(competition, kernel, "latest", file_name="out.csv")
     first, latest = fake_kaggle.calls("CreateCodeSubmission")
     assert first == {
@@ -417,6 +475,49 @@ def test_submit_to_an_unknown_competition(fake_kaggle: FakeKaggle, tmp_path: Pat
         submit_file("no-such-competition", csv, "x")
 
 
+# ---- models ----
+
+
+def make_weights(folder: Path) -> Path:
+    """An experiment's weights as a kernel ships them, folders included."""
+    (folder / "exp" / "fold_0").mkdir(parents=True)
+    (folder / "exp" / "fold_0" / "best.pt").write_bytes(b"\x01" * 100)
+    (folder / "exp" / "postprocess.json").write_text("{}")
+    (folder / "kseg-weights.json").write_text("{}")
+    return folder
+
+
+def test_upload_model_creates_model_instance_then_versions(
+    fake_kaggle: FakeKaggle, tmp_path: Path
+) -> None:
+    handle = f"{USERNAME}/uwmgi-weights/pyTorch/default"
+    folder = make_weights(tmp_path / "weights")
+    assert model_version(handle) is None
+    assert upload_model(handle, folder, "Apache 2.0", "first") == 1
+    (create,) = fake_kaggle.calls("CreateModel")
+    assert (create["ownerSlug"], create["slug"]) == (USERNAME, "uwmgi-weights")
+    (instance,) = fake_kaggle.calls("CreateModelInstance")
+    assert instance["body"]["instanceSlug"] == "default"
+    assert instance["body"]["licenseName"] == "Apache 2.0"
+    # Folders are kept: the kernel finds <exp>/fold_0/best.pt where it was.
+    (exp,) = instance["body"]["directories"]
+    assert exp["name"] == "exp" and exp["directories"][0]["name"] == "fold_0"
+    assert set(fake_kaggle.uploaded()) == {"best.pt", "postprocess.json", "kseg-weights.json"}
+    assert upload_model(handle, folder, "Apache 2.0", "second") == 2
+    (version,) = fake_kaggle.calls("CreateModelInstanceVersion")
+    assert version["body"]["versionNotes"] == "second"
+    assert len(fake_kaggle.calls("CreateModel")) == 1
+
+
+def test_a_failed_model_upload_creates_nothing(fake_kaggle: FakeKaggle, tmp_path: Path) -> None:
+    fake_kaggle.fail("upload", 500, "storage unavailable")
+    handle = f"{USERNAME}/uwmgi-weights/pyTorch/default"
+    with pytest.raises(KsegError) as error:
+        upload_model(handle, make_weights(tmp_path / "weights"), "Apache 2.0", "x")
+    assert handle in assert_one_line(error)
+    assert "CreateModelInstance" not in fake_kaggle.endpoints()
+
+
 # ---- network ----
 
 
@@ -424,12 +525,15 @@ def test_network_failure_is_one_line(fake_kaggle: FakeKaggle, tmp_path: Path) ->
     fake_kaggle.stop()
     csv = tmp_path / "submission.csv"
     csv.write_text("id,class,predicted\n")
-    for publish in (
-        lambda: push_dataset(make_dataset(tmp_path / "weights")),
+    calls = [
+        lambda: dataset_status(DATASET),
         lambda: push_kernel(make_kernel(tmp_path / "kernel")),
         lambda: submit_file("data-science-bowl-2018", csv, "x"),
         lambda: submit_kernel("uwmgi", f"{USERNAME}/uwmgi-inference", "x"),
-    ):
+    ]
+    if client_has("dataset push"):
+        calls.append(lambda: push_dataset(make_dataset(tmp_path / "weights")))
+    for publish in calls:
         with pytest.raises(KsegError) as error:
             publish()
         message = assert_one_line(error)

@@ -280,3 +280,41 @@ def test_crop_mode_trains_on_crops_and_validates_whole_tiled_images(dsb_mixed: P
         assert probabilities.shape == (2, row["height"], row["width"])  # native size, no resize
     history = pd.read_csv(tmp_path / "crop" / "fold_0" / "history.csv")
     assert {"score", "map", "dice"} <= set(history.columns)
+
+
+def test_full_run_trains_every_row_without_validation(dsb_small: Path, tmp_path: Path):
+    config = load_experiment(
+        write_config(dsb_small, "fullrun", epochs=2),
+        ["train.monitor=train_loss", "train.monitor_mode=min"],
+    )
+    train_fold(config, 0, run_root=tmp_path, device="cpu", full=True)
+    run = tmp_path / "fullrun" / "full"
+    assert (run / "best.pt").is_file() and not (run / "oof.npz").exists()
+    history = pd.read_csv(run / "history.csv")
+    assert len(history) == 2 and "score" not in history.columns and "valid_loss" not in history
+    assert (history["bn_batches"] > 0).all()
+    last = torch.load(run / "last.pt", weights_only=False)
+    assert last["optimizer_steps"] == 2 * (48 // 8)  # all 48 rows, both folds, every epoch
+
+
+def test_full_run_refuses_a_validation_monitor(dsb_small: Path, tmp_path: Path):
+    config = load_experiment(write_config(dsb_small, "fullscore", epochs=1))
+    with pytest.raises(KsegError, match=r"--full .*train\.monitor 'score' is never measured"):
+        train_fold(config, 0, run_root=tmp_path, device="cpu", full=True)
+    assert not (tmp_path / "fullscore").exists()
+
+
+def test_validate_every_and_early_stopping_counted_in_steps(dsb_small: Path, tmp_path: Path):
+    config = load_experiment(write_config(dsb_small, "every", epochs=4), ["train.validate_every=2"])
+    history = train_fold(config, 0, run_root=tmp_path, device="cpu").history
+    assert history["score"].isna().tolist() == [True, False, True, False]
+    # "valid_loss" watched for a rise never improves after epoch 1: patience 1 stops at once,
+    # unless fewer optimizer steps than early_stopping_min_steps have passed since the best.
+    watch = ["train.monitor=valid_loss", "train.monitor_mode=max",
+             "train.early_stopping_patience=1"]  # fmt: skip
+    stopped = train_fold(load_experiment(write_config(dsb_small, "stop", epochs=4), watch),
+                         0, run_root=tmp_path, device="cpu").history  # fmt: skip
+    assert len(stopped) == 2
+    patient = load_experiment(write_config(dsb_small, "patient", epochs=4),
+                              [*watch, "train.early_stopping_min_steps=10"])  # fmt: skip
+    assert len(train_fold(patient, 0, run_root=tmp_path, device="cpu").history) == 4

@@ -214,6 +214,20 @@ class ImagenetNormalize(A.ImageOnlyTransform):
         return ()
 
 
+class InvertUnit(A.ImageOnlyTransform):
+    """1 - image for float32 images in [0, 1] (albumentations' InvertImg assumes uint8 ranges
+    for some dtypes)."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__(p=p)
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        return (1.0 - img).astype(np.float32, copy=False)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ()
+
+
 class BrightnessContrast(A.ImageOnlyTransform):
     """image * (1 + contrast) + brightness, clipped to [0, 1], for float32 [H, W, C] images.
 
@@ -425,12 +439,29 @@ def preset_lgg(height: int, width: int) -> list[A.BasicTransform]:
     ]
 
 
+def preset_nuclei(height: int, width: int) -> list[A.BasicTransform]:
+    """Microscopy (DSB 2018): the 8 dihedral orientations (a slide has no up), brightness /
+    contrast, noise or blur, and a colour inversion now and then (dark nuclei on bright
+    brightfield backgrounds against bright nuclei on dark fluorescence ones). Scale changes come
+    from the "crop" input mode's scale_jitter, not from here."""
+    square = height == width
+    return [
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        *([A.Transpose(p=0.5)] if square else []),
+        _noise_or_blur(p=0.2),
+        BrightnessContrast(brightness_limit=(-0.2, 0.2), contrast_limit=(-0.3, 0.3), p=0.5),
+        InvertUnit(p=0.15),
+    ]
+
+
 PRESETS: dict[str, Callable[[int, int], list[A.BasicTransform]]] = {
     "none": preset_none,
     "light": preset_light,
     "heavy": preset_heavy,
     "gi": preset_gi,
     "lgg": preset_lgg,
+    "nuclei": preset_nuclei,
 }
 
 

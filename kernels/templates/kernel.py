@@ -3,7 +3,8 @@
 Written by `kseg kernel build` from kernels/templates/kernel.py (the competition's metadata comes
 from kernels/templates/<competition>/). Kaggle runs it with the internet off, so kaggle_seg and
 the packages the Kaggle image lacks are installed from the attached wheels dataset
-(`pip install --no-index`); the checkpoints come from the weights dataset. `kseg submit` writes
+(`pip install --no-index`); the checkpoints come from the weights dataset or Kaggle Model
+(mounted at input/<model>/<framework>/<variation>/<version>). `kseg submit` writes
 /kaggle/working/submission.csv: on uwmgi's public re-run the test folder is empty and it predicts
 a few train slices instead, so the notebook still runs end to end; for dsb2018 it reads
 `stage2_test_final/` or `stage1_test/`, extracting their zip where Kaggle mounts only that.
@@ -32,6 +33,21 @@ def find_source(slug: str) -> Path:
     raise SystemExit(f"error: {slug!r} is not attached to this kernel (nothing in {INPUT})")
 
 
+def find_model(handle: str) -> Path:
+    """The folder of an attached Kaggle Model instance `owner/model/framework/variation`:
+    input/<model>/<framework>/<variation>/<version>, the one holding kseg's weights manifest."""
+    _, model, framework, variation = handle.split("/")
+    for base in (INPUT / model, *sorted(INPUT.glob(f"*/{model}"))):
+        hits = [
+            manifest.parent
+            for manifest in base.glob("*/*/*/kseg-weights.json")
+            if manifest.parts[-4].lower() == framework.lower() and manifest.parts[-3] == variation
+        ]
+        if hits:  # the newest version when several are mounted
+            return max(hits, key=lambda path: int(path.name) if path.name.isdigit() else -1)
+    raise SystemExit(f"error: model {handle!r} is not attached to this kernel (nothing in {INPUT})")
+
+
 def run(command: list[str], check: bool = True) -> bool:
     print("+", " ".join(command), flush=True)
     result = subprocess.run(command, check=False)
@@ -57,7 +73,8 @@ def install(wheels: Path) -> None:
 def main() -> None:
     start = time.time()
     wheels = find_source(SETTINGS["wheels_source"])
-    weights = find_source(SETTINGS["weights_source"])
+    model = SETTINGS.get("weights_model")
+    weights = find_model(model) if model else find_source(SETTINGS["weights_source"])
     data = find_source(SETTINGS["competition_source"])
     install(wheels)
     installed = time.time()

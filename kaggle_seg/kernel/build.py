@@ -1,0 +1,315 @@
+"""`kseg kernel build`: write kernels/<name>/ with the kernel script and metadata, a wheels
+dataset, and the weights (a dataset, or a Kaggle Model instance pushed by `kseg model push`).
+
+The folder is assembled beside its destination and renamed into place only when complete and
+free of credentials, so a failed build leaves the previous one untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kaggle_seg import __version__
+from kaggle_seg.errors import KsegError
+from kaggle_seg.kernel.credentials import find_credentials
+from kaggle_seg.kernel.metadata import (
+    IMAGE_PINNING,
+    SubmitOptions,
+    check_kernel_metadata,
+    dataset_metadata,
+    kernel_metadata,
+    render_script,
+    source_slug,
+    submit_arguments,
+)
+from kaggle_seg.kernel.names import (
+    check_path_name,
+    check_title,
+    inside,
+    kaggle_username,
+    slugify,
+)
+from kaggle_seg.kernel.targets import (
+    BUILD_RECORD,
+    DATASET_METADATA,
+    IMAGE_FILE,
+    KERNEL_METADATA,
+    MODEL_FRAMEWORK,
+    WEIGHTS_DIR,
+    WEIGHTS_MANIFEST,
+    WHEELS_DIR,
+    get_accelerator,
+    get_target,
+)
+from kaggle_seg.kernel.weights import collect_weights, find_checkpoints, folder_bytes
+from kaggle_seg.kernel.wheels import (
+    FetchedWheel,
+    build_project_wheel,
+    collect_dependency_wheels,
+    normalize_name,
+    plan_dependency_wheels,
+    read_kaggle_image,
+    source_root,
+    wheel_metadata,
+)
+
+WEIGHTS_AS = ("dataset", "model")
+
+
+@dataclass
+class KernelBuild:
+    """What `build_kernel` wrote."""
+
+    kernel_dir: Path
+    kernel_id: str
+    wheels_dataset: str
+    weights_source: str  # user/slug of the weights dataset, or the model handle
+    weights_as: str
+    wheels: list[FetchedWheel]
+    project_wheel: str
+    wheels_bytes: int
+    weights_bytes: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def model_handle(explicit: str | None, user: str, default_slug: str) -> str:
+    """owner/model/framework/variation for the weights: `explicit` may give a model slug, an
+    owner/model, or the whole handle; the rest defaults to <user>, pyTorch and `default`."""
+    parts = (explicit or default_slug).split("/")
+    if len(parts) == 1:
+        parts = [user, *parts]
+    if len(parts) == 2:
+        parts += [MODEL_FRAMEWORK, "default"]
+    if len(parts) != 4 or not all(parts):
+        raise KsegError(
+            f"--model {explicit!r}: expected model, owner/model or the whole handle "
+            "owner/model/framework/variation"
+        )
+    owner, model, framework, variation = parts
+    if slugify(model) != model or not 5 <= len(model) <= 50:
+        raise KsegError(f"--model {explicit!r}: the model slug needs 5+ of a-z, 0-9 and '-'")
+    check_path_name(variation, "--model variation")
+    return f"{owner.lower()}/{model}/{framework}/{variation}"
+
+
+def build_kernel(
+    competition: str,
+    experiments: Sequence[str],
+    *,
+    folds: Sequence[int] | None = None,
+    submit: SubmitOptions = SubmitOptions(),
+    runs_root: Path = Path("runs"),
+    out_root: Path = Path("kernels"),
+    name: str | None = None,
+    title: str | None = None,
+    username: str | None = None,
+    wheels_dataset: str | None = None,
+    weights_dataset: str | None = None,
+    accelerator: str = "t4x2",
+    weights_as: str = "dataset",
+    model: str | None = None,
+    docker_image: str | None = None,
+    image_pinning: str | None = None,
+    wheels_from: Path | None = None,
+    repack: bool = False,
+    force: bool = False,
+    source: Path | None = None,
+) -> KernelBuild:
+    """Write `out_root/<name>/`: kernel script + metadata, the wheels dataset and the weights
+    (a dataset, or the files of a Kaggle Model instance that `kseg model push` uploads)."""
+    start = time.perf_counter()
+    target = get_target(competition)
+    machine = get_accelerator(accelerator)
+    if not experiments:
+        raise KsegError("pass at least one --experiment")
+    for experiment in experiments:
+        check_path_name(experiment, "--experiment")
+    _check_ensemble_weights(submit.ensemble_weights, len(experiments))
+    if weights_as not in WEIGHTS_AS:
+        raise KsegError(f"--weights-as {weights_as!r}: choose one of {', '.join(WEIGHTS_AS)}")
+    if model is not None and weights_as != "model":
+        raise KsegError("--model names the Kaggle Model of --weights-as model; pass both")
+    if image_pinning is not None and image_pinning not in IMAGE_PINNING:
+        raise KsegError(f"--pin-image {image_pinning!r}: choose one of {', '.join(IMAGE_PINNING)}")
+    root = Path(source) if source is not None else source_root()
+    templates = root / "kernels" / "templates" / competition
+    image = read_kaggle_image(root / "kernels" / IMAGE_FILE)
+    user = kaggle_username(username)
+    title = title or f"kseg {competition} {' '.join(experiments)}"[:50].rstrip(" _-")
+    slug = check_title(title)
+    name = name or slug
+    if name == "templates":
+        raise KsegError("--name templates: that folder holds kseg's kernel templates")
+    check_path_name(name, "--name")
+    kernel_dir = inside(out_root, Path(out_root) / name)
+    if kernel_dir.exists() and not force:
+        raise KsegError(f"{kernel_dir} exists; pass --force to rebuild it")
+    checkpoints = find_checkpoints(runs_root, experiments, folds)
+    wheels_slug = source_slug(wheels_dataset, slug, "wheels")
+    weights_slug = source_slug(weights_dataset, slug, "weights")
+    handle = model_handle(model, user, weights_slug) if weights_as == "model" else None
+    warnings = [machine.note] if machine.note else []
+
+    Path(out_root).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=out_root))
+    try:
+        wheels_dir = staging / WHEELS_DIR
+        project_wheel = build_project_wheel(root, wheels_dir)
+        project_name, project_version, requires = wheel_metadata(project_wheel)
+        needs = plan_dependency_wheels(requires, image)
+        fetched = collect_dependency_wheels(
+            needs, wheels_dir, wheels_from=wheels_from, repack=repack
+        )
+        warnings += [
+            f"{w.file} is built for this Python and platform: Kaggle's must match"
+            for w in fetched
+            if not w.pure
+        ]
+        requirement = f"{normalize_name(project_name)}=={project_version}"
+        listing = "\n".join(f"- {w.file}: {w.reason}" for w in fetched) or "- (none)"
+        write_json(
+            wheels_dir / DATASET_METADATA,
+            dataset_metadata(
+                user,
+                wheels_slug,
+                wheels_slug.replace("-", " "),
+                f"Offline install of {requirement} for the Kaggle kernel {user}/{slug}: "
+                f"`pip install --no-index --find-links <this folder> {requirement}`. "
+                f"Wheels the Kaggle image lacks:\n{listing}\n"
+                "Each wheel keeps its own licence (see its METADATA).",
+                "other",
+            ),
+        )
+        weights_dir = staging / WEIGHTS_DIR
+        write_json(weights_dir / WEIGHTS_MANIFEST, collect_weights(checkpoints, weights_dir))
+        about = (
+            f"kaggle_seg checkpoints (best.pt per fold, config inside) and tuned "
+            f"post-processing of {', '.join(experiments)} for {target.source}."
+        )
+        if handle is None:
+            write_json(
+                weights_dir / DATASET_METADATA,
+                dataset_metadata(
+                    user, weights_slug, weights_slug.replace("-", " "), about, "CC0-1.0"
+                ),
+            )
+        settings = {
+            "competition": competition,
+            "competition_source": target.source,
+            "wheels_source": wheels_slug,
+            "weights_source": weights_slug if handle is None else None,
+            "weights_model": handle,
+            "requirement": requirement,
+            "submit_args": submit_arguments(experiments, submit),
+        }
+        code_file = f"{name}.py"
+        # One script for every competition: what differs is in SETTINGS and the metadata.
+        template = (templates.parent / "kernel.py").read_text()
+        (staging / code_file).write_text(render_script(template, settings))
+        datasets = [f"{user}/{wheels_slug}"]
+        if handle is None:
+            datasets.append(f"{user}/{weights_slug}")
+        meta = kernel_metadata(
+            json.loads((templates / KERNEL_METADATA).read_text()),
+            kernel_id=f"{user}/{slug}",
+            title=title,
+            code_file=code_file,
+            accelerator=machine,
+            dataset_sources=datasets,
+            code_competition=target.code_competition,
+            docker_image=docker_image,
+            image_pinning=image_pinning,
+        )
+        check_kernel_metadata(meta, competition)
+        write_json(staging / KERNEL_METADATA, meta)
+        weights_record: dict[str, Any] = {"dir": WEIGHTS_DIR, "as": weights_as}
+        if handle is None:
+            weights_record["dataset"] = f"{user}/{weights_slug}"
+        else:
+            weights_record.update(model=handle, version=None, about=about)
+        record = {
+            "kaggle_seg": __version__,
+            "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "competition": competition,
+            "kernel": f"{user}/{slug}",
+            "code_file": code_file,
+            "requirement": requirement,
+            "project_wheel": project_wheel.name,
+            "accelerator": machine.name,
+            "wheels": {"dir": WHEELS_DIR, "dataset": f"{user}/{wheels_slug}"},
+            "weights": weights_record,
+            "experiments": list(experiments),
+            "dependency_wheels": [asdict(w) for w in fetched],
+            "image_packages": image,
+        }
+        write_json(staging / BUILD_RECORD, record)
+
+        problems = find_credentials(staging)
+        if problems:
+            raise KsegError(
+                f"a Kaggle credential got into the build ({'; '.join(problems[:3])}); "
+                "nothing was written"
+            )
+        if kernel_dir.exists():
+            shutil.rmtree(kernel_dir)
+        os.replace(staging, kernel_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return KernelBuild(
+        kernel_dir=kernel_dir,
+        kernel_id=f"{user}/{slug}",
+        wheels_dataset=f"{user}/{wheels_slug}",
+        weights_source=handle or f"{user}/{weights_slug}",
+        weights_as=weights_as,
+        wheels=fetched,
+        project_wheel=project_wheel.name,
+        wheels_bytes=folder_bytes(kernel_dir / WHEELS_DIR),
+        weights_bytes=folder_bytes(kernel_dir / WEIGHTS_DIR),
+        seconds=time.perf_counter() - start,
+        warnings=warnings,
+    )
+
+
+def _check_ensemble_weights(text: str | None, n_experiments: int) -> None:
+    if text is None:
+        return
+    try:
+        values = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise KsegError(f"--weights {text!r}: expected numbers like 1,0.5") from None
+    if len(values) != n_experiments:
+        raise KsegError(f"--weights has {len(values)} values for {n_experiments} experiment(s)")
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def read_build_record(kernel_dir: Path) -> dict[str, Any]:
+    """kseg-kernel.json of a built kernel folder; KsegError when it is not one."""
+    path = Path(kernel_dir) / BUILD_RECORD
+    if not path.is_file():
+        raise KsegError(
+            f"{kernel_dir}: not a built kernel ({BUILD_RECORD} missing; kseg kernel build)"
+        )
+    return json.loads(path.read_text())
+
+
+def update_build_record(kernel_dir: Path, **changes: Any) -> dict[str, Any]:
+    """Merge `changes` into kseg-kernel.json (what push and submit learn) and return it."""
+    record = read_build_record(kernel_dir)
+    record.update(changes)
+    write_json(Path(kernel_dir) / BUILD_RECORD, record)
+    return record
