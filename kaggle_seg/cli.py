@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from kaggle_seg import __version__
+from kaggle_seg.cli_insight import explain, report
 from kaggle_seg.cli_kernel import dataset_app, kernel_app, model_app
 from kaggle_seg.cli_weights import weights_app
 from kaggle_seg.errors import KsegError, one_line
@@ -29,6 +30,8 @@ app.add_typer(kernel_app, name="kernel")
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(model_app, name="model")
 app.add_typer(weights_app, name="weights")
+app.command()(explain)
+app.command()(report)
 
 Competition = Annotated[
     str, typer.Option("--competition", "-c", help="uwmgi, dsb2018 or lgg.", show_default=False)

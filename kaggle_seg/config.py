@@ -45,6 +45,18 @@ class DataConfig(StrictModel):
     # What the model predicts: the class masks, or (dsb2018) the nuclei mask plus their borders,
     # which the instance split uses to separate touching nuclei.
     targets: Literal["mask", "mask_border"] = "mask"
+    # Fixed preprocessing (kaggle_seg/preprocess.py): n4, clahe, zscore, as names or dicts with
+    # parameters, e.g. [{name: n4, shrink: 4}, zscore]; resolved to every parameter.
+    preprocess: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("preprocess", mode="before")
+    @classmethod
+    def _resolve_preprocess(cls, value: Any) -> Any:
+        if not value:
+            return []
+        from kaggle_seg.preprocess import resolve_steps
+
+        return resolve_steps(value)
 
 
 class AugmentConfig(StrictModel):
@@ -163,6 +175,17 @@ class ExperimentConfig(StrictModel):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _one_standardisation(self) -> ExperimentConfig:
+        if self.augment.normalize != "none" and any(
+            s["name"] == "zscore" for s in self.data.preprocess
+        ):
+            raise ValueError(
+                "data.preprocess zscore and augment.normalize "
+                f"{self.augment.normalize} both standardise the input: keep one"
+            )
+        return self
 
     @field_validator("name")
     @classmethod

@@ -180,6 +180,9 @@ def run_demo(
     pictures = out / "show"
     written = show_experiment(experiment, pictures, worst=3)
     yield f"kseg show: {len(written)} PNGs of the 3 worst validation images in {pictures}"
+    from kaggle_seg.report import write_report
+
+    yield f"kseg report: {write_report([experiment], out / 'report.html')}"
     yield (
         f"CV {tuned.after['score']:.4f}, test score {scored['score']:.4f}; "
         f"done in {(time.perf_counter() - started) / 60:.1f} min"

@@ -171,25 +171,32 @@ class PredictionDataset:
         on_error: OnError = "fail",
     ):
         from kaggle_seg.config import AugmentConfig
+        from kaggle_seg.data.input_steps import with_input_steps
         from kaggle_seg.data.transforms import build_transforms
+        from kaggle_seg.preprocess import PreprocessedReader
 
         self.competition = competition
         self.rows = table.to_dict("records")
         self.specs = list(specs)
         self.on_error = on_error
         self.transforms = [
-            build_transforms(
-                AugmentConfig(
-                    preset="none",
-                    height=s.height,
-                    width=s.width,
-                    resize_mode=s.resize_mode,
-                    normalize=s.normalize,
+            with_input_steps(
+                build_transforms(
+                    AugmentConfig(
+                        preset="none",
+                        height=s.height,
+                        width=s.width,
+                        resize_mode=s.resize_mode,
+                        normalize=s.normalize,
+                    ),
+                    train=False,
                 ),
-                train=False,
+                s.preprocess_steps,
             )
             for s in self.specs
         ]
+        # The "store" steps (n4, clahe) of each spec, on the image as read.
+        self.readers = [PreprocessedReader(s.preprocess_steps) for s in self.specs]
         self.stacks = []
         for s in self.specs:
             if s.stack_depth > 1:
@@ -202,10 +209,15 @@ class PredictionDataset:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _read(self, position: int, cache: dict[int, np.ndarray]) -> np.ndarray:
-        if position not in cache:
-            cache[position] = self.competition.read_image(self.rows[position])
-        return cache[position]
+    def _read(self, position: int, cache: dict[int, np.ndarray], k: int = 0) -> np.ndarray:
+        """The image at `position` as spec k's model takes it (before the transform)."""
+
+        def read(p: int) -> np.ndarray:
+            if p not in cache:
+                cache[p] = self.competition.read_image(self.rows[p])
+            return cache[p]
+
+        return self.readers[k](position, read)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         import torch
@@ -214,11 +226,12 @@ class PredictionDataset:
         row = self.rows[i]
         try:
             images = []
-            for stack in self.stacks:
+            for k, stack in enumerate(self.stacks):
                 if stack is None:
-                    images.append(self._read(i, cache))
+                    images.append(self._read(i, cache, k))
                 else:
-                    images.append(np.concatenate([self._read(p, cache) for p in stack[i]], -1))
+                    slices = [self._read(p, cache, k) for p in stack[i]]
+                    images.append(np.concatenate(slices, -1))
             ok, error = True, ""
         except (InputError, OSError, ValueError) as exc:
             if self.on_error == "fail":

@@ -17,6 +17,7 @@ In every mode the model input is finally padded bottom / right to a multiple of 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ class InputSpec:
     stack_stride: int
     tile_size: int | None = None  # "crop": whole images above this side are tiled
     tile_overlap: float = 0.25
+    # Resolved data.preprocess (kaggle_seg/preprocess.py) as JSON text, so that specs stay
+    # hashable: "store" steps on each image read, "input" steps after the sizing, as in training.
+    preprocess: str = "[]"
 
     @classmethod
     def from_config(cls, config: Any) -> InputSpec:
@@ -55,7 +59,12 @@ class InputSpec:
             data.stack_stride,
             getattr(augment, "tile_size", None),
             getattr(augment, "tile_overlap", 0.25),
+            json.dumps(getattr(data, "preprocess", []), sort_keys=True),
         )
+
+    @property
+    def preprocess_steps(self) -> list[dict[str, Any]]:
+        return json.loads(self.preprocess)
 
     def input_shape(self, height: int, width: int) -> tuple[int, int]:
         """The (h, w) an image of this size reaches the model at (before the /32 padding)."""

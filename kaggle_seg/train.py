@@ -328,6 +328,7 @@ class Trainer:
     def _datasets(self):
         """(train, validation) datasets sharing one decoded-image store over the fold's table."""
         from kaggle_seg.data.dataset import SegmentationDataset, build_stores
+        from kaggle_seg.data.input_steps import with_input_steps
         from kaggle_seg.data.transforms import build_transforms
 
         data = self.config.data
@@ -338,12 +339,13 @@ class Trainer:
             self.config.train.cache,
             folder=self.run_dir.parent / "cache",
             targets=data.targets,
+            preprocess=data.preprocess,
         )
         return tuple(
             SegmentationDataset(
                 self.competition,
                 part,
-                build_transforms(self.config.augment, train=train),
+                with_input_steps(build_transforms(self.config.augment, train), data.preprocess),
                 stack_depth=data.stack_depth,
                 stack_stride=data.stack_stride,
                 targets=data.targets,

@@ -169,7 +169,7 @@ def test_demo_runs_the_whole_path(tmp_path: Path, competition: str):
     # Two epochs keep the test short; the README's `kseg demo` trains longer.
     out = kseg("demo", "-c", competition, "--out", str(tmp_path), "--epochs", "2").stdout
     for step in ("kseg prepare", "kseg folds", "kseg train", "kseg tune", "kseg submit",
-                 "kseg score", "kseg show"):  # fmt: skip
+                 "kseg score", "kseg show", "kseg report"):  # fmt: skip
         assert step in out
     cv, test = re.search(r"CV (\d\.\d+), test score (\d\.\d+)", out).groups()
     assert 0.0 <= float(cv) <= 1.0 and 0.0 <= float(test) <= 1.0
@@ -179,3 +179,5 @@ def test_demo_runs_the_whole_path(tmp_path: Path, competition: str):
     (submission,) = (tmp_path / "submissions").glob("*.csv")
     assert submission.stat().st_size > 0
     assert len(list((tmp_path / "show").glob("*_panel.png"))) == 3
+    assert f"kseg report: {tmp_path / 'report.html'}" in out
+    assert "data:image/png;base64," in (tmp_path / "report.html").read_text()

@@ -8,6 +8,7 @@ before the DataLoader forks, see cache.py), else from the competition's readers 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from functools import partial
@@ -25,6 +26,9 @@ from kaggle_seg.competitions.base import Competition
 from kaggle_seg.data.cache import ImageStore, StoreMode, fingerprint, from_uint16
 from kaggle_seg.data.transforms import accepts_uint16
 from kaggle_seg.errors import InputError, KsegError
+from kaggle_seg.preprocess import apply_steps, steps_key, steps_of
+
+log = logging.getLogger(__name__)
 
 Targets = Literal["mask", "mask_border"]
 TARGETS: tuple[str, ...] = ("mask", "mask_border")
@@ -73,8 +77,11 @@ def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
     return table.to_dict("records")
 
 
-def _read_row_image(competition: Competition, rows: list[dict[str, Any]], i: int) -> np.ndarray:
-    return competition.read_image(rows[i])
+def _read_row_image(
+    competition: Competition, rows: list[dict[str, Any]], steps: list[dict[str, Any]], i: int
+) -> np.ndarray:
+    image = competition.read_image(rows[i])
+    return apply_steps(image, steps) if steps else image
 
 
 def _read_row_target(
@@ -91,6 +98,7 @@ def build_stores(
     folder: str | Path | None = None,
     targets: Targets = "mask",
     threads: int | None = None,
+    preprocess: list[dict[str, Any]] | None = None,
 ) -> tuple[ImageStore, ImageStore]:
     """(image store, mask store) for every row of `table`, keyed by `id`, filled now.
 
@@ -98,16 +106,30 @@ def build_stores(
     of its rows (a fold's training or validation part) then share them. Images are stored per
     row, i.e. per slice for uwmgi, and 2.5D stacks are assembled on reading. memmap files live
     in `folder` as `<competition>-images` and `<competition>-<targets>`.
+    preprocess: resolved `data.preprocess`; its "store" steps (n4, clahe) run here, once per
+    image, and name the image store `<competition>-images-<steps_key>`. They are too slow to
+    repeat every epoch, so a "none" mode becomes "memmap" (with a folder) or "memory".
     """
     _check_targets(competition, targets)
     rows = _records(table)
     ids = [str(row["id"]) for row in rows]
     sizes = [(int(row["height"]), int(row["width"])) for row in rows]
-    image_store = ImageStore(mode, "image", folder=folder, name=f"{competition.name}-images")
+    steps = steps_of(preprocess or [], "store")
+    images_name = f"{competition.name}-images" + (f"-{steps_key(steps)}" if steps else "")
+    if steps and mode == "none":
+        mode = "memmap" if folder is not None else "memory"
+        log.warning("cache 'none' with preprocessing %s: storing images (%s) once instead",
+                    "+".join(s["name"] for s in steps), mode)  # fmt: skip
+    image_store = ImageStore(mode, "image", folder=folder, name=images_name)
     mask_store = ImageStore(mode, "mask", folder=folder, name=f"{competition.name}-{targets}")
     image_sources = mask_sources = None
     if mode == "memmap":
-        image_sources = [fingerprint([row["image_path"]], extra=str(row["id"])) for row in rows]
+        image_sources = [
+            fingerprint(
+                [row["image_path"]], extra=str(row["id"]) + (json.dumps(steps) if steps else "")
+            )
+            for row in rows
+        ]
         mask_sources = [
             fingerprint(
                 [row[c] for c in _MASK_SOURCE_COLUMNS if row.get(c)],
@@ -119,7 +141,7 @@ def build_stores(
     # partial over module functions rather than lambdas: a "none" store keeps its reader, and
     # DataLoader workers started with "spawn" receive it pickled.
     image_store.fill(
-        partial(_read_row_image, competition, rows),
+        partial(_read_row_image, competition, rows, steps),
         len(rows),
         sizes=sizes,
         ids=ids,
