@@ -115,8 +115,12 @@ class _Directed:
     prediction_to_truth: np.ndarray
 
 
-def score_parts(parts: Sequence[ClassPart], volumetric: bool) -> float:
-    """The competition score of all classes' parts (uwmgi GI score, or mean image Dice)."""
+def score_parts(
+    parts: Sequence[ClassPart], volumetric: bool, groups: np.ndarray | None = None
+) -> float:
+    """The competition score of all classes' parts: the uwmgi GI score; or, per image (lgg),
+    the mean Dice of the `groups` (an int per image, e.g. its patient: each group's pixels
+    pooled, the per-patient volume Dice training reports), else the mean image Dice."""
     if volumetric:
         dice_count = sum(p.dice_count for p in parts)
         hausdorff_count = sum(p.hausdorff_count for p in parts)
@@ -127,6 +131,9 @@ def score_parts(parts: Sequence[ClassPart], volumetric: bool) -> float:
         return UWMGI_DICE_WEIGHT * dice + UWMGI_HAUSDORFF_WEIGHT * (1.0 - hausdorff)
     intersections = sum(p.intersections for p in parts)
     totals = sum(p.totals for p in parts)
+    if groups is not None and len(groups):
+        intersections = np.bincount(groups, weights=intersections)
+        totals = np.bincount(groups, weights=totals)
     with np.errstate(divide="ignore", invalid="ignore"):
         dice = np.where(totals == 0, 1.0, 2.0 * intersections / totals)
     return float(dice.mean()) if dice.size else 1.0
@@ -152,8 +159,10 @@ class FastMaskSearch:
         *,
         grid: Sequence[float] = THRESHOLD_GRID,
         workers: int | None = None,
+        groups: np.ndarray | None = None,
     ):
         self.source, self.stats, self.volumetric = source, stats, volumetric
+        self.groups = groups  # per image (lgg): the patient each image's pixels pool into
         self.grid = [float(t) for t in grid]
         self.workers = workers or default_workers()
         self.table = kernels.level_table(np.dtype(source.dtype), np.asarray(grid))
@@ -377,7 +386,7 @@ class FastMaskSearch:
 
     def score(self, parts: Sequence[ClassPart]) -> float:
         """The competition score of all classes' parts (uwmgi GI score, or mean image Dice)."""
-        return score_parts(parts, self.volumetric)
+        return score_parts(parts, self.volumetric, self.groups)
 
     def score_settings(self, settings: PostprocessConfig) -> float:
         """The score of full settings by this bookkeeping."""
@@ -385,13 +394,20 @@ class FastMaskSearch:
 
 
 def describe_parts(
-    parts: Sequence[ClassPart], classes: Sequence[str], volumetric: bool
+    parts: Sequence[ClassPart],
+    classes: Sequence[str],
+    volumetric: bool,
+    groups: np.ndarray | None = None,
 ) -> dict[str, float]:
     """The score and its parts as `kseg tune` reports them: uwmgi score, dice, hausdorff and
-    dice_<class> / hausdorff_<class> (as `uwmgi_score_volumes` means them); lgg score, dice."""
-    score = score_parts(parts, volumetric)
+    dice_<class> / hausdorff_<class> (as `uwmgi_score_volumes` means them); lgg score (the mean
+    per-patient Dice with `groups`), patient_dice and dice (the mean image Dice)."""
+    score = score_parts(parts, volumetric, groups)
     if not volumetric:
-        return {"score": score, "dice": score}
+        result = {"score": score, "dice": score_parts(parts, volumetric)}
+        if groups is not None:
+            result["patient_dice"] = score
+        return result
 
     def mean(total: float, count: int, empty: float) -> float:
         return total / count if count else empty  # the metric's convention for nothing scored

@@ -32,7 +32,13 @@ from kaggle_seg import paths
 from kaggle_seg.competitions import get_competition
 from kaggle_seg.config import ExperimentConfig
 from kaggle_seg.errors import KsegError
-from kaggle_seg.metrics import dsb_image_score, pixel_metrics, uwmgi_score_volumes
+from kaggle_seg.metrics import (
+    dsb_image_score,
+    pixel_counts,
+    pixel_metrics,
+    uwmgi_score_volumes,
+    volume_dice,
+)
 from kaggle_seg.paths import POSTPROCESS_FILE
 from kaggle_seg.postprocess import (
     PostprocessConfig,
@@ -400,15 +406,27 @@ def score_uwmgi_settings(
 
 
 def score_image_dice_settings(
-    source: MaskSource, names: Sequence[str], settings: PostprocessConfig, what: str = "score"
+    source: MaskSource,
+    names: Sequence[str],
+    settings: PostprocessConfig,
+    what: str = "score",
+    patients: dict[str, str] | None = None,
 ) -> dict[str, float]:
-    """Mean per-image pixel Dice (all classes pooled), as `kseg train` scores lgg folds."""
-    dice = [
-        pixel_metrics(truth, prediction)["dice"]
-        for _, truth, prediction in _mask_volumes(source, names, settings, f"tune: {what}")
-    ]
-    value = float(np.mean(dice)) if dice else 1.0
-    return {"score": value, "dice": value}
+    """lgg as `kseg train` scores its folds: the mean per-patient volume Dice (each patient's
+    pixels pooled, `metrics.volume_dice`) with `patients` (image id -> patient), and the mean
+    per-image pixel Dice (all classes pooled) beside it."""
+    rows = []
+    for name, truth, prediction in _mask_volumes(source, names, settings, f"tune: {what}"):
+        row = {"dice": pixel_metrics(truth, prediction)["dice"], **pixel_counts(truth, prediction)}
+        rows.append({**row, "patient": (patients or {}).get(name, name)})
+    if not rows:
+        return {"score": 1.0, "dice": 1.0}
+    images = pd.DataFrame(rows)
+    dice = float(images["dice"].mean())
+    if patients is None:
+        return {"score": dice, "dice": dice}
+    patient_dice = float(volume_dice(images, "patient").mean())
+    return {"score": patient_dice, "dice": dice, "patient_dice": patient_dice}
 
 
 def _tune_masks(
@@ -424,7 +442,11 @@ def _tune_masks(
     stats = collect_mask_stats(source, volumetric=volumetric)
     report = SearchReport(seconds={"statistics": time.perf_counter() - started})
     started = time.perf_counter()
-    search = FastMaskSearch(source, stats, volumetric)
+    # lgg is scored per patient volume: each image's pixels pool into its patient's Dice.
+    patients = None if volumetric else dict(zip(rows["id"].astype(str), rows["group"].astype(str),
+                                                strict=True))  # fmt: skip
+    groups = None if patients is None else pd.factorize(np.array([patients[n] for n in names]))[0]
+    search = FastMaskSearch(source, stats, volumetric, groups=groups)
     settings, _ = search_mask_settings(
         search,
         classes,
@@ -438,9 +460,13 @@ def _tune_masks(
     # The defaults were scored exactly as the search's start; the chosen settings are scored
     # again below by the public path, which checks the bookkeeping on what gets written.
     defaults = default_postprocess(classes)
-    before = describe_parts(settings_parts(search, defaults), classes, volumetric)
-    scorer = score_uwmgi_settings if volumetric else score_image_dice_settings
-    score = lambda data, s, what: scorer(*data, s, what)  # noqa: E731
+    before = describe_parts(settings_parts(search, defaults), classes, volumetric, groups)
+    if volumetric:
+        score = lambda data, s, what: score_uwmgi_settings(*data, s, what)  # noqa: E731
+    else:
+        score = lambda data, s, what: score_image_dice_settings(  # noqa: E731
+            *data, s, what, patients=patients
+        )
     return Tuned(settings, (source, names), score, report, before)
 
 

@@ -316,3 +316,20 @@ def test_repacked_wheel_has_a_record_of_every_file(tmp_path: Path):
         record = archive.read(record_name).decode().splitlines()
     assert {line.split(",")[0] for line in record} == names
     assert not [n for n in names if "__pycache__" in n or n.endswith("/INSTALLER")]
+
+
+def test_preprocessing_that_needs_simpleitk_ships_it(tmp_path: Path) -> None:
+    from kaggle_seg.config import ExperimentConfig, save_config
+    from kaggle_seg.kernel.build import preprocessing_needs
+
+    folds = []
+    for k, steps in enumerate((["n4", "zscore"], ["clahe"])):
+        fold = tmp_path / "exp" / f"fold_{k}"
+        fold.mkdir(parents=True)
+        save_config(
+            ExperimentConfig.model_validate({"data": {"competition": "lgg", "preprocess": steps}}),
+            fold / "config.yaml",
+        )
+        folds.append(fold)
+    assert preprocessing_needs({"exp": folds}) == (["n4"], ["SimpleITK>=2.0"])
+    assert preprocessing_needs({"exp": folds[1:]}) == ([], [])

@@ -276,3 +276,19 @@ def test_trained_oof_equals_prediction_with_n4_and_zscore(shared_data: Path, tmp
     predicted = predict_probabilities(members, competition, valid, num_workers=0)
     for _, image_id, probabilities in predicted:
         np.testing.assert_allclose(probabilities, oof[image_id], atol=2e-3)
+
+
+def test_grey_dark_maps_brightfield_and_fluorescence_to_one_look():
+    from kaggle_seg.preprocess import grey_dark
+
+    rng = np.random.default_rng(0)
+    nuclei = np.zeros((64, 64), bool)
+    nuclei[20:30, 20:30] = True
+    fluorescence = np.where(nuclei, 0.8, 0.05)[..., None] * np.ones(3, np.float32)
+    brightfield = np.where(nuclei[..., None], [0.4, 0.2, 0.5], [0.95, 0.9, 0.92])
+    for image in (fluorescence, brightfield):
+        image = (image + rng.normal(0, 0.01, image.shape)).astype(np.float32)
+        out = grey_dark(image)
+        assert out.shape == image.shape and np.allclose(out[..., 0], out[..., 2])
+        assert out[nuclei, 0].mean() > out[~nuclei, 0].mean() + 0.3  # nuclei bright, ground dark
+        assert out[~nuclei, 0].mean() < 0.15

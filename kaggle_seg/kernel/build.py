@@ -102,6 +102,23 @@ def model_handle(explicit: str | None, user: str, default_slug: str) -> str:
     return f"{owner.lower()}/{model}/{framework}/{variation}"
 
 
+def preprocessing_needs(checkpoints: dict[str, list[Path]]) -> tuple[list[str], list[str]]:
+    """(kaggle-seg extras, requirements) the shipped folds' `data.preprocess` steps need."""
+    from kaggle_seg.config import ExperimentConfig, load_yaml
+    from kaggle_seg.preprocess import extra_requirements, extras_needed
+
+    extras, requires = set(), set()
+    for fold_dirs in checkpoints.values():
+        for fold_dir in fold_dirs:
+            config_file = Path(fold_dir) / "config.yaml"
+            if not config_file.is_file():
+                continue
+            config = ExperimentConfig.model_validate(load_yaml(config_file))
+            extras.update(extras_needed(config))
+            requires.update(extra_requirements(config))
+    return sorted(extras), sorted(requires)
+
+
 def build_kernel(
     competition: str,
     experiments: Sequence[str],
@@ -166,7 +183,10 @@ def build_kernel(
         wheels_dir = staging / WHEELS_DIR
         project_wheel = build_project_wheel(root, wheels_dir)
         project_name, project_version, requires = wheel_metadata(project_wheel)
-        needs = plan_dependency_wheels(requires, image)
+        # Preprocessing steps that need more than kaggle-seg's own dependencies (n4: SimpleITK)
+        # ship those wheels too, and the kernel installs kaggle-seg with that extra.
+        extras, extra_requires = preprocessing_needs(checkpoints)
+        needs = plan_dependency_wheels([*requires, *extra_requires], image)
         fetched = collect_dependency_wheels(
             needs, wheels_dir, wheels_from=wheels_from, repack=repack
         )
@@ -175,7 +195,8 @@ def build_kernel(
             for w in fetched
             if not w.pure
         ]
-        requirement = f"{normalize_name(project_name)}=={project_version}"
+        with_extras = f"[{','.join(extras)}]" if extras else ""
+        requirement = f"{normalize_name(project_name)}{with_extras}=={project_version}"
         listing = "\n".join(f"- {w.file}: {w.reason}" for w in fetched) or "- (none)"
         write_json(
             wheels_dir / DATASET_METADATA,

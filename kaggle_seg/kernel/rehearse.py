@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -290,6 +291,42 @@ def input_path(source: dict[str, Any]) -> str:
     return str(source["dataset"]).split("/", 1)[1]
 
 
+def _run_logged(
+    command: list[str], cwd: Path, env: dict[str, str], log_path: Path, timeout_s: float,
+    label: str,
+) -> int | None:  # fmt: skip
+    """Run the kernel with its output in `log_path`; its progress lines (`kseg submit`'s plain
+    "N/M images, x images/s, ETA" lines) are echoed to stderr as they come, so a long
+    rehearsal shows where it is. None when it ran past `timeout_s`."""
+    import threading
+
+    from kaggle_seg.progress import PLAIN_LINE
+
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, errors="replace",
+        )  # fmt: skip
+
+        def copy() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                log.write(line)
+                if PLAIN_LINE.match(line.strip()):
+                    print(f"  {label}: {line.strip()}", file=sys.stderr, flush=True)
+
+        reader = threading.Thread(target=copy, daemon=True)
+        reader.start()
+        try:
+            returncode: int | None = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            returncode = None
+        reader.join(timeout=10)
+    return returncode
+
+
 def _rehearse_once(
     kernel_dir: Path,
     record: dict[str, Any],
@@ -333,20 +370,7 @@ def _rehearse_once(
     before = snapshot(inputs)
     log_path = out_prefix.with_suffix(".log")
     start = time.perf_counter()
-    try:
-        with log_path.open("w") as log:
-            result = subprocess.run(
-                command,
-                cwd=working,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=timeout_s,
-                check=False,
-            )
-        returncode = result.returncode
-    except subprocess.TimeoutExpired:
-        returncode = None
+    returncode = _run_logged(command, working, env, log_path, timeout_s, label)
     seconds = time.perf_counter() - start
     if mode != "unshare":
         set_writable(inputs, True)
