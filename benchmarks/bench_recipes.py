@@ -96,7 +96,7 @@ def dsb_stage1_score(experiments: list[Path], data: Path, out: Path, tta: str) -
     scored = score_submission("dsb2018", data / "dsb2018" / "stage1_solution.csv", csv, None)
     return {
         "stage1_map": scored["score"],
-        "stage1_dice": scored.get("dice"),
+        "stage1_dice": scored["pixel_dice"],
         "predict_minutes": (time.perf_counter() - started) / 60,
     }
 

@@ -103,9 +103,12 @@ def model_handle(explicit: str | None, user: str, default_slug: str) -> str:
 
 
 def preprocessing_needs(checkpoints: dict[str, list[Path]]) -> tuple[list[str], list[str]]:
-    """(kaggle-seg extras, requirements) the shipped folds' `data.preprocess` steps need."""
-    from kaggle_seg.config import ExperimentConfig, load_yaml
-    from kaggle_seg.preprocess import extra_requirements, extras_needed
+    """(kaggle-seg extras, requirements) the shipped folds' `data.preprocess` steps need.
+    Reads only that list: the rest of a fold's config is the checkpoint's business."""
+    from types import SimpleNamespace
+
+    from kaggle_seg.config import load_yaml
+    from kaggle_seg.preprocess import extra_requirements, extras_needed, resolve_steps
 
     extras, requires = set(), set()
     for fold_dirs in checkpoints.values():
@@ -113,7 +116,12 @@ def preprocessing_needs(checkpoints: dict[str, list[Path]]) -> tuple[list[str], 
             config_file = Path(fold_dir) / "config.yaml"
             if not config_file.is_file():
                 continue
-            config = ExperimentConfig.model_validate(load_yaml(config_file))
+            raw = load_yaml(config_file) or {}
+            steps = (raw.get("data") or {}).get("preprocess") or [] if isinstance(raw, dict) else []
+            try:
+                config = SimpleNamespace(preprocess=resolve_steps(steps))
+            except ValueError as exc:
+                raise KsegError(f"{config_file}: {exc}") from None
             extras.update(extras_needed(config))
             requires.update(extra_requirements(config))
     return sorted(extras), sorted(requires)
