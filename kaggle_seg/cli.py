@@ -434,6 +434,9 @@ def show(
     ids: Annotated[str | None, typer.Option(help="Comma-separated image ids.")] = None,
     random: Annotated[int | None, typer.Option(help="This many random images.")] = None,
     worst: Annotated[int | None, typer.Option(help="The N worst-scoring images.")] = None,
+    typical: Annotated[
+        int | None, typer.Option(help="The N images scoring nearest the median.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of --random.")] = 0,
     predictions: Annotated[
         Path | None, typer.Option(help="A probabilities .npz from `kseg predict --save`.")
@@ -458,6 +461,7 @@ def show(
         ids=ids.split(",") if ids else None,
         random=random,
         worst=worst,
+        typical=typical,
         seed=seed,
         predictions=predictions,
         table=table,

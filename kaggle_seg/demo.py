@@ -178,8 +178,13 @@ def run_demo(
     yield f"kseg score (held-out test): {scored['score']:.4f} = {parts}"
 
     pictures = out / "show"
-    written = show_experiment(experiment, pictures, worst=3)
-    yield f"kseg show: {len(written)} PNGs of the 3 worst validation images in {pictures}"
+    # Typical images next to the worst: what the model usually does, and where it fails.
+    typical = show_experiment(experiment, pictures / "typical", typical=3)
+    worst = show_experiment(experiment, pictures / "worst", worst=3)
+    yield (
+        f"kseg show: {len(typical)} PNGs of the 3 validation images scoring nearest the median "
+        f"in {pictures / 'typical'}, {len(worst)} of the 3 worst in {pictures / 'worst'}"
+    )
     from kaggle_seg.report import write_report
 
     yield f"kseg report: {write_report([experiment], out / 'report.html')}"

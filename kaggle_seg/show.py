@@ -48,17 +48,20 @@ def select_ids(
     ids: Sequence[str] | None = None,
     random: int | None = None,
     worst: int | None = None,
+    typical: int | None = None,
     seed: int = 0,
 ) -> list[str]:
     """The ids to draw: exactly one of `ids` (as given, duplicates dropped), `random` (that many
-    of `available`, reproducible from `seed`) or `worst` (the lowest `score` of `scores`, a frame
-    with columns id, score such as `image_scores` returns; unscored ids are never picked).
+    of `available`, reproducible from `seed`), `worst` (the lowest `score` of `scores`, a frame
+    with columns id, score such as `image_scores` returns; unscored ids are never picked) or
+    `typical` (the scores nearest the median, what most images look like).
     """
-    chosen = [name for name, value in (("ids", ids), ("random", random), ("worst", worst))
-              if value is not None]  # fmt: skip
+    options = (("ids", ids), ("random", random), ("worst", worst), ("typical", typical))
+    chosen = [name for name, value in options if value is not None]
     if len(chosen) != 1:
         raise KsegError(
-            f"choose exactly one of ids, random or worst (got {', '.join(chosen) or 'none'})"
+            "choose exactly one of ids, random, worst or typical "
+            f"(got {', '.join(chosen) or 'none'})"
         )
     known = set(available)
     if ids is not None:
@@ -69,7 +72,7 @@ def select_ids(
         if unknown:
             raise KsegError(f"not in the predictions: {_listed(unknown)}")
         return wanted
-    count = random if random is not None else worst
+    count = next(value for name, value in options if name == chosen[0])
     if count is None or count < 1:
         raise KsegError(f"{chosen[0]}: need a count of at least 1, got {count}")
     if random is not None:
@@ -78,11 +81,14 @@ def select_ids(
         picks = np.random.default_rng(seed).choice(len(pool), size=min(count, len(pool)),
                                                    replace=False)  # fmt: skip
         return [pool[i] for i in picks]
+    name = chosen[0]
     if scores is None or "score" not in scores.columns or "id" not in scores.columns:
-        raise KsegError("worst: needs per-image scores (columns id, score; lower is worse)")
+        raise KsegError(f"{name}: needs per-image scores (columns id, score; lower is worse)")
     scored = scores[scores["id"].astype(str).isin(known) & scores["score"].notna()]
     if scored.empty:
-        raise KsegError("worst: no image has a score (do the images have truth masks?)")
+        raise KsegError(f"{name}: no image has a score (do the images have truth masks?)")
+    if typical is not None:
+        scored = scored.assign(score=(scored["score"] - scored["score"].median()).abs())
     # Stable sort on (score, id): ties go to the smaller id, whatever the frame's order.
     scored = scored.sort_values(["score", "id"], kind="mergesort")
     return [str(i) for i in scored["id"].head(count)]
@@ -445,6 +451,7 @@ def show_experiment(
     ids: Sequence[str] | None = None,
     random: int | None = None,
     worst: int | None = None,
+    typical: int | None = None,
     seed: int = 0,
     predictions: Path | None = None,
     table: Path | None = None,
@@ -456,8 +463,9 @@ def show_experiment(
     Default source: every `fold_<k>/oof.npz` of `experiment_dir` with the table named by that
     fold's config.yaml (data.table, relative to the cwd). `predictions` (an npz of id ->
     [K, H, W]) replaces the OOF files, `table` the configured table; `competition` is needed only
-    when `experiment_dir` holds no fold config. Exactly one of ids / random / worst chooses the
-    images; worst scores every predicted image with truth (`image_scores`) first. Without
+    when `experiment_dir` holds no fold config. Exactly one of ids / random / worst / typical
+    chooses the images; worst and typical score every predicted image with truth
+    (`image_scores`) first. Without
     `experiment_dir`, `predictions`, `table` and `competition` say everything.
     """
     if experiment_dir is None:
@@ -520,11 +528,12 @@ def show_experiment(
                 f"{_listed(stray)} (wrong table?)"
             )
         scores = None
-        if worst is not None:
+        if worst is not None or typical is not None:
             scores = image_scores(competition_plugin, frame, probabilities, threshold=threshold)
         chosen = select_ids(
-            scores, list(probabilities), ids=ids, random=random, worst=worst, seed=seed
-        )
+            scores, list(probabilities), ids=ids, random=random, worst=worst, typical=typical,
+            seed=seed,
+        )  # fmt: skip
         return write_panels(
             competition_plugin, frame, probabilities, chosen, Path(out_dir), threshold=threshold
         )

@@ -178,6 +178,8 @@ def test_demo_runs_the_whole_path(tmp_path: Path, competition: str):
         assert (experiment / name).is_file()
     (submission,) = (tmp_path / "submissions").glob("*.csv")
     assert submission.stat().st_size > 0
-    assert len(list((tmp_path / "show").glob("*_panel.png"))) == 3
+    typical = {p.name for p in (tmp_path / "show" / "typical").glob("*_panel.png")}
+    worst = {p.name for p in (tmp_path / "show" / "worst").glob("*_panel.png")}
+    assert len(typical) == 3 and len(worst) == 3
     assert f"kseg report: {tmp_path / 'report.html'}" in out
     assert "data:image/png;base64," in (tmp_path / "report.html").read_text()

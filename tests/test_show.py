@@ -166,6 +166,16 @@ def test_worst_ranks_by_score_then_id():
     assert select_ids(scores, ["b", "c", "d"], worst=5) == ["b", "c"]
 
 
+def test_typical_takes_the_scores_nearest_the_median():
+    scores = pd.DataFrame({"id": list("abcdefg"), "score": [0.0, 0.1, 0.5, 0.52, 0.6, 0.9, np.nan]})
+    # median of the six scores: 0.51; c and d are 0.01 from it, e 0.09, b 0.41
+    assert select_ids(scores, list("abcdefg"), typical=3) == ["c", "d", "e"]
+    with pytest.raises(KsegError, match="typical: needs per-image scores"):
+        select_ids(None, list("abc"), typical=1)
+    with pytest.raises(KsegError, match="exactly one of"):
+        select_ids(scores, list("abc"), worst=1, typical=1)
+
+
 # ---- uwmgi: a phantom with three overlapping classes ---------------------------------------------
 
 
