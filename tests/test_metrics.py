@@ -13,20 +13,20 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.spatial.distance import cdist
 
+from kaggle_seg.competitions.dsb2018_kaggle import dsb_score_frames
+from kaggle_seg.competitions.uwmgi import CLASSES as UWMGI_CLASSES
+from kaggle_seg.competitions.uwmgi_kaggle import uwmgi_score_frames
 from kaggle_seg.data.rle import decode_rles_to_labels, encode_rle
 from kaggle_seg.errors import InputError
 from kaggle_seg.metrics import (
     DSB_IOU_THRESHOLDS,
-    UWMGI_CLASSES,
     dsb_image_precisions,
     dsb_image_score,
-    dsb_score_frames,
     dsb_thresholds,
     gi_dice_per_slice,
     hausdorff_3d,
     pixel_metrics,
     pixel_metrics_table,
-    uwmgi_score_frames,
     uwmgi_score_volumes,
 )
 
