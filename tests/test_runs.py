@@ -44,14 +44,13 @@ def test_training_over_a_run_is_refused_and_force_moves_it_aside(dsb_small: Path
     assert snapshot(old) == before  # moved, not deleted, not changed
     assert (run / "best.pt").is_file() and (run / "history.csv").is_file()
     # Predicting from the experiment ignores the moved-aside run.
-    from kaggle_seg.predict import find_checkpoints
+    from kaggle_seg.runs import experiment_folds, find_checkpoints
 
     assert find_checkpoints(tmp_path / "guarded") == [run / "best.pt"]
-    from kaggle_seg.kernel.weights import find_checkpoints as kernel_folds
-
-    assert kernel_folds(tmp_path, ["guarded"], None) == {"guarded": [run]}
+    assert experiment_folds(tmp_path, ["guarded"], None) == {"guarded": [run]}
 
 
+@pytest.mark.slow
 def test_cli_refusal_is_one_line(dsb_small: Path, tmp_path: Path):
     run = tmp_path / "cli_guard" / "fold_0"
     run.mkdir(parents=True)
