@@ -96,7 +96,7 @@ def dsb_stage1_score(experiments: list[Path], data: Path, out: Path, tta: str) -
     scored = score_submission("dsb2018", data / "dsb2018" / "stage1_solution.csv", csv, None)
     return {
         "stage1_map": scored["score"],
-        "stage1_dice": scored.get("dice"),
+        "stage1_dice": scored["pixel_dice"],
         "predict_minutes": (time.perf_counter() - started) / 60,
     }
 
@@ -266,7 +266,7 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_recipes")
-    parser.add_argument("--tta", default="flip")
+    parser.add_argument("--tta", default="d4", help="TTA of the DSB submission")
     parser.add_argument("--baseline-minutes", type=float, default=45.0,
                         help="the baseline's budget when dsb2018_cpu is not run first")  # fmt: skip
     parser.add_argument("--set", action="append", default=[],

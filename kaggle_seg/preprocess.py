@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kaggle_seg.errors import KsegError
 
@@ -66,6 +66,16 @@ class GreyDarkParams(_Params):
     name: Literal["grey_dark"] = "grey_dark"
     # A channel mean above this counts as a bright (brightfield / stained) background.
     bright_above: float = Field(0.5, gt=0, lt=1)
+    # Percentiles [low, high] stretched to [0, 1] after the inversion, so a dim or low-contrast
+    # slide reads like a typical one; null keeps the luminance as it is.
+    stretch: tuple[float, float] | None = None
+
+    @field_validator("stretch")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 <= value[0] < value[1] <= 100:
+            raise ValueError("stretch needs two percentiles 0 <= low < high <= 100")
+        return value
 
 
 class ZScoreParams(_Params):
@@ -151,9 +161,16 @@ def clahe(
     return from_uint16(out)
 
 
-def grey_dark(image: np.ndarray, *, bright_above: float = 0.5, **_: Any) -> np.ndarray:
+def grey_dark(
+    image: np.ndarray,
+    *,
+    bright_above: float = 0.5,
+    stretch: Sequence[float] | None = None,
+    **_: Any,
+) -> np.ndarray:
     """float32 [H, W, C] in [0, 1] -> its luminance (ITU-R 601 weights for RGB, the mean of
-    other channel counts), inverted when the image is mostly bright, repeated on C channels.
+    other channel counts), inverted when the image is mostly bright, with the percentiles
+    `stretch` = (low, high) mapped to 0 and 1 (clipped), repeated on C channels.
 
     Microscopy (DSB 2018) mixes bright nuclei on dark fluorescence backgrounds with dark,
     stained nuclei on bright brightfield / H&E ones, the latter rare in training and common in
@@ -167,6 +184,10 @@ def grey_dark(image: np.ndarray, *, bright_above: float = 0.5, **_: Any) -> np.n
         grey = image.mean(axis=-1)
     if float(grey.mean()) > bright_above:
         grey = 1.0 - grey
+    if stretch is not None:
+        low, high = np.percentile(grey, stretch)
+        if high - low > 1e-6:  # a flat image stays as it is
+            grey = np.clip((grey - low) / (high - low), 0.0, 1.0)
     return np.repeat(grey[..., None], image.shape[-1], axis=-1)
 
 

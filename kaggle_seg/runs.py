@@ -166,6 +166,21 @@ def read_run_config(run_dir: Path) -> Any:
         raise KsegError(f"{path}: not a valid experiment config ({first})") from exc
 
 
+def read_run_value(run_dir: Path, *keys: str) -> Any:
+    """One value of a fold's config.yaml (e.g. `"data", "preprocess"`), the rest left unchecked:
+    what a reader that needs one key should not fail on (a stand-in config, an older kseg's).
+    None when the file or the key is missing."""
+    from kaggle_seg.config import load_yaml
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    value: Any = load_yaml(path)
+    for key in keys:
+        value = value.get(key) if isinstance(value, Mapping) else None
+    return value
+
+
 def read_run_spec(run_dir: Path, config: Any = None) -> Any:
     """The ModelSpec of a fold: the one its best.pt stores (read without loading the weights),
     else built from its config (a run of an older kseg, or one before its first best.pt)."""

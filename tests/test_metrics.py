@@ -598,3 +598,45 @@ def test_dsb_score_frames_shape_missing() -> None:
     submission = pd.DataFrame({"ImageId": ["a", "a"], "EncodedPixels": ["1 2", "5 1"]})
     with pytest.raises(InputError, match="shapes"):
         dsb_score_frames(truth, submission, {"a": (3, 3)})
+
+
+# ----------------------------------------------------------------------------- LGG per patient
+
+
+def test_lgg_fold_score_never_prefers_predicting_nothing(shared_data) -> None:
+    """The LGG score is the mean per-patient volume Dice: an empty prediction scores 0 on every
+    patient with a lesion, however many of the slices are empty (64 % here), where the mean
+    per-image Dice would give it ~0.65."""
+    from kaggle_seg.competitions import get_competition
+    from kaggle_seg.config import build_data_config
+    from kaggle_seg.evaluation import FoldEvaluator, summarize_fold
+
+    competition = get_competition("lgg")
+    table = competition.read_table(shared_data / "lgg", build_data_config("lgg"))
+    evaluator = FoldEvaluator(competition, table)
+    perfect = FoldEvaluator(competition, table)
+    for position, row in enumerate(table.to_dict("records")):
+        mask = competition.read_mask(row)
+        evaluator.add(position, np.zeros((1, *mask.shape[:2]), np.float32))
+        perfect.add(position, np.moveaxis(mask, -1, 0).astype(np.float32))
+    nothing = summarize_fold([evaluator.finish()], "lgg")
+    assert nothing["dice"] > 0.6  # the per-image mean that used to be the score
+    assert nothing["score"] == nothing["patient_dice"] == 0.0
+    assert summarize_fold([perfect.finish()], "lgg")["score"] == 1.0
+
+
+def test_volume_dice_pools_a_patients_pixels() -> None:
+    import pandas as pd
+
+    from kaggle_seg.metrics import pixel_counts, volume_dice
+
+    truth = np.zeros((3, 4, 4), bool)
+    truth[0, :2, :2] = True  # 4 pixels on slice 0, slices 1 and 2 empty
+    prediction = np.zeros_like(truth)
+    prediction[0, :2, :1] = True  # 2 of them found
+    prediction[2, 3, 3] = True  # 1 false positive on an empty slice
+    rows = [{"patient": "a", **pixel_counts(t, p)} for t, p in zip(truth, prediction, strict=True)]
+    rows.append({"patient": "b", **pixel_counts(truth[1], prediction[1])})  # empty, empty
+    dice = volume_dice(pd.DataFrame(rows), "patient")
+    assert dice["a"] == pytest.approx(2 * 2 / (4 + 3))
+    assert dice["b"] == 1.0

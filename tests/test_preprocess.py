@@ -293,3 +293,21 @@ def test_grey_dark_maps_brightfield_and_fluorescence_to_one_look():
         assert out.shape == image.shape and np.allclose(out[..., 0], out[..., 2])
         assert out[nuclei, 0].mean() > out[~nuclei, 0].mean() + 0.3  # nuclei bright, ground dark
         assert out[~nuclei, 0].mean() < 0.15
+
+
+def test_grey_dark_stretch_gives_a_dim_slide_the_contrast_of_a_bright_one():
+    from kaggle_seg.preprocess import grey_dark, resolve_steps
+
+    nuclei = np.zeros((64, 64), bool)
+    nuclei[20:30, 20:30] = True
+    dim = (np.where(nuclei, 0.12, 0.02)[..., None] * np.ones(3)).astype(np.float32)
+    bright = (np.where(nuclei, 0.9, 0.05)[..., None] * np.ones(3)).astype(np.float32)
+    plain = grey_dark(dim)
+    assert plain[nuclei, 0].mean() - plain[~nuclei, 0].mean() < 0.15
+    for image in (dim, bright):
+        out = grey_dark(image, stretch=(1.0, 99.9))
+        assert out[nuclei, 0].mean() > 0.95 and out[~nuclei, 0].mean() < 0.05
+    flat = np.full((8, 8, 3), 0.3, np.float32)
+    assert np.allclose(grey_dark(flat, stretch=(1.0, 99.9)), flat)
+    with pytest.raises(ValueError, match="stretch"):
+        resolve_steps([{"name": "grey_dark", "stretch": [99, 1]}])

