@@ -8,7 +8,7 @@ is written). Line numbers count the header as line 1, as an editor shows them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,36 @@ def check_columns(frame: pd.DataFrame, columns: Sequence[str], source: str) -> N
     if missing:
         found = ", ".join(one_line(repr(c)) for c in frame.columns) or "none"
         raise InputError(f"{source}: missing column(s) {', '.join(missing)}; found {found}")
+
+
+def check_one_row_per_key(frame: pd.DataFrame, keys: Sequence[str], source: str) -> None:
+    """At most one row per (id, class)...: the second one found is named by its line."""
+    duplicated = frame.duplicated(list(keys))
+    if duplicated.any():
+        i = int(np.flatnonzero(duplicated)[0])
+        key = ", ".join(str(frame.loc[i, k]) for k in keys)
+        raise InputError(f"{source}: line {csv_line(i)}: second row for ({key})")
+
+
+def check_rles(
+    frame: pd.DataFrame,
+    id_column: str,
+    rle_column: str,
+    shapes: Mapping[str, tuple[int, int]],
+    source: str,
+) -> None:
+    """Every non-empty RLE of `frame` valid for its image's (H, W); the first that is not is
+    named by its line and id. `frame`: cells as str (empty = no mask)."""
+    from kaggle_seg.data.rle import validate_rle
+    from kaggle_seg.errors import RLEError
+
+    for i, (image_id, rle) in enumerate(zip(frame[id_column], frame[rle_column], strict=True)):
+        if rle:
+            height, width = shapes[image_id]
+            try:
+                validate_rle(rle, height * width)
+            except RLEError as exc:
+                raise InputError(f"{source}: line {csv_line(i)} ({image_id}): {exc}") from None
 
 
 def non_empty_rles(rles: pd.Series) -> np.ndarray:

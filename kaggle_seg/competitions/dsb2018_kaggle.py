@@ -33,7 +33,7 @@ from kaggle_seg.competitions.base import (
 from kaggle_seg.competitions.dsb2018 import RLE_ORDER
 from kaggle_seg.errors import InputError, KsegError, RLEError, one_line
 from kaggle_seg.io import read_csv_checked, write_csv_atomic
-from kaggle_seg.submission import check_columns, csv_line, non_empty_rles
+from kaggle_seg.submission import check_columns, check_rles, csv_line, non_empty_rles
 
 COLUMNS = ("ImageId", "EncodedPixels")
 # The test folders and the sample submission listing each one's images.
@@ -152,7 +152,7 @@ def validate_submission(
     """Check `ImageId,EncodedPixels`: every image present, valid column-major RLEs, no nucleus
     overlapping another. `<id>,` (an empty row) stands for an image with no nuclei.
     """
-    from kaggle_seg.data.rle import decode_rles_to_labels, validate_rle
+    from kaggle_seg.data.rle import decode_rles_to_labels
 
     check_columns(submission, COLUMNS, source)
     frame = submission.loc[:, list(COLUMNS)].fillna("").astype(str).reset_index(drop=True)
@@ -166,14 +166,10 @@ def validate_submission(
     missing = [image_id for image_id in image_shapes if image_id not in present]
     if missing:
         raise InputError(f"{source}: {len(missing)} image(s) have no row, first {missing[0]}")
+    check_rles(frame, "ImageId", "EncodedPixels", image_shapes, source)
     for image_id, rows in frame.groupby("ImageId", sort=False).groups.items():
         positions = [p for p in rows if frame.at[p, "EncodedPixels"]]
         height, width = image_shapes[image_id]
-        for p in positions:
-            try:
-                validate_rle(frame.at[p, "EncodedPixels"], height * width)
-            except RLEError as exc:
-                raise InputError(f"{source}: line {csv_line(p)} ({image_id}): {exc}") from None
         if len(positions) > 1:
             try:
                 decode_rles_to_labels(

@@ -46,7 +46,7 @@ from kaggle_seg.competitions.images import (
     tiff_size,
 )
 from kaggle_seg.config import DataConfig, StrictModel, format_validation_error
-from kaggle_seg.errors import InputError, KsegError, RLEError
+from kaggle_seg.errors import InputError, KsegError
 
 COLUMNS = ("id", "class", "rle")
 
@@ -316,8 +316,12 @@ class Folder(BaseCompetition):
         source: str = "submission",
     ) -> pd.DataFrame:
         """`id,class,rle`: one row per (image, class), valid RLEs in the configured order."""
-        from kaggle_seg.data.rle import validate_rle
-        from kaggle_seg.submission import check_columns, csv_line
+        from kaggle_seg.submission import (
+            check_columns,
+            check_one_row_per_key,
+            check_rles,
+            csv_line,
+        )
 
         check_columns(submission, COLUMNS, source)
         frame = submission.loc[:, list(COLUMNS)].fillna("").astype(str).reset_index(drop=True)
@@ -325,25 +329,13 @@ class Folder(BaseCompetition):
             if image_id not in shapes or name not in self.classes:
                 what = f"id {image_id!r}" if image_id not in shapes else f"class {name!r}"
                 raise InputError(f"{source}: line {csv_line(position)}: unknown {what}")
-        duplicated = frame.duplicated(["id", "class"])
-        if duplicated.any():
-            position = int(np.flatnonzero(duplicated)[0])
-            raise InputError(
-                f"{source}: line {csv_line(position)}: second row for "
-                f"({frame.loc[position, 'id']}, {frame.loc[position, 'class']})"
-            )
+        check_one_row_per_key(frame, ("id", "class"), source)
         if len(frame) != len(shapes) * len(self.classes):
             raise InputError(
                 f"{source}: {len(frame)} rows for {len(shapes)} image(s) x "
                 f"{len(self.classes)} class(es)"
             )
-        for position, (image_id, rle) in enumerate(zip(frame["id"], frame["rle"], strict=True)):
-            if rle:
-                height, width = shapes[image_id]
-                try:
-                    validate_rle(rle, height * width)
-                except RLEError as exc:
-                    raise InputError(f"{source}: line {csv_line(position)}: {exc}") from None
+        check_rles(frame, "id", "rle", shapes, source)
         return frame
 
     # ---- scoring --------------------------------------------------------------------------

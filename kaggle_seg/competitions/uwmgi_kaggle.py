@@ -26,10 +26,12 @@ from kaggle_seg.competitions.base import (
     check_sample_ids,
 )
 from kaggle_seg.competitions.uwmgi import CLASSES, RLE_ORDER, scan_slices
-from kaggle_seg.errors import InputError, KsegError, RLEError
+from kaggle_seg.errors import InputError, KsegError
 from kaggle_seg.io import read_csv_checked, write_csv_atomic
 from kaggle_seg.submission import (
     check_columns,
+    check_one_row_per_key,
+    check_rles,
     csv_line,
     non_empty_rles,
     postprocessed_volumes,
@@ -135,7 +137,6 @@ def validate_submission(
 
     Returns the frame with empty cells as "". Raises InputError naming the line at fault.
     """
-    from kaggle_seg.data.rle import validate_rle
 
     check_columns(submission, COLUMNS, source)
     frame = submission.loc[:, list(COLUMNS)].fillna("").astype(str).reset_index(drop=True)
@@ -146,13 +147,7 @@ def validate_submission(
             f"{source}: line {csv_line(i)}: unknown class {frame.loc[i, 'class']!r}; "
             f"expected one of {', '.join(classes)}"
         )
-    duplicated = frame.duplicated(["id", "class"])
-    if duplicated.any():
-        i = int(np.flatnonzero(duplicated)[0])
-        raise InputError(
-            f"{source}: line {csv_line(i)}: second row for ({frame.loc[i, 'id']}, "
-            f"{frame.loc[i, 'class']})"
-        )
+    check_one_row_per_key(frame, ("id", "class"), source)
     expected = set(expected_ids)
     unknown = ~frame["id"].isin(expected)
     if unknown.any():
@@ -165,13 +160,7 @@ def validate_submission(
             f"{source}: {len(missing)} (id, class) row(s) missing, first {missing[0][0]}, "
             f"{missing[0][1]}"
         )
-    for i, (slice_id, rle) in enumerate(zip(frame["id"], frame["predicted"], strict=True)):
-        if rle:
-            height, width = slice_shapes[slice_id]
-            try:
-                validate_rle(rle, height * width)
-            except RLEError as exc:
-                raise InputError(f"{source}: line {csv_line(i)} ({slice_id}): {exc}") from None
+    check_rles(frame, "id", "predicted", slice_shapes, source)
     return frame
 
 
