@@ -1,4 +1,4 @@
-"""Dataset (2.5D stacks, targets, errors), ImageStore (decode once, memmap reuse), sampler."""
+"""Dataset (2.5D stacks, targets, errors), the dataset over decoded-image stores, sampler."""
 
 from __future__ import annotations
 
