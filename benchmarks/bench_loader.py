@@ -64,7 +64,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from kaggle_seg.competitions import get_competition  # noqa: E402
-from kaggle_seg.competitions.uwmgi import RLE_COLUMNS, stack_positions  # noqa: E402
+from kaggle_seg.competitions.uwmgi import RLE_COLUMNS  # noqa: E402
 from kaggle_seg.competitions.uwmgi_phantom import make_uwmgi_phantom  # noqa: E402
 from kaggle_seg.config import AugmentConfig, build_data_config  # noqa: E402
 from kaggle_seg.data import loader as loader_module  # noqa: E402
@@ -72,6 +72,7 @@ from kaggle_seg.data.cache import ImageStore  # noqa: E402
 from kaggle_seg.data.dataset import SegmentationDataset, build_stores  # noqa: E402
 from kaggle_seg.data.loader import make_train_loader  # noqa: E402
 from kaggle_seg.data.rle import warmup  # noqa: E402
+from kaggle_seg.data.stacks import stack_positions  # noqa: E402
 from kaggle_seg.data.transforms import build_transforms  # noqa: E402
 
 HEIGHT, WIDTH = 320, 384
@@ -97,7 +98,7 @@ class NotebookDataset(Dataset):
     def __init__(self, df, transforms=None):
         self.df = df
         # Neighbour paths precomputed once, as notebooks do with a groupby.
-        positions = stack_positions(df, DEPTH, STRIDE)
+        positions = stack_positions(df, DEPTH, STRIDE, "case_day")
         paths = df["image_path"].to_numpy()
         self.df = df.assign(image_paths=[list(paths[p]) for p in positions])
         self.transforms = transforms

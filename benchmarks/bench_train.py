@@ -28,7 +28,7 @@ CONFIG = """
 name: bench
 data: {{competition: dsb2018, table: {table}, folds: {folds}}}
 augment: {{preset: light, height: {size}, width: {size}}}
-model: {{architecture: unet, params: {{base_channels: 16, depth: 4}}}}
+model: {{architecture: seed_unet, params: {{base_channels: 16, depth: 4}}}}
 train:
   epochs: 100
   batch_size: 8

@@ -29,6 +29,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from test_fuzz import reference_pixels  # noqa: E402
 
 from kaggle_seg.competitions.uwmgi import read_train_csv  # noqa: E402
+from kaggle_seg.competitions.uwmgi_kaggle import (  # noqa: E402
+    validate_submission as validate_uwmgi_submission,
+)
 from kaggle_seg.data import rle  # noqa: E402
 from kaggle_seg.data.folds import read_folds  # noqa: E402
 from kaggle_seg.data.rle import decode_rle, validate_rle  # noqa: E402
@@ -36,7 +39,6 @@ from kaggle_seg.errors import KsegError  # noqa: E402
 from kaggle_seg.io import read_csv_checked  # noqa: E402
 from kaggle_seg.prepare import read_table  # noqa: E402
 from kaggle_seg.scoring import score_submission  # noqa: E402
-from kaggle_seg.submission import validate_uwmgi_submission  # noqa: E402
 
 
 def instrument_kseg() -> int:

@@ -149,9 +149,12 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
 # ---- loading ------------------------------------------------------------------------------------
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, map_location: Any = "cpu", *, mmap: bool = False
+) -> dict[str, Any]:
     """A checkpoint's contents through the safe loader (tensors and plain data only).
 
+    `mmap`: tensors are mapped, not read (for the plain data alone: the spec, the config).
     A file that would need any other global (code could run) raises UnsafeCheckpoint; a
     truncated or foreign file raises KsegError; both name the file in one line.
     """
@@ -159,7 +162,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if not path.is_file():
         raise KsegError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         refused = _REFUSED_GLOBAL.search(str(exc))
         if refused is None:

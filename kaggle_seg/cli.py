@@ -16,6 +16,13 @@ import typer
 from kaggle_seg import __version__
 from kaggle_seg.cli_insight import explain, report
 from kaggle_seg.cli_kernel import dataset_app, kernel_app, model_app
+from kaggle_seg.cli_options import (
+    Checkpoints,
+    Device,
+    PredictionOptions,
+    check_choice,
+    prediction_options,
+)
 from kaggle_seg.cli_weights import weights_app
 from kaggle_seg.errors import KsegError, one_line
 
@@ -34,7 +41,8 @@ app.command()(explain)
 app.command()(report)
 
 Competition = Annotated[
-    str, typer.Option("--competition", "-c", help="uwmgi, dsb2018 or lgg.", show_default=False)
+    str,
+    typer.Option("--competition", "-c", help="uwmgi, dsb2018, lgg or folder.", show_default=False),
 ]
 ConfigFile = Annotated[
     Path | None, typer.Option("--config", help="YAML config whose `data` section applies.")
@@ -137,10 +145,19 @@ def score(
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="A config whose data.options set the competition up (folder)."),
+    ] = None,
 ) -> None:
     """Validate a submission and score it with the competition's own metric."""
     from kaggle_seg.scoring import score_submission
 
+    options = None
+    if config is not None:
+        from kaggle_seg.config import build_data_config
+
+        options = build_data_config(competition, config).options
     result = score_submission(
         competition,
         truth,
@@ -149,6 +166,7 @@ def score(
         merged_classes=merged_classes,
         dice=dice,
         hausdorff=hausdorff,
+        options=options,
     )
     # Per-image / per-slice tables stay out of the printed summary.
     printable = {k: v for k, v in result.items() if not hasattr(v, "to_csv")}
@@ -200,10 +218,9 @@ def train(
         return
     if (fold is None) == (folds_list is None):
         raise KsegError("pass exactly one of --fold K or --folds 0,1,2 (or --full)")
-    try:
-        to_train = [fold] if fold is not None else [int(k) for k in folds_list.split(",")]
-    except ValueError:
-        raise KsegError(f"--folds {folds_list!r}: expected integers like 0,1,2") from None
+    from kaggle_seg.runs import parse_folds
+
+    to_train = [fold] if fold is not None else parse_folds(folds_list) or []
     for k in to_train:
         train_fold(experiment, k, run_root=runs_dir, resume=resume, force=force, device=device)
 
@@ -219,49 +236,8 @@ def plot(
     typer.echo(f"wrote {plot_history(run_dir, out)}")
 
 
-Checkpoints = Annotated[
-    list[Path],
-    typer.Option(
-        "--checkpoints",
-        help="An experiment folder (all its folds), a fold folder or a .pt file; repeat to "
-        "ensemble experiments.",
-    ),
-]
-Weights = Annotated[
-    str | None, typer.Option(help="One weight per --checkpoints, e.g. 1,0.5 (default equal).")
-]
-Tta = Annotated[str, typer.Option(help="Test-time augmentation: none, hflip, flip or d4.")]
-Merge = Annotated[str, typer.Option(help="How TTA views merge: mean, gmean, max, tsharpen.")]
-Ensemble = Annotated[
-    str, typer.Option(help="mean: weighted mean of probabilities; logit: of logits.")
-]
-BatchSize = Annotated[int, typer.Option(help="Images per forward pass.")]
-Workers = Annotated[int, typer.Option(help="DataLoader workers reading images.")]
-Device = Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when visible).")]
-BatchedTta = Annotated[
-    bool,
-    typer.Option(help="Run all TTA views in one forward pass (--no-batched-tta: one per view)."),
-]
-OnError = Annotated[
-    str, typer.Option(help="An image that fails to decode: fail, or skip (predicted empty).")
-]
-
-
-def _parse_weights(weights: str | None) -> list[float] | None:
-    if weights is None:
-        return None
-    try:
-        return [float(w) for w in weights.split(",")]
-    except ValueError:
-        raise KsegError(f"--weights {weights!r}: expected numbers like 1,0.5") from None
-
-
-def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise KsegError(f"{option} {value!r}: choose one of {', '.join(choices)}")
-
-
 @app.command()
+@prediction_options
 def predict(
     checkpoints: Checkpoints,
     test_dir: Annotated[Path, typer.Option(help="Folder of test images (Kaggle layout).")],
@@ -269,36 +245,14 @@ def predict(
         Path | None, typer.Option(help="Write probabilities here (.npz, one array per image).")
     ] = None,
     dtype: Annotated[str, typer.Option(help="Saved probabilities: float16 or uint8.")] = "float16",
-    weights: Weights = None,
-    tta: Tta = "flip",
-    merge: Merge = "mean",
-    ensemble: Ensemble = "mean",
-    batch_size: BatchSize = 8,
-    num_workers: Workers = 2,
-    device: Device = None,
-    on_error: OnError = "fail",
-    batched_tta: BatchedTta = True,
+    options: PredictionOptions | None = None,
 ) -> None:
     """Ensemble probabilities for a folder of test images, with TTA, streamed image by image."""
     from kaggle_seg.predict import predict_folder
 
-    _check_choice("--on-error", on_error, ("fail", "skip"))
-    _check_choice("--dtype", dtype, ("float16", "uint8"))
-    result = predict_folder(
-        checkpoints,
-        test_dir,
-        save,
-        weights=_parse_weights(weights),
-        dtype=dtype,  # type: ignore[arg-type]
-        device=device,
-        tta=tta,
-        merge=merge,
-        ensemble=ensemble,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        on_error=on_error,
-        batched_tta=batched_tta,
-    )
+    check_choice("--dtype", dtype, ("float16", "uint8"))
+    assert options is not None  # given by prediction_options
+    result = predict_folder(checkpoints, test_dir, save, dtype=dtype, **options.as_kwargs())  # type: ignore[arg-type]
     typer.echo(
         f"predicted {result['images']} images with {result['models']} model(s) in "
         f"{result['seconds']:.1f} s ({result['images_per_s']:.1f} images/s)"
@@ -339,6 +293,7 @@ def tune(
 
 
 @app.command()
+@prediction_options
 def submit(
     checkpoints: Checkpoints = None,  # type: ignore[assignment]  # needed unless --kernel
     data_dir: Annotated[
@@ -356,15 +311,6 @@ def submit(
         Path | None,
         typer.Option(help="Settings JSON (default: postprocess.json beside the checkpoints)."),
     ] = None,
-    weights: Weights = None,
-    tta: Tta = "flip",
-    merge: Merge = "mean",
-    ensemble: Ensemble = "mean",
-    batch_size: BatchSize = 8,
-    num_workers: Workers = 2,
-    device: Device = None,
-    on_error: OnError = "fail",
-    batched_tta: BatchedTta = True,
     upload: Annotated[
         bool, typer.Option(help="Submit the CSV to the competition through the Kaggle API.")
     ] = False,
@@ -383,6 +329,7 @@ def submit(
     wait: Annotated[
         bool, typer.Option(help="With --kernel: wait for the version to finish and the score.")
     ] = False,
+    options: PredictionOptions | None = None,
 ) -> None:
     """Predict the test set and write a validated submission CSV in the competition's format;
     with --kernel, submit a finished version of a pushed kernel instead."""
@@ -395,22 +342,14 @@ def submit(
         return
     if not checkpoints or data_dir is None:
         raise KsegError("kseg submit needs --checkpoints and --data-dir (or --kernel)")
-    _check_choice("--on-error", on_error, ("fail", "skip"))
+    assert options is not None  # given by prediction_options
     result = write_submission(
         checkpoints,
         data_dir,
         out,
-        weights=_parse_weights(weights),
         test_dir=test_dir,
         postprocess=postprocess,
-        tta=tta,
-        merge=merge,
-        ensemble=ensemble,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        on_error=on_error,
-        batched_tta=batched_tta,
+        **options.as_kwargs(),
     )
     for note in result.notes:
         typer.echo(note)

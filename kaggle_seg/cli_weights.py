@@ -31,7 +31,7 @@ def import_weights(
 ) -> None:
     """Map SOURCE onto ENCODER (by name, else by order and shape; a misfit is refused with a
     report) and write it in the encoder's own naming, with OUT.json (source, sha256, licence)."""
-    from kaggle_seg.pretrained import import_encoder_weights
+    from kaggle_seg.models.encoder_files import import_encoder_weights
 
     result = import_encoder_weights(source, encoder, out, license_text)
     ignored = f" ({result['ignored']} head tensors left out)" if result["ignored"] else ""
@@ -48,7 +48,7 @@ def fetch_weights(
 ) -> None:
     """Download ENCODER's weights through smp / timm (a machine with internet) and save them
     for model.encoder_weights, e.g. to upload as a Kaggle dataset for offline training."""
-    from kaggle_seg.pretrained import fetch_encoder_weights
+    from kaggle_seg.models.encoder_files import fetch_encoder_weights
 
     result = fetch_encoder_weights(encoder, out, weights)
     typer.echo(f"wrote {result['out']} and {result['out']}.json")

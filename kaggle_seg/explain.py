@@ -222,18 +222,21 @@ def write_grid(
     from matplotlib.figure import Figure
 
     from kaggle_seg.io import atomic_path
-    from kaggle_seg.show import _display_image, _has_truth, _masks_rgb, _read_truth
+    from kaggle_seg.panels import _display_image, _masks_rgb
+    from kaggle_seg.show_scores import has_truth, read_truth_masks
 
     raw = competition.read_image(row)
     image = _display_image(competition, raw)
     # Heat maps sit on the mean of all input channels: each stage sees every channel (LGG's
     # three sequences), not only the one `kseg show` draws.
     grey = _display_image(competition, np.repeat(raw.mean(axis=-1, keepdims=True), 3, -1))[..., 0]
-    n_classes = len(competition.classes)
+    from kaggle_seg.spec import channel_indices
+
+    masks = explanation.probabilities[channel_indices(classes, competition.classes)] > 0.5
     top: list[tuple[str, np.ndarray, np.ndarray | None]] = [("image", image, None)]
-    if competition.name != "dsb2018" and _has_truth(competition, pd.Series(row)):
-        top.append(("truth", _masks_rgb(_read_truth(competition, pd.Series(row))), None))
-    top.append(("prediction", _masks_rgb(explanation.probabilities[:n_classes] > 0.5), None))
+    if competition.scoring != "instances" and has_truth(competition, pd.Series(row)):
+        top.append(("truth", _masks_rgb(read_truth_masks(competition, pd.Series(row))), None))
+    top.append(("prediction", _masks_rgb(masks), None))
     top += [(f"Grad-CAM {name}\n({explanation.grad_cam_stage})", grey, heat)
             for name, heat in explanation.grad_cam.items()]  # fmt: skip
     encoder = [(n, grey, m) for n, m in explanation.activations.items() if n.startswith("encoder")]
@@ -314,10 +317,12 @@ def explain_checkpoint(
 ) -> list[Path]:
     """`<out_dir>/<id>_explain.png` for each chosen image of the checkpoint's table: `ids`, or
     `random` images of its validation fold (the whole table without a folds file)."""
-    from kaggle_seg.competitions import get_competition
-    from kaggle_seg.predict import PredictionDataset, find_checkpoints, load_member
+    from kaggle_seg.competitions import competition_for
+    from kaggle_seg.panels import _file_stem
+    from kaggle_seg.predict import PredictionDataset, load_member
     from kaggle_seg.prepare import read_table
-    from kaggle_seg.show import _file_stem, select_ids
+    from kaggle_seg.runs import find_checkpoints, fold_number
+    from kaggle_seg.show_scores import select_ids
 
     found = find_checkpoints(checkpoint)
     if len(found) != 1:
@@ -326,20 +331,21 @@ def explain_checkpoint(
         )
     member = load_member(found[0], 1.0, torch.device(device))
     config = member.config
-    competition = get_competition(config.data.competition)
+    competition = competition_for(config.data)
     frame = read_table(table) if table is not None else table_of(config, found[0].parent)
     every = frame["id"].astype(str).tolist()
     unknown = [i for i in ids or [] if i not in set(every)]
     if unknown:
         source = table or config.data.table
         raise KsegError(f"not in the table {source}: {', '.join(unknown[:5])}")
-    valid = _validation_ids(config, found[0].parent, _fold_of(found[0]))
+    valid = _validation_ids(config, found[0].parent, fold_number(found[0].parent))
     pool = [i for i in every if i in valid] if valid and random is not None else every
     chosen = select_ids(None, pool, ids=ids, random=random, seed=seed)
     if member.spec.stack_depth > 1:
-        # 2.5D stacks need each chosen slice's case-day, whole and in order.
-        days = set(frame.loc[frame["id"].astype(str).isin(chosen), "case_day"])
-        rows = frame[frame["case_day"].isin(days)].reset_index(drop=True)
+        # 2.5D stacks need each chosen slice's volume (case-day), whole and in order.
+        volume_key = competition.volume_key
+        days = set(frame.loc[frame["id"].astype(str).isin(chosen), volume_key])
+        rows = frame[frame[volume_key].isin(days)].reset_index(drop=True)
     else:
         rows = frame[frame["id"].astype(str).isin(chosen)].reset_index(drop=True)
     dataset = PredictionDataset(competition, rows, [member.spec])
@@ -354,9 +360,3 @@ def explain_checkpoint(
         path = out_dir / f"{_file_stem(image_id)}_explain.png"
         written.append(write_grid(competition, row, explanation, list(member.classes), path))
     return written
-
-
-def _fold_of(checkpoint: Path) -> int | None:
-    name = checkpoint.parent.name
-    suffix = name.removeprefix("fold_")
-    return int(suffix) if name.startswith("fold_") and suffix.isdigit() else None

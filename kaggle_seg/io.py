@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -72,3 +73,21 @@ def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
     return Path(path)
+
+
+def link_file(source: Path, target: Path) -> None:
+    """`target` as a hard link to `source` (a copy across file systems)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def link_tree(source: Path, target: Path, skip: Sequence[str] = ()) -> None:
+    """Every file under `source` linked at the same place under `target` (names `skip` left
+    out); `target` exists afterwards even when `source` is empty."""
+    for path in Path(source).rglob("*"):
+        if path.is_file() and path.name not in skip:
+            link_file(path, target / path.relative_to(source))
+    target.mkdir(parents=True, exist_ok=True)

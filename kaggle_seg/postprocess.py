@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from kaggle_seg.config import StrictModel
 from kaggle_seg.errors import InputError, KsegError
+from kaggle_seg.spec import BORDER
 
 # 8-connectivity for class masks (as skimage's default full connectivity in 2D); nuclei seeds use
 # 4-connectivity so two nuclei touching at a corner stay apart.
@@ -256,14 +257,39 @@ def _seed_labels(mask: np.ndarray) -> tuple[int, np.ndarray]:
     return count - 1, labels
 
 
+def instance_channels(channels: Sequence[str] | None, n_channels: int) -> tuple[int, int | None]:
+    """(the nuclei mask's channel, the border channel or None) among output channels named
+    `channels` (the model's `ModelSpec.outputs`); the border is found by its name, BORDER."""
+    if channels is None:
+        if n_channels != 1:
+            raise InputError(
+                f"{n_channels} probability channels without their names: pass the model's "
+                "output channels (e.g. nuclei, border)"
+            )
+        return 0, None
+    if len(channels) != n_channels:
+        raise InputError(
+            f"probabilities have {n_channels} channel(s) but {len(channels)} names "
+            f"({', '.join(channels)})"
+        )
+    names = list(channels)
+    mask = next((k for k, name in enumerate(names) if name != BORDER), None)
+    if mask is None:
+        raise InputError(f"no mask channel among {', '.join(names)}")
+    return mask, names.index(BORDER) if BORDER in names else None
+
+
 def split_instances(
     probabilities: np.ndarray,
     threshold: float = 0.5,
     min_size: int = 8,
     border_threshold: float | None = None,
+    *,
+    channels: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """DSB nuclei: [K, H, W] probabilities (channel 0 mask, optional channel 1 border) -> int32
-    label map [H, W], 0 = background, no overlaps.
+    """DSB nuclei: [K, H, W] probabilities (a nuclei mask, optionally a border channel, named
+    by `channels`; None for a single mask channel) -> int32 label map [H, W], 0 = background,
+    no overlaps.
 
     With a border channel, seeds are the mask minus the borders (border probability above
     `border_threshold`, default `threshold`), grown back over the mask by a watershed on the mask
@@ -271,10 +297,11 @@ def split_instances(
     nucleus of its own. Without it, 4-connected components. Nuclei smaller than `min_size` pixels
     are dropped.
     """
-    mask = probabilities[0] > np.float32(threshold)
-    border = probabilities[1] if probabilities.shape[0] > 1 else None
+    mask_channel, border_channel = instance_channels(channels, probabilities.shape[0])
+    mask = probabilities[mask_channel] > np.float32(threshold)
+    border = probabilities[border_channel] if border_channel is not None else None
     border_threshold = threshold if border_threshold is None else border_threshold
-    labels = _instances_from_mask(mask, probabilities[0], border, border_threshold)
+    labels = _instances_from_mask(mask, probabilities[mask_channel], border, border_threshold)
     return remove_small_instances(labels, min_size)
 
 
@@ -324,22 +351,23 @@ def instance_labels(probabilities: np.ndarray, settings: PostprocessConfig) -> n
     sweeps `min_nucleus` on one result of this)."""
     probabilities = np.asarray(probabilities)
     _check_channels(probabilities, settings)
-    mask = probabilities[0] > np.float32(settings.thresholds[0])
+    m, b = instance_channels(settings.classes, probabilities.shape[0])
+    mask = probabilities[m] > np.float32(settings.thresholds[m])
     mask = clean_mask(
-        mask, settings.min_area[0], settings.largest_component, settings.gate_pixels[0]
+        mask, settings.min_area[m], settings.largest_component, settings.gate_pixels[m]
     )
-    border = probabilities[1] if probabilities.shape[0] > 1 else None
-    border_threshold = settings.thresholds[1] if border is not None else 0.5
-    return _instances_from_mask(mask, probabilities[0], border, border_threshold)
+    border = probabilities[b] if b is not None else None
+    border_threshold = settings.thresholds[b] if b is not None else 0.5
+    return _instances_from_mask(mask, probabilities[m], border, border_threshold)
 
 
 def postprocess_instances(probabilities: np.ndarray, settings: PostprocessConfig) -> np.ndarray:
-    """dsb2018: float [K, H, W] (channel 0 nuclei, optional channel 1 borders) -> int32 [H, W]
-    instance labels 1..n, 0 = background, no overlaps.
+    """dsb2018: float [K, H, W] (the nuclei channel and, when `settings.classes` names one, the
+    BORDER channel) -> int32 [H, W] instance labels 1..n, 0 = background, no overlaps.
 
-    The nuclei mask is channel 0 above `thresholds[0]` with the component rules of
+    The nuclei mask is its channel above its threshold with the component rules of
     `postprocess_masks`; with a border channel, seeds are the mask minus the pixels whose border
-    probability is above `thresholds[1]`, grown over the mask by a watershed (see
+    probability is above the border's threshold, grown over the mask by a watershed (see
     `split_instances`). Nuclei smaller than `min_nucleus` pixels are dropped.
     """
     labels = instance_labels(probabilities, settings)

@@ -19,15 +19,13 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from kaggle_seg import paths
 from kaggle_seg.competitions.base import Skipped
 from kaggle_seg.competitions.detect import explain_other_competition
 from kaggle_seg.errors import InputError, KsegError
 from kaggle_seg.probabilities import ProbabilityWriter
-
-# The sizing rule lives in spec.py (restore_size re-exported for callers of this API).
+from kaggle_seg.runs import find_checkpoints
 from kaggle_seg.spec import (
-    InputSpec,
+    ModelSpec,
     forward_tiled,
     pad_to_divisor,
     restore_size,
@@ -43,40 +41,25 @@ OnError = Literal["skip", "fail"]
 # -- checkpoints --
 
 
-def find_checkpoints(source: str | Path) -> list[Path]:
-    """Checkpoints under `source`: an experiment folder (every `fold_<k>/best.pt`), a fold
-    folder (its best.pt) or a .pt file."""
-    source = Path(source)
-    if source.is_file():
-        return [source]
-    if not source.is_dir():
-        raise KsegError(f"{source}: no such checkpoint, fold folder or experiment folder")
-    if (source / paths.BEST_CHECKPOINT).is_file():
-        return [source / paths.BEST_CHECKPOINT]
-    found = sorted(
-        (p for p in source.glob(f"fold_*/{paths.BEST_CHECKPOINT}") if paths.is_fold_dir(p.parent)),
-        key=lambda p: int(p.parent.name.removeprefix("fold_")),
-    )
-    if not found:
-        raise KsegError(
-            f"{source}: no checkpoints (expected fold_<k>/{paths.BEST_CHECKPOINT}); "
-            "train with `kseg train` first"
-        )
-    return found
-
-
 @dataclass
 class Member:
     """One model of an ensemble, with what it needs to be fed."""
 
     model: Any  # torch.nn.Module, in eval mode on its device
     config: Any  # ExperimentConfig
-    spec: InputSpec
-    classes: tuple[str, ...]
-    in_channels: int
+    spec: ModelSpec
     weight: float
     source: Path
     has_class_head: bool = False  # the model returns (mask logits, class logits)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The names of the output channels (the spec's outputs, e.g. nuclei, border)."""
+        return self.spec.outputs
+
+    @property
+    def in_channels(self) -> int:
+        return self.spec.in_channels
 
 
 def load_member(path: Path, weight: float, device: Any) -> Member:
@@ -84,7 +67,7 @@ def load_member(path: Path, weight: float, device: Any) -> Member:
     import torch
 
     from kaggle_seg.checkpoints import checkpoint_config, load_checkpoint
-    from kaggle_seg.models import _load_checked, build_model, has_class_head
+    from kaggle_seg.models import build_model, has_class_head, load_checked
 
     state = load_checkpoint(path)  # tensors and plain data only: no code runs
     config = checkpoint_config(state, path)
@@ -93,18 +76,16 @@ def load_member(path: Path, weight: float, device: Any) -> Member:
     model_config = config.model.model_copy(
         update={"encoder_weights": None, "encoder_weights_path": None, "weights_path": None}
     )
-    classes = tuple(state["classes"])
-    model = build_model(model_config, int(state["in_channels"]), len(classes))
-    _load_checked(model, state["model"], path, "embedded config", strict=True)
+    spec = ModelSpec.from_checkpoint(state, config)
+    model = build_model(model_config, spec.in_channels, len(spec.outputs))
+    load_checked(model, state["model"], path, "embedded config", strict=True)
     model.eval().to(device)
     if device.type == "cuda" and config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return Member(
         model=model,
         config=config,
-        spec=InputSpec.from_config(config),
-        classes=classes,
-        in_channels=int(state["in_channels"]),
+        spec=spec,
         weight=float(weight),
         source=path,
         has_class_head=has_class_head(config.model),
@@ -156,7 +137,7 @@ def load_ensemble(
 
 
 class PredictionDataset:
-    """Test rows -> {"index", "inputs": one float32 [C, h, w] tensor per InputSpec, "ok",
+    """Test rows -> {"index", "inputs": one float32 [C, h, w] tensor per ModelSpec, "ok",
     "error": why a skipped row failed, else ""}.
 
     A read failure names the file; with on_error="skip" the image becomes a blank input, marked
@@ -167,42 +148,32 @@ class PredictionDataset:
         self,
         competition: Any,
         table: pd.DataFrame,
-        specs: Sequence[InputSpec],
+        specs: Sequence[ModelSpec],
         on_error: OnError = "fail",
     ):
-        from kaggle_seg.config import AugmentConfig
-        from kaggle_seg.data.input_steps import with_input_steps
-        from kaggle_seg.data.transforms import build_transforms
         from kaggle_seg.preprocess import PreprocessedReader
 
         self.competition = competition
         self.rows = table.to_dict("records")
         self.specs = list(specs)
         self.on_error = on_error
-        self.transforms = [
-            with_input_steps(
-                build_transforms(
-                    AugmentConfig(
-                        preset="none",
-                        height=s.height,
-                        width=s.width,
-                        resize_mode=s.resize_mode,
-                        normalize=s.normalize,
-                    ),
-                    train=False,
-                ),
-                s.preprocess_steps,
-            )
-            for s in self.specs
-        ]
+        self.transforms = [s.eval_transform() for s in self.specs]
         # The "store" steps (n4, clahe) of each spec, on the image as read.
         self.readers = [PreprocessedReader(s.preprocess_steps) for s in self.specs]
         self.stacks = []
         for s in self.specs:
             if s.stack_depth > 1:
-                from kaggle_seg.competitions.uwmgi import stack_positions
+                from kaggle_seg.data.stacks import stack_positions
 
-                self.stacks.append(stack_positions(table, s.stack_depth, s.stack_stride))
+                volume_key = competition.volume_key
+                if volume_key is None:
+                    raise KsegError(
+                        f"stack_depth {s.stack_depth}: {competition.name} images are not "
+                        "slices of a volume"
+                    )
+                self.stacks.append(
+                    stack_positions(table, s.stack_depth, s.stack_stride, volume_key)
+                )
             else:
                 self.stacks.append(None)
 
@@ -348,7 +319,7 @@ def predict_probabilities(
                 images = batch["inputs"][k].to(device, non_blocking=True)
                 if device.type == "cuda" and member.config.train.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                images, h, w = pad_to_divisor(images)
+                images, h, w = pad_to_divisor(images, member.spec.divisor)
                 model = _ClassLogitsCapture(member.model) if member.has_class_head else None
                 spec = member.spec
 
@@ -358,7 +329,7 @@ def predict_probabilities(
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     # Tiled only in "crop" mode, for images with a side above tile_size.
                     tile = spec.tile_size if spec.resize_mode == "crop" else None
-                    logits = forward_tiled(views, images, tile, spec.tile_overlap)
+                    logits = forward_tiled(views, images, tile, spec.tile_overlap, spec.divisor)
                 if model is not None and want_classes:
                     # [views * B, K] in call order -> [views, B, K]: every call is whole views
                     class_logits = torch.cat(model.class_logits).float()
@@ -414,11 +385,11 @@ def predict_folder(
 
     import torch
 
-    from kaggle_seg.competitions import get_competition
+    from kaggle_seg.competitions import competition_for
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     members = load_ensemble(checkpoints, weights, device)
-    competition = get_competition(members[0].config.data.competition)
+    competition = competition_for(members[0].config.data)
     skipped: list[Skipped] | None = [] if options.get("on_error") == "skip" else None
     with explain_other_competition(competition.name, Path(test_dir)):
         table = competition.read_test_table(Path(test_dir), skipped)

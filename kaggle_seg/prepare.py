@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from kaggle_seg.competitions import get_competition
+from kaggle_seg.competitions import competition_for, get_competition
 from kaggle_seg.competitions.base import summarize_table
 from kaggle_seg.config import build_data_config
 from kaggle_seg.data.folds import write_or_reuse_folds
@@ -38,12 +38,12 @@ def prepare_table(
         raise KsegError(f"--check {check!r}: choose one of {', '.join(CHECKS)}")
     if not Path(data_dir).is_dir():
         raise KsegError(f"--data-dir {data_dir}: folder not found")
-    plugin = get_competition(competition)
+    plugin = competition_for(config)
     table = plugin.read_table(Path(data_dir), config)
     check_prepared_table(plugin, table, Path(data_dir), check)
     write_csv_atomic(table, out)
     summary = summarize_table(table)
-    if "case_day" in table.columns:
+    if plugin.volume_key is not None:  # data.exclude_case_days names volumes left out
         summary["excluded"] = list(config.exclude_case_days)
     return summary
 

@@ -12,11 +12,12 @@ per lookup.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import mmap
 import struct
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -243,3 +244,47 @@ class ProbabilityWriter:
             self._tmp.replace(self.path)
         else:
             self._tmp.unlink(missing_ok=True)
+
+
+class NpzProbabilities(Mapping[str, np.ndarray]):
+    """id -> float32 [K, H, W] probabilities over one or more npz files (oof.npz or
+    `kseg predict --save`), decoded one array per lookup: uint8 means value / 255, as `load_oof`.
+    Use as a context manager (the files stay open). An id in several files: the first file wins.
+    """
+
+    def __init__(self, files: Sequence[Path]):
+        self._stack = contextlib.ExitStack()
+        self._where: dict[str, Any] = {}
+        try:
+            for path in files:
+                if not Path(path).is_file():
+                    raise KsegError(f"{path}: predictions file not found")
+                try:
+                    npz = self._stack.enter_context(np.load(path, allow_pickle=False))
+                except (OSError, ValueError) as exc:
+                    raise KsegError(f"{path}: not a readable npz ({exc})") from exc
+                if not hasattr(npz, "files"):
+                    raise KsegError(f"{path}: a single array, expected an npz of id -> [K, H, W]")
+                for image_id in npz.files:
+                    self._where.setdefault(image_id, npz)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def __getitem__(self, image_id: str) -> np.ndarray:
+        return decode_probabilities(self._where[image_id][image_id])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> NpzProbabilities:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -83,22 +83,26 @@ def _panel_ids(run: ExperimentRun) -> list[tuple[str, str]]:
 
 
 def _panels(run: ExperimentRun) -> str:
-    from kaggle_seg import paths
+    from kaggle_seg import runs
     from kaggle_seg.explain import table_of
-    from kaggle_seg.show import NpzProbabilities, write_panels
+    from kaggle_seg.panels import write_panels
+    from kaggle_seg.probabilities import NpzProbabilities
 
     picks = _panel_ids(run)
     if not picks:
         return ""
-    folds = [f for f in run.folds if (f.path / paths.OOF_FILE).is_file()]
+    folds = [f for f in run.folds if (f.path / runs.OOF_FILE).is_file()]
     table = table_of(folds[0].config, folds[0].path)
+    outputs = runs.read_run_spec(folds[0].path, folds[0].config).outputs
     parts = []
     with (
         tempfile.TemporaryDirectory(prefix="kseg-report-") as folder,
-        NpzProbabilities([f.path / paths.OOF_FILE for f in folds]) as probabilities,
+        NpzProbabilities([f.path / runs.OOF_FILE for f in folds]) as probabilities,
     ):
         for pick, image_id in picks:
-            written = write_panels(run.competition, table, probabilities, [image_id], Path(folder))
+            written = write_panels(
+                run.plugin, table, probabilities, [image_id], Path(folder), outputs=outputs
+            )
             panel = next(p for p in written if p.name.endswith("_panel.png"))
             parts.append(
                 f"<figure>{_image(panel.read_bytes(), f'{pick}: {image_id}')}"
@@ -142,12 +146,12 @@ def _experiment_section(run: ExperimentRun, panels: bool) -> str:
             _image(report_plots.curves(histories, [h[0] for h in histories]), "curves"),
         ]
     if run.images is not None:
-        unit = get_scorer(run.competition).unit
+        unit = get_scorer(run.plugin.scoring).unit
         label = "tuned" if run.settings is not None else "default"
         out += [
             f"<h3>Score distribution ({label} post-processing; one point per {unit})</h3>",
             _image(
-                report_plots.distribution(run.competition, run.images, run.volumes),
+                report_plots.distribution(run.plugin.scoring, run.images, run.volumes),
                 "score distribution",
             ),
         ]

@@ -14,7 +14,6 @@ before / after numbers from, so the page states the same CV per fold and overall
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kaggle_seg import paths
+from kaggle_seg import runs
 from kaggle_seg.errors import KsegError
-
-_FOLD_DIR = re.compile(r"^fold_(\d+)$")
 
 # One scorer per competition: (competition, rows of one fold in table order, id -> [K, H, W]
 # probabilities, id -> [K] head probabilities or None, settings) -> (images, volumes) per setting.
@@ -59,46 +56,38 @@ class ExperimentRun:
     def competition(self) -> str:
         return self.folds[0].config.data.competition
 
+    @property
+    def plugin(self) -> Any:
+        """The competition plug-in, set up by the run's data.options."""
+        from kaggle_seg.competitions import competition_for
 
-def _fold_dirs(path: Path) -> list[tuple[int, Path]]:
-    match = _FOLD_DIR.match(path.name)
-    if match and (path / paths.CONFIG_FILE).is_file():
-        return [(int(match.group(1)), path)]
-    found = []
-    if path.is_dir():
-        for child in path.iterdir():
-            child_match = _FOLD_DIR.match(child.name)
-            if child_match and (child / paths.CONFIG_FILE).is_file():
-                found.append((int(child_match.group(1)), child))
-    return sorted(found)
+        return competition_for(self.folds[0].config.data)
 
 
 def read_run(path: str | Path) -> ExperimentRun:
     """An experiment folder (runs/<exp>, every fold_<k>) or one fold folder."""
-    from kaggle_seg.tune import read_fold_config
-
     path = Path(path)
-    folds = _fold_dirs(path)
+    folds = runs.list_folds(path, runs.CONFIG_FILE)
     if not folds:
         raise KsegError(
-            f"{path}: no fold_<k>/{paths.CONFIG_FILE} (an experiment folder runs/<exp> or a fold "
+            f"{path}: no fold_<k>/{runs.CONFIG_FILE} (an experiment folder runs/<exp> or a fold "
             "folder of `kseg train`)"
         )
-    runs = []
+    fold_runs = []
     for fold, folder in folds:
-        history_path = folder / paths.HISTORY_FILE
+        history_path = folder / runs.HISTORY_FILE
         history = pd.read_csv(history_path) if history_path.is_file() else None
-        runs.append(FoldRun(fold, folder, read_fold_config(folder), history))
-    experiment_dir = path.parent if _FOLD_DIR.match(path.name) else path
-    single = _FOLD_DIR.match(path.name) is not None
+        fold_runs.append(FoldRun(fold, folder, runs.read_run_config(folder), history))
+    single = runs.is_fold_dir(path)
+    experiment_dir = path.parent if single else path
     name = f"{experiment_dir.name}/{path.name}" if single else path.name
     run = ExperimentRun(
         name=name,
         path=path,
-        folds=runs,
-        config_text=(folds[0][1] / paths.CONFIG_FILE).read_text(),
+        folds=fold_runs,
+        config_text=(folds[0][1] / runs.CONFIG_FILE).read_text(),
     )
-    settings_path = experiment_dir / paths.POSTPROCESS_FILE
+    settings_path = experiment_dir / runs.POSTPROCESS_FILE
     if settings_path.is_file():
         from kaggle_seg.postprocess import load_postprocess
 
@@ -108,36 +97,35 @@ def read_run(path: str | Path) -> ExperimentRun:
 
 def score_run(run: ExperimentRun) -> None:
     """Fill run.cv / images / volumes from the folds' oof.npz (folds without one are noted)."""
-    from kaggle_seg.competitions import get_competition
+    from kaggle_seg.competitions import competition_for
     from kaggle_seg.explain import table_of
     from kaggle_seg.postprocess import default_postprocess
-    from kaggle_seg.probabilities import load_class_oof
-    from kaggle_seg.show import NpzProbabilities
-    from kaggle_seg.tune import model_classes
+    from kaggle_seg.probabilities import NpzProbabilities, load_class_oof
 
-    scored = [f for f in run.folds if (f.path / paths.OOF_FILE).is_file()]
+    scored = [f for f in run.folds if (f.path / runs.OOF_FILE).is_file()]
     for fold in run.folds:
         if fold not in scored:
-            run.notes.append(f"fold {fold.fold}: no {paths.OOF_FILE}, not scored")
+            run.notes.append(f"fold {fold.fold}: no {runs.OOF_FILE}, not scored")
     if not scored:
         return
     config = scored[0].config
-    competition = get_competition(config.data.competition)
+    competition = competition_for(config.data)
     table = table_of(config, scored[0].path)
-    scorer = get_scorer(competition.name)
-    settings = [default_postprocess(model_classes(config))]
+    scorer = get_scorer(competition.scoring)
+    outputs = runs.read_run_spec(scored[0].path, config).outputs
+    settings = [default_postprocess(list(outputs))]
     if run.settings is not None:
         settings.append(run.settings)
     per_setting: list[list[Frames]] = [[] for _ in settings]
     for fold in scored:
-        with NpzProbabilities([fold.path / paths.OOF_FILE]) as probabilities:
+        with NpzProbabilities([fold.path / runs.OOF_FILE]) as probabilities:
             rows = table[table["id"].astype(str).isin(set(probabilities))]
             if len(rows) != len(probabilities):
                 raise KsegError(
-                    f"{fold.path / paths.OOF_FILE}: {len(probabilities) - len(rows)} id(s) not "
+                    f"{fold.path / runs.OOF_FILE}: {len(probabilities) - len(rows)} id(s) not "
                     f"in the table {config.data.table}"
                 )
-            classes_path = fold.path / paths.OOF_CLASSES_FILE
+            classes_path = fold.path / runs.OOF_CLASSES_FILE
             heads = load_class_oof(classes_path) if classes_path.is_file() else None
             for k, (images, volumes) in enumerate(
                 scorer.score(competition, rows, probabilities, heads, settings)
@@ -177,13 +165,14 @@ def _score_masks(
     heads: Mapping[str, np.ndarray] | None,
     settings: Sequence[Any],
 ) -> list[Frames]:
-    """uwmgi / lgg: masks per image by each setting; uwmgi volumes per case-day."""
+    """Masks per image by each setting; scored by volume (uwmgi: per case-day), by group (lgg:
+    per patient) or by image."""
     from kaggle_seg.metrics import pixel_counts, uwmgi_score_volumes, volume_dice
     from kaggle_seg.postprocess import apply_z_continuity, postprocess_masks
 
     n_classes = len(competition.classes)
-    uwmgi = competition.name == "uwmgi"
-    group = "case_day" if uwmgi else "group"
+    uwmgi = competition.scoring == "volumes"
+    group = competition.volume_key if uwmgi else "group"
     image_rows: list[list[dict]] = [[] for _ in settings]
     volume_rows: list[list[pd.DataFrame]] = [[] for _ in settings]
     for day, part in rows.groupby(group, sort=False):
@@ -217,6 +206,8 @@ def _score_masks(
         images = pd.DataFrame(image_rows[k])
         if uwmgi:
             volumes = pd.concat(volume_rows[k], ignore_index=True)
+        elif competition.scoring == "images":
+            volumes = None
         else:
             dice = volume_dice(images, group)
             volumes = pd.DataFrame({"patient": dice.index, "dice": dice.to_numpy()})
@@ -270,6 +261,13 @@ def _summary_images(images: pd.DataFrame, volumes: pd.DataFrame | None) -> float
     return float(images["score"].mean()) if len(images) else math.nan
 
 
+def _summary_image_dice(images: pd.DataFrame, volumes: pd.DataFrame | None) -> float:
+    """The mean per-image Dice as training scores it (empty in truth and prediction: 1)."""
+    from kaggle_seg.metrics import volume_dice
+
+    return float(volume_dice(images, "id").mean()) if len(images) else math.nan
+
+
 @dataclass(frozen=True)
 class Scorer:
     score: Callable[..., list[Frames]]
@@ -277,19 +275,22 @@ class Scorer:
     unit: str  # what one point of the distribution is
 
 
+# One scorer per scoring kind (competitions/base.py).
 SCORERS: dict[str, Scorer] = {
-    "uwmgi": Scorer(_score_masks, _summary_uwmgi, "case-day x class"),
-    "lgg": Scorer(_score_masks, _summary_lgg, "patient"),
-    "dsb2018": Scorer(_score_instances, _summary_images, "image"),
+    "volumes": Scorer(_score_masks, _summary_uwmgi, "case-day x class"),
+    "groups": Scorer(_score_masks, _summary_lgg, "patient"),
+    "images": Scorer(_score_masks, _summary_image_dice, "image"),
+    "instances": Scorer(_score_instances, _summary_images, "image"),
 }
 
 
-def get_scorer(name: str) -> Scorer:
+def get_scorer(scoring: str) -> Scorer:
+    """The report scorer of a scoring kind; a KeyError lists those there are."""
     try:
-        return SCORERS[name]
+        return SCORERS[scoring]
     except KeyError:
         raise KeyError(
-            f"no report scorer for {name!r}; choose one of {', '.join(SCORERS)}"
+            f"no report scorer for {scoring!r}; choose one of {', '.join(SCORERS)}"
         ) from None
 
 

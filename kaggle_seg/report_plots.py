@@ -98,10 +98,11 @@ def cv_bars(cv: pd.DataFrame, title: str) -> bytes:
     return _png(figure)
 
 
-def distribution(competition: str, images: pd.DataFrame, volumes: pd.DataFrame | None) -> bytes:
-    """The spread of the scores: uwmgi Dice and 3D Hausdorff per (case-day, class); dsb2018
-    mAP per image against its nuclei count and its size; lgg Dice per patient and per image."""
-    if competition == "uwmgi" and volumes is not None:
+def distribution(scoring: str, images: pd.DataFrame, volumes: pd.DataFrame | None) -> bytes:
+    """The spread of the scores by the competition's scoring kind: volumes (uwmgi) Dice and 3D
+    Hausdorff per (case-day, class); instances (dsb2018) mAP per image against its nuclei count
+    and its size; groups (lgg) Dice per patient, and per image."""
+    if scoring == "volumes" and volumes is not None:
         figure, axes = _figure(10, 3.6, 1, 2)
         classes = list(dict.fromkeys(volumes["class"]))
         for ax, column in zip(axes[0], ("dice", "hausdorff"), strict=True):
@@ -109,7 +110,7 @@ def distribution(competition: str, images: pd.DataFrame, volumes: pd.DataFrame |
             _strip(ax, data, classes)
             ax.set_title(f"{column} per case-day and class", fontsize=9)
         return _png(figure)
-    if competition == "dsb2018":
+    if scoring == "instances":
         figure, axes = _figure(12, 3.6, 1, 3)
         axes[0][0].scatter(images["nuclei"], images["score"], s=10, alpha=0.7)
         axes[0][0].set_xscale("symlog")

@@ -1,26 +1,212 @@
-"""A fold's run folder is never replaced by accident, and a resume that cannot work says why.
+"""The only module that knows the run folder: `runs/<experiment>/fold_<k>/` (and
+`runs/<experiment>/full/` for `kseg train --full`), what it holds, and how it is found, read and
+protected.
+
+A fold folder holds config.yaml (the resolved config), best.pt and last.pt (both carry it),
+history.csv, oof.npz (and oof_classes.npz for a model with a classification head); `kseg tune`
+writes postprocess.json beside the fold folders. Only `fold_<k>` folders are folds: a run moved
+aside by `--force` (`fold_<k>.old-<time>`) is not.
 
 `kseg train` on a folder that holds a run refuses unless `--resume` (continue it) or `--force`
-(move it aside to `fold_<k>.old-<time>`, nothing deleted). A resume checks the checkpoint
-against the config before anything is written, so a failed resume leaves the folder as it was.
+(move it aside, nothing deleted). A resume checks the checkpoint against the config before
+anything is written, so a failed resume leaves the folder as it was.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kaggle_seg import paths
 from kaggle_seg.errors import KsegError
+
+RUNS_ROOT = Path("runs")
+FULL_RUN = "full"
+BEST_CHECKPOINT = "best.pt"
+LAST_CHECKPOINT = "last.pt"
+HISTORY_FILE = "history.csv"
+CONFIG_FILE = "config.yaml"
+OOF_FILE = "oof.npz"
+POSTPROCESS_FILE = "postprocess.json"  # written by kseg tune beside the fold folders
+OOF_CLASSES_FILE = "oof_classes.npz"  # classification-head models: id -> [K] probabilities
+_FOLD_DIR = re.compile(r"^fold_(\d+)$")
+
+
+# ---- names ------------------------------------------------------------------------------------
+
+
+def fold_dir(experiment: str, fold: int, root: Path = RUNS_ROOT) -> Path:
+    """runs/<experiment>/fold_<k>/: resolved config, checkpoints, history, OOF probabilities.
+
+    Refused (one line) unless it stays inside `root`: the name comes from a config or a
+    checkpoint, not necessarily the user's own.
+    """
+    from kaggle_seg.safe_paths import check_name, path_inside
+
+    if int(fold) < 0:
+        raise KsegError(f"fold {fold}: folds are numbered from 0")
+    return path_inside(root, check_name(experiment, "experiment name"), f"fold_{int(fold)}")
+
+
+def full_dir(experiment: str, root: Path = RUNS_ROOT) -> Path:
+    """runs/<experiment>/full/: a `kseg train --full` run on every row, without validation;
+    refused unless it stays inside `root`, as `fold_dir`."""
+    from kaggle_seg.safe_paths import check_name, path_inside
+
+    return path_inside(root, check_name(experiment, "experiment name"), FULL_RUN)
+
+
+def fold_number(path: Path) -> int | None:
+    """k of a `fold_<k>` folder; None for anything else (`fold_0.old-<time>` included)."""
+    match = _FOLD_DIR.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def is_fold_dir(path: Path) -> bool:
+    """`fold_<k>` exactly: a run moved aside by `kseg train --force` (fold_0.old-<time>) is not."""
+    return fold_number(path) is not None
+
+
+def parse_folds(text: str | None, option: str = "--folds") -> list[int] | None:
+    """`0,1,2` -> [0, 1, 2]; None or empty -> None (every trained fold)."""
+    if not text:
+        return None
+    try:
+        folds = [int(k) for k in text.split(",")]
+    except ValueError:
+        raise KsegError(f"{option} {text!r}: expected integers like 0,1,2") from None
+    if any(k < 0 for k in folds):
+        raise KsegError(f"{option} {text!r}: fold numbers start at 0")
+    return folds
+
+
+# ---- finding runs -----------------------------------------------------------------------------
+
+
+def list_folds(experiment_dir: Path, holding: str | None = None) -> list[tuple[int, Path]]:
+    """(k, folder) of every `fold_<k>/` of an experiment, by k; with `holding`, only folds
+    that hold that file (best.pt, oof.npz, config.yaml...). A fold folder itself gives itself."""
+    experiment_dir = Path(experiment_dir)
+    own = fold_number(experiment_dir)
+    candidates = [experiment_dir] if own is not None else _children(experiment_dir)
+    found = []
+    for folder in candidates:
+        k = fold_number(folder)
+        if k is not None and folder.is_dir() and (holding is None or (folder / holding).is_file()):
+            found.append((k, folder))
+    return sorted(found)
+
+
+def _children(folder: Path) -> list[Path]:
+    return list(folder.iterdir()) if folder.is_dir() else []
+
+
+def find_checkpoints(source: str | Path) -> list[Path]:
+    """Checkpoints under `source`: an experiment folder (every `fold_<k>/best.pt`), a fold
+    folder (its best.pt) or a .pt file."""
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise KsegError(f"{source}: no such checkpoint, fold folder or experiment folder")
+    if (source / BEST_CHECKPOINT).is_file():
+        return [source / BEST_CHECKPOINT]
+    found = [folder / BEST_CHECKPOINT for _, folder in list_folds(source, BEST_CHECKPOINT)]
+    if not found:
+        raise KsegError(
+            f"{source}: no checkpoints (expected fold_<k>/{BEST_CHECKPOINT}); "
+            "train with `kseg train` first"
+        )
+    return found
+
+
+def experiment_folds(
+    runs_root: Path, experiments: Sequence[str], folds: Sequence[int] | None
+) -> dict[str, list[Path]]:
+    """experiment -> its fold folders holding best.pt (`folds`, or every trained fold).
+    Experiment names are plain, portable folder names: they become paths in a kernel's
+    weights dataset."""
+    from kaggle_seg.safe_paths import check_name
+
+    found = {}
+    for experiment in experiments:
+        check_name(experiment, "--experiment", portable=True)
+        run_dir = Path(runs_root) / experiment
+        if not run_dir.is_dir():
+            raise KsegError(f"{run_dir}: experiment folder not found (train it with kseg train)")
+        if folds is None:
+            fold_dirs = [folder for _, folder in list_folds(run_dir, BEST_CHECKPOINT)]
+            if not fold_dirs:
+                raise KsegError(f"{run_dir}: no fold_<k>/{BEST_CHECKPOINT} checkpoints")
+        else:
+            fold_dirs = [run_dir / f"fold_{k}" for k in folds]
+        for folder in fold_dirs:
+            if not (folder / BEST_CHECKPOINT).is_file():
+                raise KsegError(f"{folder / BEST_CHECKPOINT}: checkpoint not found")
+        found[experiment] = fold_dirs
+    return found
+
+
+def read_run_config(run_dir: Path) -> Any:
+    """The resolved ExperimentConfig a fold was trained with (`fold_<k>/config.yaml`)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from kaggle_seg.config import ExperimentConfig
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise KsegError(f"{path}: resolved config not found (not a run folder of `kseg train`?)")
+    try:
+        return ExperimentConfig.model_validate(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, ValidationError) as exc:
+        first = str(exc).splitlines()[0]
+        raise KsegError(f"{path}: not a valid experiment config ({first})") from exc
+
+
+def read_run_value(run_dir: Path, *keys: str) -> Any:
+    """One value of a fold's config.yaml (e.g. `"data", "preprocess"`), the rest left unchecked:
+    what a reader that needs one key should not fail on (a stand-in config, an older kseg's).
+    None when the file or the key is missing."""
+    from kaggle_seg.config import load_yaml
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    value: Any = load_yaml(path)
+    for key in keys:
+        value = value.get(key) if isinstance(value, Mapping) else None
+    return value
+
+
+def read_run_spec(run_dir: Path, config: Any = None) -> Any:
+    """The ModelSpec of a fold: the one its best.pt stores (read without loading the weights),
+    else built from its config (a run of an older kseg, or one before its first best.pt)."""
+    from kaggle_seg.spec import ModelSpec
+
+    config = config if config is not None else read_run_config(run_dir)
+    best = Path(run_dir) / BEST_CHECKPOINT
+    if best.is_file():
+        from kaggle_seg.checkpoints import load_checkpoint
+
+        return ModelSpec.from_checkpoint(load_checkpoint(best, mmap=True), config)
+    from kaggle_seg.competitions import competition_for
+
+    return ModelSpec.for_training(config, competition_for(config.data))
+
+
+# ---- protecting runs --------------------------------------------------------------------------
+
 
 # Files that make a folder hold a run: a bare config.yaml (a run stopped before its first
 # epoch ended) holds nothing to lose.
-RUN_FILES = (paths.LAST_CHECKPOINT, paths.BEST_CHECKPOINT, paths.HISTORY_FILE, paths.OOF_FILE)
+RUN_FILES = (LAST_CHECKPOINT, BEST_CHECKPOINT, HISTORY_FILE, OOF_FILE)
 # Config sections whose change makes the saved weights or optimizer state not fit.
 _SHAPE_KEYS = (
     ("data", "competition"),
+    ("data", "options"),
     ("data", "targets"),
     ("data", "stack_depth"),
     ("model", "architecture"),
@@ -44,7 +230,7 @@ def claim_run_dir(run_dir: Path, *, resume: bool, force: bool, move: bool = True
     if resume and force:
         raise KsegError("--resume continues the run and --force moves it aside: pass one")
     if resume:
-        last = run_dir / paths.LAST_CHECKPOINT
+        last = run_dir / LAST_CHECKPOINT
         if not last.is_file():
             raise KsegError(
                 f"--resume: no checkpoint at {last} (no epoch of this fold has finished); "
@@ -73,10 +259,15 @@ def claim_run_dir(run_dir: Path, *, resume: bool, force: bool, move: bool = True
 def changed_keys(saved: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
     """The shape-giving config keys (model, targets, optimizer...) that differ, as
     `key (old -> new)`."""
+    from kaggle_seg.config import canonical_architecture
+
     changes = []
     for keys in _SHAPE_KEYS:
         old, new = _get(saved, keys), _get(config, keys)
-        if old != new:
+        if keys == ("model", "architecture") and isinstance(old, str) and isinstance(new, str):
+            old, new = canonical_architecture(old), canonical_architecture(new)
+        # A key that a run of an older kseg did not write (data.options) is its empty default.
+        if old != new and not (old in (None, {}) and new in (None, {})):
             changes.append(f"{'.'.join(keys)} ({old!r} -> {new!r})")
     return changes
 

@@ -47,7 +47,7 @@ def check_prepared_table(competition: Any, table: pd.DataFrame, source: Path, le
     if level == "none":
         return
     rows = table.to_dict("records")
-    _run_rows(_check_headers, rows)
+    _run_rows(competition.check_headers, rows)
     if level == "full":
         _run_rows(lambda row: _check_decodes(competition, row), rows)
 
@@ -61,37 +61,6 @@ def _run_rows(check: Callable[[dict[str, Any]], None], rows: list[dict[str, Any]
             pass
 
 
-def _check_headers(row: dict[str, Any]) -> None:
-    from kaggle_seg.competitions.images import image_size
-    from kaggle_seg.data.rle import validate_rle
-
-    size = (int(row["height"]), int(row["width"]))
-    _same_size(image_size(row["image_path"]), size, row["image_path"], "image", row)
-    if row.get("mask_path"):
-        _same_size(image_size(row["mask_path"]), size, row["mask_path"], "mask", row)
-    if row.get("mask_dir"):
-        for path in sorted(Path(row["mask_dir"]).glob("*.png")):
-            _same_size(image_size(path), size, path, "mask", row)
-    if row.get("labels_csv"):
-        from kaggle_seg.competitions.dsb2018 import _rles_by_image
-
-        for line, rle in _rles_by_image(row["labels_csv"]).get(row["id"], []):
-            try:
-                validate_rle(rle, size[0] * size[1])
-            except ValueError as exc:
-                raise InputError(
-                    f"{row['labels_csv']}: line {line} (ImageId {row['id']}): {exc}"
-                ) from None
-
-
-def _same_size(found: tuple[int, int], expected: tuple[int, int], path: Any, what: str, row):
-    if found != expected:
-        raise InputError(
-            f"{path}: {what} is {found[1]}x{found[0]} but image {row['image_path']} is "
-            f"{expected[1]}x{expected[0]} (W x H)"
-        )
-
-
 def _check_decodes(competition: Any, row: dict[str, Any]) -> None:
     image = competition.read_image(row)
     if image.shape[:2] != (int(row["height"]), int(row["width"])):
@@ -99,8 +68,7 @@ def _check_decodes(competition: Any, row: dict[str, Any]) -> None:
             f"{row['image_path']}: decodes to {image.shape[1]}x{image.shape[0]}, its header says "
             f"{row['width']}x{row['height']} (W x H)"
         )
-    reader = getattr(competition, "read_instances", competition.read_mask)
-    reader(row)
+    competition.read_truth(row)
 
 
 # ---- a table read back --------------------------------------------------------------------------

@@ -14,63 +14,31 @@ bookkeeping.
 from __future__ import annotations
 
 import math
-import re
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
-import yaml
-from pydantic import ValidationError
 
-from kaggle_seg import paths
-from kaggle_seg.competitions import get_competition
+from kaggle_seg import runs
+from kaggle_seg.competitions import competition_for
 from kaggle_seg.config import ExperimentConfig
 from kaggle_seg.errors import KsegError
-from kaggle_seg.metrics import (
-    dsb_image_score,
-    pixel_counts,
-    pixel_metrics,
-    uwmgi_score_volumes,
-    volume_dice,
-)
-from kaggle_seg.paths import POSTPROCESS_FILE
 from kaggle_seg.postprocess import (
     PostprocessConfig,
-    apply_z_continuity,
     default_postprocess,
-    instance_labels,
-    postprocess_instances,
-    postprocess_masks,
-    remove_small_instances,
     save_postprocess,
 )
-from kaggle_seg.probabilities import ProbabilityFile, decode_probabilities, open_probabilities
-from kaggle_seg.progress import make_progress
+from kaggle_seg.probabilities import ProbabilityFile, open_probabilities
 from kaggle_seg.search import (
-    IMPROVEMENT,
-    THRESHOLD_GRID,
-    FastMaskSearch,
-    MaskSource,
     SearchReport,
-    collect_mask_stats,
-    default_workers,
-    describe_parts,
-    median_image_area,
-    search_mask_settings,
-    settings_parts,
 )
+from kaggle_seg.tune_instances import tune_instance_settings
+from kaggle_seg.tune_masks import Tuned, tune_image_masks, tune_volume_masks
 
-MIN_NUCLEUS_GRID: tuple[int, ...] = (0, 4, 8, 16, 32, 64)
-_FOLD_DIR = re.compile(r"^fold_(\d+)$")
 _STORED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16))
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 @dataclass
@@ -95,47 +63,36 @@ def oof_folds(experiment_dir: Path) -> list[tuple[int, Path]]:
     experiment_dir = Path(experiment_dir)
     if not experiment_dir.is_dir():
         raise KsegError(f"{experiment_dir}: experiment folder not found")
-    folds = []
-    for folder in experiment_dir.iterdir():
-        match = _FOLD_DIR.match(folder.name)
-        if match and (folder / paths.OOF_FILE).is_file():
-            folds.append((int(match.group(1)), folder))
+    folds = runs.list_folds(experiment_dir, runs.OOF_FILE)
     if not folds:
         raise KsegError(
             f"no out-of-fold predictions in {experiment_dir}: train with kseg train first"
         )
-    return sorted(folds)
+    return folds
 
 
-def read_fold_config(fold_dir: Path) -> ExperimentConfig:
-    """The resolved config a fold was trained with (`fold_<k>/config.yaml`)."""
-    path = Path(fold_dir) / paths.CONFIG_FILE
-    if not path.is_file():
-        raise KsegError(f"{path}: resolved config not found beside the fold's predictions")
-    try:
-        return ExperimentConfig.model_validate(yaml.safe_load(path.read_text()))
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise KsegError(f"{path}: not a valid experiment config ({exc})") from exc
-
-
-def model_classes(config: ExperimentConfig) -> list[str]:
-    """Names of the channels a model of this config outputs (as its checkpoint lists them)."""
-    classes = list(get_competition(config.data.competition).classes)
-    return [*classes, "border"] if config.data.targets == "mask_border" else classes
-
-
-def _experiment_config(folds: Sequence[tuple[int, Path]]) -> ExperimentConfig:
-    configs = [(fold_dir, read_fold_config(fold_dir)) for _, fold_dir in folds]
+def _experiment_config(folds: Sequence[tuple[int, Path]]) -> tuple[ExperimentConfig, list[str]]:
+    """The folds' config and the names of their models' output channels (`ModelSpec.outputs`),
+    which every fold must share."""
+    configs = [(fold_dir, runs.read_run_config(fold_dir)) for _, fold_dir in folds]
     first_dir, first = configs[0]
     for fold_dir, config in configs[1:]:
-        for what in ("competition", "table", "targets"):
+        for what in ("competition", "options", "table", "targets"):
             if getattr(config.data, what) != getattr(first.data, what):
                 raise KsegError(
-                    f"{fold_dir / paths.CONFIG_FILE}: data.{what} "
+                    f"{fold_dir / runs.CONFIG_FILE}: data.{what} "
                     f"{getattr(config.data, what)!r} differs from {first_dir.name}'s "
                     f"{getattr(first.data, what)!r}: tune one experiment at a time"
                 )
-    return first
+    outputs = runs.read_run_spec(first_dir, first).outputs
+    for fold_dir, config in configs[1:]:
+        other = runs.read_run_spec(fold_dir, config).outputs
+        if other != outputs:
+            raise KsegError(
+                f"{fold_dir}: the model outputs {', '.join(other)}, {first_dir.name}'s "
+                f"{', '.join(outputs)}: tune one experiment at a time"
+            )
+    return first, list(outputs)
 
 
 def _table_path(config: ExperimentConfig, experiment_dir: Path) -> Path:
@@ -175,12 +132,12 @@ def _load_class_probabilities(
     oof_classes.npz (a model with a classification head), else None."""
     from kaggle_seg.probabilities import load_class_oof
 
-    if not all((fold_dir / paths.OOF_CLASSES_FILE).is_file() for _, fold_dir in folds):
+    if not all((fold_dir / runs.OOF_CLASSES_FILE).is_file() for _, fold_dir in folds):
         return None
     wanted = set(table["id"])
     found: dict[str, np.ndarray] = {}
     for _, fold_dir in folds:
-        path = fold_dir / paths.OOF_CLASSES_FILE
+        path = fold_dir / runs.OOF_CLASSES_FILE
         for image_id, array in load_class_oof(path).items():
             if image_id not in wanted:
                 continue
@@ -194,13 +151,13 @@ def _load_class_probabilities(
     if missing:
         raise KsegError(
             f"{len(missing)} image(s) with out-of-fold masks have no class probabilities in "
-            f"{paths.OOF_CLASSES_FILE}, first {sorted(missing)[0]!r}"
+            f"{runs.OOF_CLASSES_FILE}, first {sorted(missing)[0]!r}"
         )
     return found
 
 
 def _open_folds(folds: Sequence[tuple[int, Path]]) -> list[ProbabilityFile]:
-    return [open_probabilities(fold_dir / paths.OOF_FILE) for _, fold_dir in folds]
+    return [open_probabilities(fold_dir / runs.OOF_FILE) for _, fold_dir in folds]
 
 
 def _probability_files(
@@ -253,7 +210,7 @@ def _read_rows(
         unknown = [i for i in file if i not in known]
         if unknown:
             raise KsegError(
-                f"{fold_dir / paths.OOF_FILE}: {len(unknown)} id(s) not in the table "
+                f"{fold_dir / runs.OOF_FILE}: {len(unknown)} id(s) not in the table "
                 f"{table_path}, first {unknown[0]!r}"
             )
         with_oof.update(file)
@@ -261,381 +218,27 @@ def _read_rows(
     return _select_groups(rows, group_column, max_images, seed).reset_index(drop=True)
 
 
-def ordered_map(
-    function: Callable[[T], R], items: Iterable[T], workers: int, ahead: int | None = None
-) -> Iterator[R]:
-    """function(item) for each item, in order, computed on `workers` threads with at most
-    `ahead` results waiting (memory stays at a few volumes)."""
-    ahead = ahead or 2 * workers
-    with ThreadPoolExecutor(workers) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(function, item))
-            if len(pending) >= ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-# ----------------------------------------------------------------------------- masks: uwmgi, lgg
-
-
-def read_mask_source(
-    competition: Any,
-    rows: pd.DataFrame,
-    files: dict[str, ProbabilityFile],
-    classes: Sequence[str],
-    volume_column: str | None,
-    class_probabilities: dict[str, np.ndarray] | None = None,
-) -> tuple[MaskSource, list[str]]:
-    """The search's view of table rows (rows in slice order within each volume): volumes are
-    the groups of `volume_column`, or single images when None; probabilities read from
-    `files` (id -> its OOF file) a volume at a time, truths with `competition.read_mask`.
-    Returns the source and each volume's name."""
-    records = rows.to_dict("records")
-    if volume_column is None:
-        groups = [[i] for i in range(len(records))]
-    else:
-        groups = [
-            list(positions)
-            for _, positions in rows.groupby(volume_column, sort=True).indices.items()
-        ]
-    order = [i for positions in groups for i in positions]
-    records = [records[i] for i in order]
-    starts = np.cumsum([0, *(len(g) for g in groups)]).astype(np.int64)
-    shapes, names = [], []
-    for v in range(len(groups)):
-        volume = records[starts[v] : starts[v + 1]]
-        sizes = {(int(r["height"]), int(r["width"])) for r in volume}
-        if len(sizes) != 1:
-            raise KsegError(
-                f"{volume[0][volume_column]}: slices of different sizes {sorted(sizes)} in one "
-                "volume"
-            )
-        shapes.append(sizes.pop())
-        names.append(str(volume[0][volume_column] if volume_column else volume[0]["id"]))
-    ids = [r["id"] for r in records]
-    dtypes = {files[i].header(i)[1] for i in ids}
-    if len(dtypes) > 1:
-        raise KsegError(
-            f"the folds store probabilities as {' and '.join(sorted(map(str, dtypes)))}: tune "
-            "folds trained with one train.oof_dtype"
-        )
-
-    def read_slices(v: int) -> tuple[np.ndarray, np.ndarray, np.dtype]:
-        volume = ids[starts[v] : starts[v + 1]]
-        holders = {id(files[i]) for i in volume}
-        first = files[volume[0]]
-        offsets = [first.data_offset(i) for i in volume] if len(holders) == 1 else [None]
-        if None not in offsets:
-            return first.buffer, np.asarray(offsets, dtype=np.int64), first[volume[0]].dtype
-        # Compressed (or split) OOF: this volume's arrays, decompressed into one buffer.
-        arrays = [files[i][i] for i in volume]
-        size = arrays[0].nbytes
-        buffer = np.empty(size * len(arrays), dtype=np.uint8)
-        for z, array in enumerate(arrays):
-            buffer[z * size : (z + 1) * size] = np.ascontiguousarray(array).view(np.uint8).ravel()
-        return buffer, np.arange(len(arrays), dtype=np.int64) * size, arrays[0].dtype
-
-    def read_truth(v: int) -> np.ndarray:
-        volume = records[starts[v] : starts[v + 1]]
-        if hasattr(competition, "read_mask_stack"):  # uwmgi: one decode for the volume
-            return competition.read_mask_stack(volume)
-        masks = [competition.read_mask(r) for r in volume]
-        # [D, H, W, K] -> [K, D, H, W]: one class's volume is contiguous.
-        return np.ascontiguousarray(np.moveaxis(np.stack(masks), -1, 0))
-
-    heads = None
-    if class_probabilities is not None:
-        heads = np.stack([np.asarray(class_probabilities[i], np.float32) for i in ids])
-    source = MaskSource(
-        classes=list(classes),
-        volume_starts=starts,
-        shapes=shapes,
-        dtype=dtypes.pop() if dtypes else np.dtype(np.float16),
-        read_slices=read_slices,
-        read_truth=read_truth,
-        class_probabilities=heads,
-    )
-    return source, names
-
-
-def _mask_volumes(
-    source: MaskSource, names: Sequence[str], settings: PostprocessConfig, description: str
-) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, truth, prediction) per volume, both bool [D, H, W, K], by the public functions,
-    computed a few volumes ahead on worker threads."""
-    heads = source.class_probabilities
-    display = make_progress(source.n_slices, description, "images")
-
-    def one(v: int) -> tuple[str, np.ndarray, np.ndarray]:
-        buffer, offsets, dtype = source.read_slices(v)
-        height, width = source.shapes[v]
-        count = len(source.classes) * height * width
-        masks = []
-        for z, offset in enumerate(offsets):
-            stored = buffer[offset : offset + count * dtype.itemsize].view(dtype)
-            probabilities = decode_probabilities(stored.reshape(-1, height, width))
-            i = int(source.volume_starts[v]) + z
-            head = None if heads is None else heads[i]
-            masks.append(postprocess_masks(probabilities, settings, class_probabilities=head))
-        masks = np.stack(masks)
-        if settings.z_continuity:
-            masks = apply_z_continuity(masks)
-        truth = source.read_truth(v)
-        display.advance(len(offsets))
-        return names[v], np.moveaxis(truth, 0, -1), np.moveaxis(masks, 1, -1)
-
-    try:
-        yield from ordered_map(one, range(source.n_volumes), default_workers())
-    finally:
-        display.close()
-
-
-def score_uwmgi_settings(
-    source: MaskSource, names: Sequence[str], settings: PostprocessConfig, what: str = "score"
-) -> dict[str, float]:
-    """The GI score of the OOF masks under `settings`: score, dice, hausdorff, and per class."""
-    volumes = _mask_volumes(source, names, settings, f"tune: {what}")
-    result = uwmgi_score_volumes(volumes, source.classes)
-    scores = {name: float(result[name]) for name in ("score", "dice", "hausdorff")}
-    for name, values in result["per_class"].items():
-        scores[f"dice_{name}"] = float(values["dice"])
-        scores[f"hausdorff_{name}"] = float(values["hausdorff"])
-    return scores
-
-
-def score_image_dice_settings(
-    source: MaskSource,
-    names: Sequence[str],
-    settings: PostprocessConfig,
-    what: str = "score",
-    patients: dict[str, str] | None = None,
-) -> dict[str, float]:
-    """lgg as `kseg train` scores its folds: the mean per-patient volume Dice (each patient's
-    pixels pooled, `metrics.volume_dice`) with `patients` (image id -> patient), and the mean
-    per-image pixel Dice (all classes pooled) beside it."""
-    rows = []
-    for name, truth, prediction in _mask_volumes(source, names, settings, f"tune: {what}"):
-        row = {"dice": pixel_metrics(truth, prediction)["dice"], **pixel_counts(truth, prediction)}
-        rows.append({**row, "patient": (patients or {}).get(name, name)})
-    if not rows:
-        return {"score": 1.0, "dice": 1.0}
-    images = pd.DataFrame(rows)
-    dice = float(images["dice"].mean())
-    if patients is None:
-        return {"score": dice, "dice": dice}
-    patient_dice = float(volume_dice(images, "patient").mean())
-    return {"score": patient_dice, "dice": dice, "patient_dice": patient_dice}
-
-
-def _tune_masks(
-    competition, rows, files, classes, rounds, class_probabilities, *, volumetric: bool
-):
-    volume_column = "case_day" if volumetric else None
-    if volumetric:
-        rows = rows.sort_values(["case_day", "slice_index"], kind="stable").reset_index(drop=True)
-    source, names = read_mask_source(
-        competition, rows, files, classes, volume_column, class_probabilities
-    )
-    started = time.perf_counter()
-    stats = collect_mask_stats(source, volumetric=volumetric)
-    report = SearchReport(seconds={"statistics": time.perf_counter() - started})
-    started = time.perf_counter()
-    # lgg is scored per patient volume: each image's pixels pool into its patient's Dice.
-    patients = None if volumetric else dict(zip(rows["id"].astype(str), rows["group"].astype(str),
-                                                strict=True))  # fmt: skip
-    groups = None if patients is None else pd.factorize(np.array([patients[n] for n in names]))[0]
-    search = FastMaskSearch(source, stats, volumetric, groups=groups)
-    settings, _ = search_mask_settings(
-        search,
-        classes,
-        median_area=median_image_area(source),
-        with_heads=source.class_probabilities is not None,
-        tune_z=volumetric,
-        rounds=rounds,
-        report=report,
-    )
-    report.seconds["search"] = time.perf_counter() - started
-    # The defaults were scored exactly as the search's start; the chosen settings are scored
-    # again below by the public path, which checks the bookkeeping on what gets written.
-    defaults = default_postprocess(classes)
-    before = describe_parts(settings_parts(search, defaults), classes, volumetric, groups)
-    if volumetric:
-        score = lambda data, s, what: score_uwmgi_settings(*data, s, what)  # noqa: E731
-    else:
-        score = lambda data, s, what: score_image_dice_settings(  # noqa: E731
-            *data, s, what, patients=patients
-        )
-    return Tuned(settings, (source, names), score, report, before)
-
-
-def _tune_uwmgi(competition, rows, files, classes, rounds, class_probabilities=None):
-    return _tune_masks(
-        competition, rows, files, classes, rounds, class_probabilities, volumetric=True
-    )
-
-
-def _tune_lgg(competition, rows, files, classes, rounds, class_probabilities=None):
-    return _tune_masks(
-        competition, rows, files, classes, rounds, class_probabilities, volumetric=False
-    )
-
-
-# ----------------------------------------------------------------------------- dsb2018 instances
-
-
-class LazyProbabilities(Sequence[np.ndarray]):
-    """float32 [K, H, W] probabilities of ids, decoded from their (mapped) OOF file on each
-    access: nothing is held in memory."""
-
-    def __init__(self, ids: Sequence[str], files: dict[str, ProbabilityFile]):
-        self.ids, self.files = list(ids), files
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
-        image_id = self.ids[i]
-        return decode_probabilities(self.files[image_id][image_id])
-
-
-@dataclass
-class InstanceData:
-    """dsb2018 inputs: [K, H, W] probabilities (K = 1, or 2 with borders; a LazyProbabilities
-    reads them from the OOF on each access) and int32 truth labels."""
-
-    classes: list[str]
-    probabilities: Sequence[np.ndarray]
-    truths: list[np.ndarray]
-
-
-def _instance_settings(classes: Sequence[str], threshold, border_threshold, min_nucleus):
-    thresholds = [threshold, border_threshold][: len(classes)]
-    n = len(classes)
-    return PostprocessConfig(
-        classes=list(classes),
-        thresholds=thresholds,
-        min_area=[0] * n,
-        gate_pixels=[0] * n,
-        min_nucleus=min_nucleus,
-    )
-
-
-def search_instance_settings(
-    data: InstanceData, rounds: int = 2
-) -> tuple[PostprocessConfig, float]:
-    """Coordinate descent over the nuclei threshold and (with a border channel) the border
-    threshold; for each, every `min_nucleus` of the grid is scored on the same split."""
-    has_border = len(data.classes) > 1
-    defaults = default_postprocess(data.classes)
-    min_nuclei = sorted({*MIN_NUCLEUS_GRID, defaults.min_nucleus})
-    tables: dict[tuple[float, float], dict[int, float]] = {}
-
-    def scores(threshold: float, border_threshold: float) -> dict[int, float]:
-        key = (threshold, border_threshold)
-        if key not in tables:
-            display.advance()
-            settings = _instance_settings(data.classes, threshold, border_threshold, 0)
-            per_image = {m: [] for m in min_nuclei}
-            for probabilities, truth in zip(data.probabilities, data.truths, strict=True):
-                labels = instance_labels(probabilities.astype(np.float32), settings)
-                areas = np.bincount(labels.ravel())[1:]
-                areas = areas[areas > 0]
-                previous_removed, score = -1, math.nan
-                for m in min_nuclei:  # ascending
-                    # A larger minimum that drops no more nuclei leaves the same labels.
-                    removed = int(np.count_nonzero(areas < m))
-                    if removed != previous_removed:
-                        score = dsb_image_score(truth, remove_small_instances(labels, m))
-                        previous_removed = removed
-                    per_image[m].append(score)
-            tables[key] = {m: float(np.mean(v)) if v else 1.0 for m, v in per_image.items()}
-        return tables[key]
-
-    # At most one table per (threshold, border threshold) pair.
-    n_pairs = len(THRESHOLD_GRID) ** (2 if has_border else 1)
-    display = make_progress(n_pairs, "tune: search", "thresholds")
-    current = {"threshold": 0.5, "border_threshold": 0.5, "min_nucleus": defaults.min_nucleus}
-    best = scores(0.5, 0.5)[current["min_nucleus"]]
-    names = ["threshold", *(["border_threshold"] if has_border else [])]
-    for _ in range(rounds):
-        improved = False
-        for name in names:
-            for value in THRESHOLD_GRID:
-                candidate = {**current, name: value}
-                table = scores(candidate["threshold"], candidate["border_threshold"])
-                for min_nucleus, score in table.items():
-                    if score > best + IMPROVEMENT:
-                        best, improved = score, True
-                        current = {**candidate, "min_nucleus": min_nucleus}
-        if not improved:
-            break
-    display.close()
-    settings = _instance_settings(
-        data.classes, current["threshold"], current["border_threshold"], current["min_nucleus"]
-    )
-    return settings, best
-
-
-def score_instance_settings(
-    data: InstanceData, settings: PostprocessConfig, what: str = "score"
-) -> dict[str, float]:
-    """DSB 2018 mAP of `postprocess_instances` under `settings`, averaged over the images."""
-    display = make_progress(len(data.truths), f"tune: {what}", "images")
-    scores = []
-    for p, truth in zip(data.probabilities, data.truths, strict=True):
-        scores.append(dsb_image_score(truth, postprocess_instances(p.astype(np.float32), settings)))
-        display.advance()
-    display.close()
-    value = float(np.mean(scores)) if scores else 1.0
-    return {"score": value, "map": value}
-
-
-def _tune_dsb2018(competition, rows, files, classes, rounds, class_probabilities=None):
-    # The nuclei split has no per-class gate: a head's probabilities are not used.
-    records = rows.to_dict("records")
-    data = InstanceData(
-        classes=list(classes),
-        probabilities=LazyProbabilities([r["id"] for r in records], files),
-        truths=[competition.read_instances(r) for r in records],
-    )
-    settings, _ = search_instance_settings(data, rounds=rounds)
-    return Tuned(settings, data, score_instance_settings)
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
-@dataclass
-class Tuned:
-    """A tuner's answer: the settings, its data and scorer (the public path) for the before /
-    after numbers, and what the mask search did; `before` when the search already scored the
-    defaults exactly."""
-
-    settings: PostprocessConfig
-    data: Any
-    score: Callable[..., dict[str, float]]
-    report: SearchReport | None = None
-    before: dict[str, float] | None = None
-
-
 _Tuner = Callable[..., Tuned]
+# One tuner per scoring kind (competitions/base.py): volumes search masks with the z-continuity
+# rule on the GI score; groups and images search masks on the group / image Dice; instances
+# search the nuclei split on the mAP.
 TUNERS: dict[str, _Tuner] = {
-    "uwmgi": _tune_uwmgi,
-    "dsb2018": _tune_dsb2018,
-    "lgg": _tune_lgg,
+    "volumes": tune_volume_masks,
+    "groups": tune_image_masks,
+    "images": tune_image_masks,
+    "instances": tune_instance_settings,
 }
 
 
-def get_tuner(name: str) -> _Tuner:
-    """The tuner of competition `name`; a KeyError lists those there are."""
+def get_tuner(scoring: str) -> _Tuner:
+    """The tuner of a scoring kind; a KeyError lists those there are."""
     try:
-        return TUNERS[name]
+        return TUNERS[scoring]
     except KeyError:
-        raise KeyError(f"no tuner for {name!r}; choose one of {', '.join(TUNERS)}") from None
+        raise KeyError(f"no tuner for {scoring!r}; choose one of {', '.join(TUNERS)}") from None
 
 
 def tune_experiment(
@@ -657,11 +260,10 @@ def tune_experiment(
     """
     experiment_dir = Path(experiment_dir)
     folds = oof_folds(experiment_dir)
-    config = _experiment_config(folds)
-    competition = get_competition(config.data.competition)
-    tuner = get_tuner(competition.name)
-    classes = model_classes(config)
-    group_column = "case_day" if competition.name == "uwmgi" else "group"
+    config, classes = _experiment_config(folds)
+    competition = competition_for(config.data)
+    tuner = get_tuner(competition.scoring)
+    group_column = competition.volume_key or "group"
     files = _open_folds(folds)
     rows = _read_rows(folds, files, config, experiment_dir, group_column, max_images, seed)
     holders = _probability_files(files, rows, classes)
@@ -679,7 +281,7 @@ def tune_experiment(
         # Cannot happen while the search's bookkeeping matches the public path (tested); if it
         # ever does, the defaults are the safe answer.
         settings, after = default_postprocess(classes), before
-    path = save_postprocess(settings, Path(out) if out else experiment_dir / POSTPROCESS_FILE)
+    path = save_postprocess(settings, Path(out) if out else experiment_dir / runs.POSTPROCESS_FILE)
     return TuneResult(
         before=before,
         after=after,

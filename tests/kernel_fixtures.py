@@ -42,7 +42,7 @@ def trained(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 name: tiny
 data: {{competition: uwmgi, table: {root / "table.csv"}, folds: {root / "folds.csv"}}}
 augment: {{preset: none, height: 64, width: 64}}
-model: {{architecture: unet, params: {{base_channels: 4, depth: 2}}}}
+model: {{architecture: seed_unet, params: {{base_channels: 4, depth: 2}}}}
 train: {{epochs: 1, batch_size: 16, num_workers: 0, cache: none}}
 """)
     train_fold(load_experiment(config), 0, run_root=root / "runs", device="cpu")

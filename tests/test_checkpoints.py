@@ -80,6 +80,7 @@ def test_malicious_checkpoint_runs_no_code_through_predict_and_submit(
     assert not marker.exists() and not (tmp_path / "s.csv").exists()
 
 
+@pytest.mark.slow
 def test_malicious_checkpoint_runs_no_code_through_the_cli(dsb_test_root: Path, tmp_path: Path):
     marker = tmp_path / "pwned"
     evil = poison(write_checkpoint(tmp_path / "good.pt"), tmp_path / "evil.pt", marker)

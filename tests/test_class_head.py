@@ -26,7 +26,8 @@ from kaggle_seg.probabilities import open_probabilities
 from kaggle_seg.search import FastMaskSearch, collect_mask_stats
 from kaggle_seg.submit import write_submission
 from kaggle_seg.train import load_class_oof, load_oof, save_class_oof, train_fold
-from kaggle_seg.tune import read_mask_source, score_uwmgi_settings, tune_experiment
+from kaggle_seg.tune import tune_experiment
+from kaggle_seg.tune_masks import read_mask_source, score_uwmgi_settings
 
 UWMGI_CLASSES = ("large_bowel", "small_bowel", "stomach")
 # The smallest smp encoder that builds offline: a 0.3M-parameter model with its decoder.
@@ -60,7 +61,7 @@ def test_a_head_that_does_not_fit_is_an_error() -> None:
         build_model(head_model_config(classes=1), in_channels=3, classes=3)
     with pytest.raises(KsegError, match="logits"):
         build_model(head_model_config(activation="sigmoid"), in_channels=3, classes=3)
-    seed = ModelConfig(architecture="unet", params={"base_channels": 4, "aux_params": {}})
+    seed = ModelConfig(architecture="seed_unet", params={"base_channels": 4, "aux_params": {}})
     with pytest.raises(KsegError, match="seed models have no classification head"):
         build_model(seed, in_channels=1, classes=3)
 

@@ -14,10 +14,10 @@ from kaggle_seg.competitions.uwmgi import (
     RLE_COLUMNS,
     parse_slice_filename,
     scan_slices,
-    stack_positions,
 )
 from kaggle_seg.config import build_data_config
 from kaggle_seg.data.rle import decode_rle
+from kaggle_seg.data.stacks import stack_positions
 from kaggle_seg.errors import InputError
 
 
@@ -81,16 +81,18 @@ def test_uwmgi_reads_non_square_slices_and_their_masks(phantom_dir: Path):
 
 def test_stack_positions_clamp_within_each_case_day():
     table = pd.DataFrame({"case_day": ["a"] * 4 + ["b"] * 3})
-    positions = stack_positions(table, depth=3, stride=2)
+    positions = stack_positions(table, depth=3, stride=2, volume_key="case_day")
     expected = [[0, 0, 2], [0, 1, 3], [0, 2, 3], [1, 3, 3], [4, 4, 6], [4, 5, 6], [4, 6, 6]]
     assert positions.tolist() == expected
-    assert stack_positions(table, depth=1, stride=1).ravel().tolist() == list(range(7))
+    assert stack_positions(
+        table, depth=1, stride=1, volume_key="case_day"
+    ).ravel().tolist() == list(range(7))
 
 
 def test_uwmgi_image_stack_has_depth_channels(phantom_dir: Path):
     uwmgi = get_competition("uwmgi")
     table = uwmgi.read_table(phantom_dir, build_data_config("uwmgi"))
-    positions = stack_positions(table, depth=5, stride=2)
+    positions = stack_positions(table, depth=5, stride=2, volume_key="case_day")
     stack = uwmgi.read_image_stack(table, positions[0])
     assert stack.shape == (int(table.loc[0, "height"]), int(table.loc[0, "width"]), 5)
     # Slice 0's stack repeats slice 0 where it is clamped at the start of the scan.

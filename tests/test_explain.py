@@ -19,7 +19,7 @@ from kaggle_seg.errors import KsegError
 pytest.importorskip("pytorch_grad_cam")
 
 MODELS = {
-    "seed": {"architecture": "unet", "params": {"base_channels": 4, "depth": 3}},
+    "seed": {"architecture": "seed_unet", "params": {"base_channels": 4, "depth": 3}},
     "smp": {
         "architecture": "Unet",
         "encoder": "resnet18",

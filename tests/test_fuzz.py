@@ -169,7 +169,9 @@ def uwmgi_frames(draw: st.DrawFn) -> pd.DataFrame:
 @FUZZ
 @given(frame=uwmgi_frames())
 def test_uwmgi_submission_validator_accepts_only_decodable_complete_frames(frame: pd.DataFrame):
-    from kaggle_seg.submission import validate_uwmgi_submission
+    from kaggle_seg.competitions.uwmgi_kaggle import (
+        validate_submission as validate_uwmgi_submission,
+    )
 
     try:
         checked = validate_uwmgi_submission(frame, list(SHAPES), SHAPES, UWMGI_CLASSES)
@@ -185,7 +187,9 @@ def test_uwmgi_submission_validator_accepts_only_decodable_complete_frames(frame
 @FUZZ
 @given(rows=st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), rle_texts()), max_size=6))
 def test_dsb_submission_validator_accepts_only_decodable_disjoint_nuclei(rows):
-    from kaggle_seg.submission import validate_dsb_submission
+    from kaggle_seg.competitions.dsb2018_kaggle import (
+        validate_submission as validate_dsb_submission,
+    )
 
     shapes = {"a": (4, 4), "b": (2, 7)}
     frame = pd.DataFrame(rows, columns=["ImageId", "EncodedPixels"])

@@ -94,6 +94,7 @@ def assert_one_line(error: pytest.ExceptionInfo[KsegError]) -> str:
 # ---- import ----
 
 
+@pytest.mark.slow
 def test_importing_the_module_does_not_import_kaggle() -> None:
     code = (
         "import sys, kaggle_seg.kaggle_api as k; "

@@ -106,6 +106,7 @@ def test_absent_enable_internet_is_refused_for_a_code_competition(built: Path):
         check_kernel_metadata(meta, "uwmgi")
 
 
+@pytest.mark.slow
 def test_p100_is_refused_with_one_line_saying_why(tmp_path: Path):
     fake_run(tmp_path / "runs", "tiny_unet", folds=(0,))
     result = kseg("kernel", "build", "-c", "uwmgi", "-e", "tiny_unet", "--accelerator", "p100",
@@ -203,6 +204,7 @@ def test_submit_arguments_come_from_the_options_object():
             assert flag in help_text, flag
 
 
+@pytest.mark.slow
 def test_the_kernel_package_does_not_import_the_cli():
     """The old kernel.py read `kseg submit`'s signature from cli.app: cli -> kernel -> cli."""
     code = (
@@ -249,6 +251,7 @@ def test_weights_dataset_holds_best_checkpoints_configs_and_postprocess(built: P
 
 
 @pytest.mark.parametrize("experiment", ["../../outside", "/abs/exp", "a/b", "..", ".hidden"])
+@pytest.mark.slow
 def test_experiment_names_cannot_leave_the_runs_folder(tmp_path: Path, experiment: str):
     """`-e ../../x` used to copy checkpoints outside the kernel folder; `-e /abs` crashed."""
     runs = tmp_path / "deep" / "er" / "runs"

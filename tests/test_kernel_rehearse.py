@@ -64,6 +64,7 @@ def make_wheel(folder: Path, name: str, version: str, requires: str = "") -> Pat
     return wheel
 
 
+@pytest.mark.slow
 def test_kaggle_versions_are_installed_from_the_registry(tmp_path: Path):
     """Pins the registry has are installed at Kaggle's version; one it lacks is taken from this
     machine and said so; the result is cached for the next rehearsal."""
@@ -144,6 +145,7 @@ def test_local_versions_say_how_far_they_are_from_kaggles(tmp_path: Path):
     assert table[-1].startswith(f"{same} of {len(pinned)} pins at Kaggle's version")
 
 
+@pytest.mark.slow
 def test_venv_sees_only_the_kaggle_image_packages(tmp_path: Path):
     image = read_kaggle_image(IMAGE_FILE)
     exposed = expose_image_packages([*image, "pip"], tmp_path / "image")
@@ -161,6 +163,7 @@ def test_venv_sees_only_the_kaggle_image_packages(tmp_path: Path):
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_socket_guard_refuses_connections_out(tmp_path: Path):
     (tmp_path / "kseg_socket_guard.py").write_text(SOCKET_GUARD)
     code = (
@@ -180,6 +183,7 @@ def test_socket_guard_refuses_connections_out(tmp_path: Path):
     server.close()
 
 
+@pytest.mark.slow
 def test_unshare_makes_inputs_read_only_and_cuts_the_network(tmp_path: Path):
     if resolve_isolation("auto") != "unshare":
         pytest.skip("no user + network + mount namespaces here; rehearse uses the socket guard")
@@ -219,6 +223,7 @@ def test_estimate_splits_start_up_from_time_per_item():
     assert "upper bound" in basis
 
 
+@pytest.mark.slow
 def test_rehearse_fails_clearly_when_a_wheel_is_missing(built: Path, phantom_dir: Path, tmp_path):
     kernel = shutil.copytree(built, tmp_path / built.name)
     for wheel in (kernel / "wheels").glob("segmentation_models_pytorch-*.whl"):
@@ -240,6 +245,7 @@ def test_rehearse_fails_clearly_when_a_wheel_is_missing(built: Path, phantom_dir
 
 @pytest.mark.slow
 @pytest.mark.parametrize("weights_as", ["dataset", "model"])
+@pytest.mark.slow
 def test_rehearse_end_to_end(trained: Path, phantom_dir: Path, tmp_path: Path, weights_as: str):
     """Build from a real checkpoint and rehearse: the public re-run (empty test) and a held-back
     case both write a valid submission.csv, scored, timed and extrapolated to the hidden test;

@@ -133,7 +133,7 @@ TRAIN = """
 name: {name}
 data: {{competition: dsb2018, table: {root}/table.csv, folds: {root}/folds.csv}}
 augment: {{preset: heavy, height: 64, width: 64}}
-model: {{architecture: unet, params: {{base_channels: 8, depth: 3}}}}
+model: {{architecture: seed_unet, params: {{base_channels: 8, depth: 3}}}}
 train: {{epochs: 1, batch_size: 8, num_workers: 2, pooled_loader: {pooled},
          optimizer: {{name: adam, lr: 0.01}}, cache: memory}}
 """

@@ -130,6 +130,7 @@ def test_mle_bench_combination_matches_its_formula_on_the_phantom(
     assert competition["hausdorff"] != pytest.approx(mixed["hausdorff"])  # the modes differ here
 
 
+@pytest.mark.slow
 def test_cli_modes_and_the_shorthand(phantom_dir: Path, phantom_submission: Path):
     def score(*options: str) -> subprocess.CompletedProcess:
         return subprocess.run(

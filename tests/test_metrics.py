@@ -13,20 +13,20 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.spatial.distance import cdist
 
+from kaggle_seg.competitions.dsb2018_kaggle import dsb_score_frames
+from kaggle_seg.competitions.uwmgi import CLASSES as UWMGI_CLASSES
+from kaggle_seg.competitions.uwmgi_kaggle import uwmgi_score_frames
 from kaggle_seg.data.rle import decode_rles_to_labels, encode_rle
 from kaggle_seg.errors import InputError
 from kaggle_seg.metrics import (
     DSB_IOU_THRESHOLDS,
-    UWMGI_CLASSES,
     dsb_image_precisions,
     dsb_image_score,
-    dsb_score_frames,
     dsb_thresholds,
     gi_dice_per_slice,
     hausdorff_3d,
     pixel_metrics,
     pixel_metrics_table,
-    uwmgi_score_frames,
     uwmgi_score_volumes,
 )
 
@@ -600,29 +600,7 @@ def test_dsb_score_frames_shape_missing() -> None:
         dsb_score_frames(truth, submission, {"a": (3, 3)})
 
 
-# ----------------------------------------------------------------------------- LGG per patient
-
-
-def test_lgg_fold_score_never_prefers_predicting_nothing(shared_data) -> None:
-    """The LGG score is the mean per-patient volume Dice: an empty prediction scores 0 on every
-    patient with a lesion, however many of the slices are empty (64 % here), where the mean
-    per-image Dice would give it ~0.65."""
-    from kaggle_seg.competitions import get_competition
-    from kaggle_seg.config import build_data_config
-    from kaggle_seg.evaluation import FoldEvaluator, summarize_fold
-
-    competition = get_competition("lgg")
-    table = competition.read_table(shared_data / "lgg", build_data_config("lgg"))
-    evaluator = FoldEvaluator(competition, table)
-    perfect = FoldEvaluator(competition, table)
-    for position, row in enumerate(table.to_dict("records")):
-        mask = competition.read_mask(row)
-        evaluator.add(position, np.zeros((1, *mask.shape[:2]), np.float32))
-        perfect.add(position, np.moveaxis(mask, -1, 0).astype(np.float32))
-    nothing = summarize_fold([evaluator.finish()], "lgg")
-    assert nothing["dice"] > 0.6  # the per-image mean that used to be the score
-    assert nothing["score"] == nothing["patient_dice"] == 0.0
-    assert summarize_fold([perfect.finish()], "lgg")["score"] == 1.0
+# ----------------------------------------------------------------------------- per-patient Dice
 
 
 def test_volume_dice_pools_a_patients_pixels() -> None:

@@ -13,10 +13,7 @@ from torch import nn
 from kaggle_seg.config import ModelConfig
 from kaggle_seg.errors import KsegError
 from kaggle_seg.models import (
-    SEED_MODELS,
-    BUNet,
-    ResUNet,
-    UNet,
+    MODELS,
     build_model,
     count_parameters,
     encoder_of,
@@ -25,11 +22,12 @@ from kaggle_seg.models import (
     parameter_groups,
     set_encoder_trainable,
 )
+from kaggle_seg.models.seed import BUNet, ResUNet, UNet
 
 CLASSES = 3
 
 # Seed models at a small width: the same code as the defaults, a fraction of the time.
-SEED_CONFIGS = [ModelConfig(architecture=name, params={"base_channels": 8}) for name in SEED_MODELS]
+SEED_CONFIGS = [ModelConfig(architecture=name, params={"base_channels": 8}) for name in MODELS]
 SMP_CONFIGS = [
     ModelConfig(architecture="Unet", encoder="resnet34"),
     ModelConfig(architecture="Unet", encoder="resnet50"),
@@ -43,7 +41,7 @@ def _first_conv(model: nn.Module) -> nn.Conv2d:
 
 
 def _config_id(config: ModelConfig) -> str:
-    if config.architecture in SEED_MODELS:
+    if config.architecture in MODELS:
         return config.architecture
     return f"{config.architecture}-{config.encoder}"
 
@@ -80,7 +78,7 @@ def test_seed_models_same_output_in_both_memory_formats(config: ModelConfig) -> 
 
 
 def test_seed_models_expose_encoder_stages() -> None:
-    for model_class in SEED_MODELS.values():
+    for model_class in MODELS.values():
         model = model_class(in_channels=3, classes=1, base_channels=8, depth=3)
         stages = encoder_of(model).stages
         assert isinstance(stages, nn.ModuleList) and len(stages) == 4
@@ -98,17 +96,26 @@ def test_seed_default_sizes() -> None:
 
 
 def test_seed_model_rejects_indivisible_input() -> None:
-    model = build_model(ModelConfig(architecture="unet", params={"base_channels": 4}), 1, 1)
+    model = build_model(ModelConfig(architecture="seed_unet", params={"base_channels": 4}), 1, 1)
     with pytest.raises(KsegError, match="divisible by 16"):
         model(torch.randn(1, 1, 40, 40))
 
 
-def test_unet_spelling_selects_smp_or_seed() -> None:
+def test_seed_models_have_their_own_names_and_smp_any_case() -> None:
     assert type(build_model(ModelConfig(architecture="Unet"), 3, 1)).__name__ == "Unet"
-    assert isinstance(build_model(ModelConfig(architecture="UNet"), 3, 1), UNet)
-    assert isinstance(build_model(ModelConfig(architecture="BUNet"), 3, 1), BUNet)
+    assert type(build_model(ModelConfig(architecture="unetplusplus"), 3, 1)).__name__ == (
+        "UnetPlusPlus"
+    )
+    assert isinstance(build_model(ModelConfig(architecture="seed_unet"), 3, 1), UNet)
+    assert isinstance(build_model(ModelConfig(architecture="Seed_BUNet"), 3, 1), BUNet)
     fpn = build_model(ModelConfig(architecture="fpn", encoder="resnet18"), 3, 1)
     assert type(fpn).__name__ == "FPN"
+
+
+def test_old_seed_names_still_build_with_a_deprecation_note() -> None:
+    for old, model_class in (("UNet", UNet), ("unet", UNet), ("resunet", ResUNet)):
+        with pytest.warns(FutureWarning, match=f"'{old}' is the old name of the seed model"):
+            assert isinstance(build_model(ModelConfig(architecture=old), 3, 1), model_class)
 
 
 @pytest.mark.parametrize(
@@ -130,7 +137,7 @@ def test_unknown_names_raise_key_error_listing_valid_ones(
 
 def test_bad_params_name_the_model() -> None:
     with pytest.raises(KsegError, match=r"resunet.*widht"):
-        build_model(ModelConfig(architecture="resunet", params={"widht": 3}), 3, 1)
+        build_model(ModelConfig(architecture="seed_resunet", params={"widht": 3}), 3, 1)
     with pytest.raises(KsegError, match=r"set model\.encoder_weights instead"):
         build_model(ModelConfig(params={"encoder_weights": "imagenet"}), 3, 1)
 
@@ -253,7 +260,7 @@ def test_missing_encoder_keys_strict_and_not(tmp_path: Path) -> None:
 
 
 def test_whole_model_weights_round_trip_and_mismatch(tmp_path: Path) -> None:
-    config = ModelConfig(architecture="bunet", params={"base_channels": 4, "depth": 2})
+    config = ModelConfig(architecture="seed_bunet", params={"base_channels": 4, "depth": 2})
     trained = build_model(config, 3, 2)
     path = tmp_path / "best.pt"
     torch.save({"model": trained.state_dict(), "epoch": 7, "config": {"name": "x"}}, path)
@@ -264,7 +271,7 @@ def test_whole_model_weights_round_trip_and_mismatch(tmp_path: Path) -> None:
     with pytest.raises(KsegError, match=r"best.pt: weights do not fit the model: 2 shape mis"):
         build_model(config.model_copy(update={"weights_path": path}), 3, 1)
     with pytest.raises(KsegError, match=r"best.pt: weights do not fit the model: .*missing keys"):
-        build_model(ModelConfig(architecture="unet", weights_path=path), 3, 2)
+        build_model(ModelConfig(architecture="seed_unet", weights_path=path), 3, 2)
 
 
 # -- freezing and optimizer groups -----------------------------------------------------------
@@ -281,7 +288,7 @@ def _trainable_names(module: nn.Module) -> set[str]:
         (ModelConfig(architecture="Unet", encoder="tu-efficientnet_b3"), "blocks.5.", "blocks.4."),
         (ModelConfig(architecture="Unet", encoder="efficientnet-b3"), "_blocks.25.", "_blocks.17."),
         (
-            ModelConfig(architecture="resunet", params={"base_channels": 4}),
+            ModelConfig(architecture="seed_resunet", params={"base_channels": 4}),
             "stages.4.",
             "stages.3.",
         ),
@@ -325,7 +332,7 @@ def test_parameter_groups_cover_every_parameter_once() -> None:
 
 
 def test_count_parameters_and_wrappers() -> None:
-    model = build_model(ModelConfig(architecture="unet", params={"base_channels": 4}), 3, 1)
+    model = build_model(ModelConfig(architecture="seed_unet", params={"base_channels": 4}), 3, 1)
     total = sum(p.numel() for p in model.parameters())
     assert count_parameters(model) == total
 

@@ -221,7 +221,19 @@ def test_instance_split_rules() -> None:
 
 def test_split_instances_keeps_its_signature_and_defaults() -> None:
     probabilities, _ = touching_nuclei()
-    assert np.bincount(split_instances(probabilities).ravel())[1:].tolist() == [42, 42]
+    channels = ["nuclei", "border"]
+    assert np.bincount(split_instances(probabilities, channels=channels).ravel())[1:].tolist() == [
+        42,
+        42,
+    ]
+    # The border is found by its name, never by the number of channels.
+    with pytest.raises(InputError, match="without their names"):
+        split_instances(probabilities)
+    flipped = probabilities[::-1]
+    assert np.bincount(split_instances(flipped, channels=channels[::-1]).ravel())[1:].tolist() == [
+        42,
+        42,
+    ]
     assert np.bincount(split_instances(probabilities[:1], min_size=0).ravel())[1:].tolist() == [
         84,
         4,

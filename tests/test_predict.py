@@ -13,14 +13,10 @@ import torch
 
 from kaggle_seg.competitions import get_competition
 from kaggle_seg.errors import InputError, KsegError
-from kaggle_seg.predict import (
-    ProbabilityWriter,
-    find_checkpoints,
-    load_ensemble,
-    predict_probabilities,
-    restore_size,
-    shape_batches,
-)
+from kaggle_seg.predict import load_ensemble, predict_probabilities
+from kaggle_seg.probabilities import ProbabilityWriter
+from kaggle_seg.runs import find_checkpoints
+from kaggle_seg.spec import restore_size, shape_batches
 from kaggle_seg.train import load_oof
 
 
@@ -44,7 +40,7 @@ def write_checkpoint(
             "name": name,
             "data": {"competition": competition, "stack_depth": stack_depth},
             "augment": {"height": size, "width": size, "resize_mode": resize_mode},
-            "model": {"architecture": "unet", "params": {"base_channels": 4, "depth": 2}},
+            "model": {"architecture": "seed_unet", "params": {"base_channels": 4, "depth": 2}},
         }
     )
     channels = get_competition(competition).channels * stack_depth
@@ -203,11 +199,29 @@ def test_experiment_weight_is_split_over_its_folds(tmp_path: Path):
 
 
 def test_batches_keep_table_order_and_one_input_shape(tmp_path: Path):
-    from kaggle_seg.predict import InputSpec
+    from kaggle_seg.spec import ModelSpec
 
     table = pd.DataFrame({"height": [10, 10, 20, 20, 20, 10], "width": [10] * 6})
-    pad = InputSpec(16, 16, "pad", "none", 1, 1)
-    resize = InputSpec(16, 16, "resize", "none", 1, 1)
+    pad = ModelSpec(
+        in_channels=3,
+        outputs=("mask",),
+        height=16,
+        width=16,
+        resize_mode="pad",
+        normalize="none",
+        stack_depth=1,
+        stack_stride=1,
+    )
+    resize = ModelSpec(
+        in_channels=3,
+        outputs=("mask",),
+        height=16,
+        width=16,
+        resize_mode="resize",
+        normalize="none",
+        stack_depth=1,
+        stack_stride=1,
+    )
     assert shape_batches(table, [resize], 4) == [[0, 1, 2, 3], [4, 5]]
     assert shape_batches(table, [pad], 4) == [[0, 1], [2, 3, 4], [5]]
 
@@ -232,15 +246,25 @@ def test_corrupt_image_fails_naming_it_or_is_skipped_as_empty(
 
 
 def test_uwmgi_stacks_use_the_neighbour_slices(phantom_dir: Path, tmp_path: Path):
-    from kaggle_seg.competitions.uwmgi import stack_positions
-    from kaggle_seg.predict import InputSpec, PredictionDataset
+    from kaggle_seg.data.stacks import stack_positions
+    from kaggle_seg.predict import PredictionDataset
+    from kaggle_seg.spec import ModelSpec
 
     competition = get_competition("uwmgi")
     table = competition.read_test_table(phantom_dir / "train")
-    spec = InputSpec(64, 64, "resize", "none", 3, 2)
+    spec = ModelSpec(
+        in_channels=3,
+        outputs=("mask",),
+        height=64,
+        width=64,
+        resize_mode="resize",
+        normalize="none",
+        stack_depth=3,
+        stack_stride=2,
+    )
     dataset = PredictionDataset(competition, table, [spec])
     item = dataset[5]
-    positions = stack_positions(table, 3, 2)[5]
+    positions = stack_positions(table, 3, 2, "case_day")[5]
     assert list(positions) == [3, 5, 7]
     import cv2
 
@@ -269,6 +293,7 @@ def test_probability_writer_streams_a_loadable_npz_and_leaves_nothing_on_failure
     assert not target.exists() and not list(tmp_path.glob(".interrupted*"))
 
 
+@pytest.mark.slow
 def test_cli_predict_writes_probabilities(dsb_test: Path, tmp_path: Path):
     from test_cli import kseg
 

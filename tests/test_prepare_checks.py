@@ -165,6 +165,7 @@ def test_table_with_a_duplicate_id_or_a_bad_number_names_the_line(dsb_dir: Path,
         read_table(table_path)
 
 
+@pytest.mark.slow
 def test_cli_check_option(dsb_dir: Path):
     out = dsb_dir.parent / "cli.csv"
     args = [sys.executable, "-m", "kaggle_seg", "prepare", "-c", "dsb2018", "--data-dir",

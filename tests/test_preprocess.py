@@ -169,7 +169,7 @@ def lgg_config(preprocess: list) -> ExperimentConfig:
         {
             "data": {"competition": "lgg", "preprocess": preprocess},
             "augment": {"preset": "lgg", "height": 128, "width": 128},
-            "model": {"architecture": "unet", "params": {"base_channels": 4, "depth": 2}},
+            "model": {"architecture": "seed_unet", "params": {"base_channels": 4, "depth": 2}},
         }
     )
 
@@ -210,7 +210,7 @@ def test_training_and_prediction_give_the_same_input(lgg_rows: pd.DataFrame):
     from kaggle_seg.data.input_steps import with_input_steps
     from kaggle_seg.data.transforms import build_transforms
     from kaggle_seg.predict import PredictionDataset
-    from kaggle_seg.spec import InputSpec
+    from kaggle_seg.spec import ModelSpec
 
     competition = get_competition("lgg")
     config = lgg_config([{"name": "n4", "iterations": [20, 10]}, "clahe", "zscore"])
@@ -222,7 +222,7 @@ def test_training_and_prediction_give_the_same_input(lgg_rows: pd.DataFrame):
         image_store=images,
         mask_store=masks,
     )
-    spec = InputSpec.from_config(config)
+    spec = ModelSpec.for_training(config, competition)
     assert [s["name"] for s in spec.preprocess_steps] == ["n4", "clahe", "zscore"]
     predicted = PredictionDataset(competition, lgg_rows, [spec])
     for i in range(len(lgg_rows)):
@@ -231,7 +231,8 @@ def test_training_and_prediction_give_the_same_input(lgg_rows: pd.DataFrame):
         assert trained.shape == given.shape == (3, 128, 128)
         assert float(given.min()) < -0.5 < 0.5 < float(given.max())  # standardised, not [0, 1]
         torch.testing.assert_close(trained, given, atol=2e-3, rtol=0)
-    raw = PredictionDataset(competition, lgg_rows, [InputSpec.from_config(lgg_config([]))])
+    raw_spec = ModelSpec.for_training(lgg_config([]), competition)
+    raw = PredictionDataset(competition, lgg_rows, [raw_spec])
     assert not torch.allclose(raw[0]["inputs"][0], predicted[0]["inputs"][0], atol=0.1)
 
 
@@ -262,7 +263,7 @@ def test_trained_oof_equals_prediction_with_n4_and_zscore(shared_data: Path, tmp
                 "preprocess": [{"name": "n4", "iterations": [10, 5]}, "zscore"],
             },
             "augment": {"preset": "lgg", "height": 64, "width": 64},
-            "model": {"architecture": "unet", "params": {"base_channels": 4, "depth": 2}},
+            "model": {"architecture": "seed_unet", "params": {"base_channels": 4, "depth": 2}},
             "train": {"epochs": 1, "batch_size": 4, "num_workers": 0, "cache": "memmap"},
         }
     )

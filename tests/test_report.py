@@ -122,7 +122,7 @@ def training_score(competition: str, experiment: Path, fold: int) -> float:
     evaluator = FoldEvaluator(get_competition(competition), rows)
     for position, image_id in enumerate(rows["id"]):
         evaluator.add(position, oof[image_id])
-    return summarize_fold([evaluator.finish()], competition)["score"]
+    return summarize_fold([evaluator.finish()], get_competition(competition))["score"]
 
 
 @pytest.mark.parametrize("competition", ["uwmgi", "dsb2018", "lgg"])

@@ -27,7 +27,6 @@ from kaggle_seg.data.rle import (
     encode_rles,
     rle_area,
     validate_rle,
-    warmup,
 )
 from kaggle_seg.errors import RLEError
 
@@ -316,8 +315,20 @@ def test_rle_area_and_validate() -> None:
         rle_area("1 2 3")
 
 
+@pytest.mark.slow
 def test_warmup_runs() -> None:
-    warmup()
+    """In a fresh process (where nothing has compiled them yet), warmup() leaves every kernel the
+    public functions call compiled or loaded from numba's cache, so a first real call pays
+    nothing."""
+    code = (
+        "from kaggle_seg.data import rle\n"
+        "rle.warmup()\n"
+        "entry = ('_encode_text', '_encode_columns_text', '_decode_kernel', "
+        "'_decode_rows_kernel', '_decode_labels_kernel', '_scan_kernel')\n"
+        "print(sorted(name for name in entry if not getattr(rle, name).signatures))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -744,6 +755,7 @@ READ_ONLY_PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_jit_cache_fallback_on_read_only_directory() -> None:
     root = Path(tempfile.mkdtemp(prefix="kseg-ro-"))
     site = root / "site"

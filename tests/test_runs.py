@@ -44,14 +44,13 @@ def test_training_over_a_run_is_refused_and_force_moves_it_aside(dsb_small: Path
     assert snapshot(old) == before  # moved, not deleted, not changed
     assert (run / "best.pt").is_file() and (run / "history.csv").is_file()
     # Predicting from the experiment ignores the moved-aside run.
-    from kaggle_seg.predict import find_checkpoints
+    from kaggle_seg.runs import experiment_folds, find_checkpoints
 
     assert find_checkpoints(tmp_path / "guarded") == [run / "best.pt"]
-    from kaggle_seg.kernel.weights import find_checkpoints as kernel_folds
-
-    assert kernel_folds(tmp_path, ["guarded"], None) == {"guarded": [run]}
+    assert experiment_folds(tmp_path, ["guarded"], None) == {"guarded": [run]}
 
 
+@pytest.mark.slow
 def test_cli_refusal_is_one_line(dsb_small: Path, tmp_path: Path):
     run = tmp_path / "cli_guard" / "fold_0"
     run.mkdir(parents=True)
@@ -163,3 +162,22 @@ def test_experiment_names_that_leave_the_runs_folder_are_refused(
     with pytest.raises(KsegError, match=r"'name'.*plain folder name"):
         load_experiment(write_config(dsb_small, "ok"), [f"name={name!r}" if name else "name=''"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_run_value_reads_one_key_and_leaves_the_rest_unchecked(tmp_path: Path):
+    """A stand-in config (no data section required by anyone) still gives one key; missing
+    files and keys are None, not errors."""
+    from kaggle_seg.runs import read_run_value
+
+    fold = tmp_path / "exp" / "fold_0"
+    fold.mkdir(parents=True)
+    assert read_run_value(fold, "data", "preprocess") is None
+    (fold / "config.yaml").write_text("name: stand_in\n")
+    assert read_run_value(fold, "data", "preprocess") is None
+    assert read_run_value(fold, "name") == "stand_in"
+    (fold / "config.yaml").write_text("name: x\ndata: {preprocess: [clahe], bogus: 1}\n")
+    assert read_run_value(fold, "data", "preprocess") == ["clahe"]
+    with pytest.raises(KsegError, match="not a valid experiment config"):
+        from kaggle_seg.runs import read_run_config
+
+        read_run_config(fold)  # the full reader still refuses it

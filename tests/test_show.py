@@ -12,15 +12,9 @@ from kaggle_seg.competitions import get_competition
 from kaggle_seg.config import DataConfig, ExperimentConfig, build_data_config, save_config
 from kaggle_seg.errors import KsegError
 from kaggle_seg.io import write_csv_atomic
+from kaggle_seg.panels import DPI, PANEL_INCHES, write_panels
 from kaggle_seg.prepare import prepare_table, read_table
-from kaggle_seg.show import (
-    DPI,
-    PANEL_INCHES,
-    image_scores,
-    select_ids,
-    show_experiment,
-    write_panels,
-)
+from kaggle_seg.show import image_scores, select_ids, show_experiment
 from kaggle_seg.train import save_oof
 
 
@@ -36,8 +30,11 @@ def panel_columns(path: Path) -> float:
     return read_rgb(path).shape[1] / (PANEL_INCHES * DPI)
 
 
-def fake_experiment(root: Path, competition: str, table: Path, oof: dict[str, np.ndarray]) -> Path:
-    config = ExperimentConfig(name="fake", data=DataConfig(competition=competition, table=table))
+def fake_experiment(
+    root: Path, competition: str, table: Path, oof: dict[str, np.ndarray], targets: str = "mask"
+) -> Path:
+    data = DataConfig(competition=competition, table=table, targets=targets)
+    config = ExperimentConfig(name="fake", data=data)
     fold = root / "fake" / "fold_0"
     fold.mkdir(parents=True)
     save_config(config, fold / "config.yaml")
@@ -50,7 +47,8 @@ def fake_experiment(root: Path, competition: str, table: Path, oof: dict[str, np
 
 @pytest.fixture(scope="module")
 def dsb(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Four real DSB images; probabilities perfect (two as mask + border), one inverted (bad)."""
+    """Four real DSB images; probabilities perfect (two with their borders, two with an empty
+    border channel), one inverted (bad); the run's models output nuclei and border."""
     from skimage.segmentation import find_boundaries
 
     root = tmp_path_factory.mktemp("dsb_show")
@@ -67,14 +65,11 @@ def dsb(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     for position, image_id in enumerate(ids):
         labels = competition.read_instances(table.iloc[position])
         union = (labels > 0).astype(np.float32)
+        border = np.zeros_like(union)
         if position < 2:
             border = find_boundaries(labels, mode="inner").astype(np.float32)
-            oof[image_id] = np.stack([union, border])
-        elif position == 2:
-            oof[image_id] = 1 - union[None]
-        else:
-            oof[image_id] = union[None]
-    experiment = fake_experiment(root / "runs", "dsb2018", table_path, oof)
+        oof[image_id] = np.stack([1 - union if position == 2 else union, border])
+    experiment = fake_experiment(root / "runs", "dsb2018", table_path, oof, "mask_border")
     return {"ids": ids, "bad": ids[2], "table": table, "experiment": experiment, "oof": oof}
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from kaggle_seg.competitions.dsb2018_kaggle import validate_submission as validate_dsb_submission
+from kaggle_seg.competitions.uwmgi_kaggle import validate_submission as validate_uwmgi_submission
 from kaggle_seg.errors import InputError
-from kaggle_seg.submission import validate_dsb_submission, validate_uwmgi_submission
 
 CLASSES = ("large_bowel", "small_bowel", "stomach")
 SHAPES = {"case1_day0_slice_0001": (4, 5), "case1_day0_slice_0002": (4, 5)}

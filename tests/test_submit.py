@@ -154,6 +154,7 @@ def test_default_path_names_competition_experiment_and_date():
     assert path == Path("submissions/uwmgi_effb3_2026-11-22.csv")
 
 
+@pytest.mark.slow
 def test_cli_submit_writes_the_default_path_and_upload_needs_a_kernel_for_code_competitions(
     uwmgi_root: Path, uwmgi_experiment: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -106,6 +106,7 @@ def test_lgg_on_error_skip_skips_unreadable_slices(shared_data: Path, tmp_path: 
     assert result["images"] == len(slices) - 2  # left out of the table, listed instead
 
 
+@pytest.mark.slow
 def test_cli_lists_skipped_files_at_the_end(shared_data: Path, dsb_ids: list[str], tmp_path: Path):
     root = copy_dsb_test(shared_data, dsb_ids[:4], tmp_path)
     broken = break_images(root, dsb_ids[:3])
@@ -172,6 +173,7 @@ main()
         assert list(save.parent.iterdir()) == []  # neither the npz nor its temporary file
 
 
+@pytest.mark.slow
 def test_show_predictions_without_an_experiment(shared_data: Path, tmp_path: Path):
     from kaggle_seg.config import build_data_config
     from kaggle_seg.io import write_csv_atomic

@@ -24,7 +24,7 @@ data:
   folds: {folds}
   targets: {targets}
 augment: {{preset: light, height: 64, width: 64}}
-model: {{architecture: unet, params: {{base_channels: 8, depth: 3}}}}
+model: {{architecture: seed_unet, params: {{base_channels: 8, depth: 3}}}}
 train:
   epochs: {epochs}
   batch_size: 8
@@ -114,6 +114,7 @@ def test_missing_folds_file_is_named(dsb_small: Path, tmp_path: Path):
         train_fold(config, 0, run_root=tmp_path, device="cpu")
 
 
+@pytest.mark.slow
 def test_ddp_on_cpu_with_gloo_and_two_processes(dsb_small: Path, tmp_path: Path):
     config = write_config(dsb_small, "ddp", epochs=1, targets="mask_border")
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -136,6 +137,7 @@ def test_ddp_on_cpu_with_gloo_and_two_processes(dsb_small: Path, tmp_path: Path)
     assert len(oof) == 16 and next(iter(oof.values())).shape[0] == 2
 
 
+@pytest.mark.slow
 def test_cli_train_two_folds_then_plot(dsb_small: Path, tmp_path: Path):
     config = write_config(dsb_small, "cli", epochs=1)
     run = [sys.executable, "-m", "kaggle_seg"]
@@ -158,6 +160,7 @@ def test_cli_train_two_folds_then_plot(dsb_small: Path, tmp_path: Path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_cli_train_needs_exactly_one_fold_option(dsb_small: Path):
     config = write_config(dsb_small, "cli_bad", epochs=1)
     result = subprocess.run(
@@ -181,7 +184,7 @@ name: gi
 data: {{competition: uwmgi, table: {tmp_path / "table.csv"}, folds: {tmp_path / "folds.csv"},
         stack_depth: 3, stack_stride: 2}}
 augment: {{preset: gi, height: 320, width: 384, resize_mode: pad}}
-model: {{architecture: unet, params: {{base_channels: 4, depth: 2}}}}
+model: {{architecture: seed_unet, params: {{base_channels: 4, depth: 2}}}}
 train: {{epochs: 1, batch_size: 4, num_workers: 0, loss: [{{name: bce}}, {{name: dice}}],
          sampler_weight_column: empty}}
 """)

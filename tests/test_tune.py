@@ -37,11 +37,11 @@ from kaggle_seg.search import (
     search_mask_settings,
     settings_parts,
 )
-from kaggle_seg.tune import (
+from kaggle_seg.tune import tune_experiment
+from kaggle_seg.tune_masks import (
     read_mask_source,
     score_image_dice_settings,
     score_uwmgi_settings,
-    tune_experiment,
 )
 
 UWMGI_CASE_DAYS = ("case1_day0", "case1_day1", "case2_day0")
@@ -499,7 +499,7 @@ data:
   folds: {root}/folds.csv
   targets: mask_border
 augment: {{preset: light, height: 64, width: 64}}
-model: {{architecture: unet, params: {{base_channels: 8, depth: 3}}}}
+model: {{architecture: seed_unet, params: {{base_channels: 8, depth: 3}}}}
 train:
   epochs: 3
   batch_size: 8
@@ -518,7 +518,7 @@ def test_dsb_search_equals_the_exhaustive_search_on_trained_oof(
     from kaggle_seg.probabilities import load_oof
     from kaggle_seg.search import IMPROVEMENT, THRESHOLD_GRID
     from kaggle_seg.train import train_fold
-    from kaggle_seg.tune import MIN_NUCLEUS_GRID
+    from kaggle_seg.tune_instances import MIN_NUCLEUS_GRID
 
     root = write_dsb_subset(tmp_path, 24, 8)
     (root / "tiny.yaml").write_text(TINY_DSB.format(root=root))

@@ -11,6 +11,7 @@ Layouts read (DIR is what `--data-dir` points at):
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,31 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kaggle_seg.competitions.base import Skipped, skip_or_raise
-from kaggle_seg.competitions.images import check_same_size, image_size, read_png
+from kaggle_seg.competitions.base import (
+    BaseCompetition,
+    DemoRecipe,
+    KernelTarget,
+    Skipped,
+    StagedTest,
+    Stream,
+    TestSet,
+    check_file_headers,
+)
+from kaggle_seg.competitions.images import (
+    check_same_size,
+    image_files,
+    image_rows,
+    image_size,
+    read_png,
+    rgb_unit,
+)
 from kaggle_seg.config import DataConfig
 from kaggle_seg.errors import InputError
 from kaggle_seg.io import read_csv_checked
 
 CLASSES = ("nuclei",)
+RLE_ORDER = "F"  # column-major: the labels CSV and the submission
 LABELS_CSV = "stage1_train_labels.csv"
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 @lru_cache(maxsize=4)
@@ -41,27 +58,29 @@ def _rles_by_image(labels_csv: str) -> dict[str, list[tuple[int, str]]]:
     }
 
 
-def _image_files(folder: Path) -> dict[str, Path]:
-    """stem -> file; two files with one stem (img0.png + img0.jpg) are an error, not a choice."""
-    files: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in _IMAGE_SUFFIXES:
-            continue
-        if path.stem in files:
-            raise InputError(
-                f"{path}: same name as {files[path.stem].name}; keep one file per image"
-            )
-        files[path.stem] = path
-    return files
-
-
-class DSB2018:
+class DSB2018(BaseCompetition):
     name = "dsb2018"
     classes = CLASSES
     channels = 3  # image channels before 2.5D stacking
-    rle_order = "F"
+    rle_order = RLE_ORDER
     kaggle_slug = "data-science-bowl-2018"  # the competition on kaggle.com
     code_competition = False  # True: submitted by a kernel, not a CSV upload
+    scoring = "instances"  # mAP over IoU thresholds of the nuclei, per image
+    rgb = True
+    instance_masks = True
+    submission_columns = ("ImageId", "EncodedPixels")
+
+    @property
+    def kernel(self) -> KernelTarget:  # type: ignore[override]
+        from kaggle_seg.competitions.dsb2018_kaggle import KERNEL
+
+        return KERNEL
+
+    @property
+    def demo(self) -> DemoRecipe:  # type: ignore[override]
+        from kaggle_seg.competitions.dsb2018_kaggle import DEMO
+
+        return DEMO
 
     def read_table(self, data_dir: Path, config: DataConfig) -> pd.DataFrame:
         data_dir = Path(data_dir)
@@ -110,8 +129,8 @@ class DSB2018:
         return pd.DataFrame(rows)
 
     def _read_processed_layout(self, data_dir: Path) -> pd.DataFrame:
-        images = _image_files(data_dir / "images")
-        masks = _image_files(data_dir / "masks")
+        images = image_files(data_dir / "images")
+        masks = image_files(data_dir / "masks")
         missing = sorted(set(images) - set(masks))
         if missing:
             raise InputError(
@@ -160,34 +179,13 @@ class DSB2018:
             if (folder / "images" / f"{folder.name}.png").is_file()
         }
         paths.update(
-            (name, path) for name, path in _image_files(test_dir).items() if name not in paths
+            (name, path) for name, path in image_files(test_dir).items() if name not in paths
         )
-        rows = []
-        for image_id in sorted(paths):
-            try:
-                height, width = image_size(paths[image_id])
-            except InputError as exc:
-                skip_or_raise(exc, image_id, paths[image_id], skipped)
-                continue
-            rows.append(
-                {
-                    "id": image_id,
-                    "group": image_id,
-                    "image_path": str(paths[image_id].resolve()),
-                    "height": height,
-                    "width": width,
-                }
-            )
-        return pd.DataFrame(rows, columns=["id", "group", "image_path", "height", "width"])
+        return image_rows(paths, image_size, skipped)
 
     def read_image(self, row: Any) -> np.ndarray:
         """float32 [H, W, 3] RGB in [0, 1]; alpha dropped, grayscale repeated."""
-        image = read_png(row["image_path"])
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=-1)
-        image = image[..., :3]
-        scale = 65535.0 if image.dtype == np.uint16 else 255.0
-        return image.astype(np.float32) / scale
+        return rgb_unit(read_png(row["image_path"]))
 
     def read_instances(self, row: Any) -> np.ndarray:
         """int32 [H, W] label map: 0 background, nucleus k = k (masks in file-name order)."""
@@ -206,7 +204,7 @@ class DSB2018:
 
             rows = _rles_by_image(row["labels_csv"]).get(row["id"], [])
             tags = [f"{row['labels_csv']} line {line} (ImageId {row['id']})" for line, _ in rows]
-            return decode_rles_to_labels([rle for _, rle in rows], shape, "F", labels=tags)
+            return decode_rles_to_labels([rle for _, rle in rows], shape, RLE_ORDER, labels=tags)
         union = read_png(row["mask_path"])
         check_same_size(np.empty(shape), union, row["image_path"], row["mask_path"])
         return self._components(union)
@@ -218,3 +216,54 @@ class DSB2018:
     def stratify_labels(self, table: pd.DataFrame) -> pd.Series:
         # Image size stands in for the imaging modality (fluorescence, histology, brightfield).
         return table["width"].astype(str) + "x" + table["height"].astype(str)
+
+    def check_headers(self, row: Any) -> None:
+        check_file_headers(row)
+        if row.get("labels_csv"):
+            from kaggle_seg.data.rle import validate_rle
+
+            size = int(row["height"]) * int(row["width"])
+            for line, rle in _rles_by_image(row["labels_csv"]).get(row["id"], []):
+                try:
+                    validate_rle(rle, size)
+                except ValueError as exc:
+                    raise InputError(
+                        f"{row['labels_csv']}: line {line} (ImageId {row['id']}): {exc}"
+                    ) from None
+
+    def test_set(
+        self,
+        data_dir: Path,
+        test_dir: Path | None,
+        *,
+        scratch: ExitStack,
+        skipped: list[Skipped] | None,
+        fallback_volumes: int = 2,
+    ) -> TestSet:
+        from kaggle_seg.competitions.dsb2018_kaggle import test_set
+
+        return test_set(self, data_dir, test_dir, scratch=scratch, skipped=skipped)
+
+    def write_submission(
+        self,
+        stream: Stream,
+        test: TestSet,
+        settings: Any,
+        out: Path,
+        skipped: list[Skipped] | None,
+    ) -> tuple[int, int]:
+        from kaggle_seg.competitions.dsb2018_kaggle import write_submission
+
+        return write_submission(stream, test, settings, out, skipped)
+
+    def score_submission(
+        self, truth: Path, submission: Path, images_dir: Path | None, **modes: Any
+    ) -> dict[str, Any]:
+        from kaggle_seg.competitions.dsb2018_kaggle import score_submission
+
+        return score_submission(truth, submission, images_dir, **modes)
+
+    def stage_test(self, source: Path, dest: Path, holdout: int, scratch: Path) -> StagedTest:
+        from kaggle_seg.competitions.dsb2018_kaggle import stage_test
+
+        return stage_test(source, dest, holdout, scratch)

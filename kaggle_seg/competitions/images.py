@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from kaggle_seg.errors import InputError, one_line
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 def read_png(path: str | Path, *, unchanged: bool = True) -> np.ndarray:
@@ -79,3 +84,52 @@ def check_same_size(image: np.ndarray, mask: np.ndarray, image_path: object, mas
             f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
             f"{image.shape[1]}x{image.shape[0]} (W x H)"
         )
+
+
+def image_files(folder: Path) -> dict[str, Path]:
+    """stem -> file; two files with one stem (img0.png + img0.jpg) are an error, not a choice."""
+    files: dict[str, Path] = {}
+    for path in sorted(Path(folder).iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.stem in files:
+            raise InputError(
+                f"{path}: same name as {files[path.stem].name}; keep one file per image"
+            )
+        files[path.stem] = path
+    return files
+
+
+def rgb_unit(image: np.ndarray) -> np.ndarray:
+    """float32 [H, W, 3] RGB in [0, 1] of an image as stored: alpha dropped, grey repeated,
+    8- or 16-bit scaled by its type's range."""
+    if image.ndim == 2:
+        image = image[..., None]
+    image = image[..., :3]
+    if image.shape[-1] != 3:  # grey (+ alpha)
+        image = np.repeat(image[..., :1], 3, axis=-1)
+    scale = 65535.0 if image.dtype == np.uint16 else 255.0
+    return image.astype(np.float32) / scale
+
+
+def image_rows(
+    paths: Mapping[str, Path],
+    size_of: Callable[[Path], tuple[int, int]],
+    skipped: list[Any] | None,
+) -> pd.DataFrame:
+    """A test table of `paths` (id -> image file), sorted by id: `id`, `group` (the id),
+    `image_path`, `height`, `width`. An unreadable header raises InputError, or with a
+    `skipped` list is recorded there and the image left out (`--on-error skip`)."""
+    from kaggle_seg.competitions.base import skip_or_raise
+
+    rows = []
+    for image_id in sorted(paths):
+        try:
+            height, width = size_of(paths[image_id])
+        except InputError as exc:
+            skip_or_raise(exc, image_id, paths[image_id], skipped)
+            continue
+        path = str(Path(paths[image_id]).resolve())
+        rows.append({"id": image_id, "group": image_id, "image_path": path,
+                     "height": height, "width": width})  # fmt: skip
+    return pd.DataFrame(rows, columns=["id", "group", "image_path", "height", "width"])

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kaggle_seg.competitions.base import Skipped, skip_or_raise
+from kaggle_seg.competitions.base import BaseCompetition, Skipped, skip_or_raise
 from kaggle_seg.competitions.images import check_same_size, read_tiff, tiff_size
 from kaggle_seg.config import DataConfig
 from kaggle_seg.errors import InputError
@@ -32,13 +32,16 @@ def _read_mask_tiff(path: Path | str) -> np.ndarray:
     return mask
 
 
-class LGG:
+class LGG(BaseCompetition):
     name = "lgg"
     classes = CLASSES
     channels = 3  # image channels before 2.5D stacking
     rle_order = None
     kaggle_slug = None  # the competition on kaggle.com
     code_competition = False  # True: submitted by a kernel, not a CSV upload
+    # The mean per-patient volume Dice (Buda et al.): the per-image mean counts each empty slice
+    # predicted empty as a perfect 1, so a model that predicts nothing would look good.
+    scoring = "groups"
 
     def read_table(self, data_dir: Path, config: DataConfig) -> pd.DataFrame:
         data_dir = Path(data_dir)

@@ -12,19 +12,30 @@ spacing in mm. Slice ids look like `case123_day20_slice_0065`.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from kaggle_seg.competitions.base import Skipped
+from kaggle_seg.competitions.base import (
+    BaseCompetition,
+    DemoRecipe,
+    KernelTarget,
+    Skipped,
+    StagedTest,
+    Stream,
+    TestSet,
+)
 from kaggle_seg.competitions.images import read_png
 from kaggle_seg.config import DataConfig
 from kaggle_seg.errors import InputError
 from kaggle_seg.io import read_csv_checked
 
 CLASSES = ("large_bowel", "small_bowel", "stomach")
+RLE_ORDER = "C"  # row-major: train.csv and the submission
 RLE_COLUMNS = tuple(f"rle_{c}" for c in CLASSES)
 _SLICE_FILE = re.compile(r"^slice_(\d+)_(\d+)_(\d+)_([\d.]+)_([\d.]+)\.png$")
 _CASE_DAY = re.compile(r"^(case\d+)_(day\d+)$")
@@ -98,7 +109,9 @@ def scan_slices(images_dir: str | Path) -> pd.DataFrame:
 
 def sort_slices(frame: pd.DataFrame) -> pd.DataFrame:
     """Case-day, then slice number: the order volumes and 2.5D stacks rely on."""
-    return frame.sort_values(["case_day", "slice_index"], kind="stable").reset_index(drop=True)
+    from kaggle_seg.data.stacks import sort_slices as sort_volume_slices
+
+    return sort_volume_slices(frame, "case_day", "slice_index")
 
 
 def read_train_csv(path: str | Path) -> pd.DataFrame:
@@ -116,24 +129,6 @@ def read_train_csv(path: str | Path) -> pd.DataFrame:
     wide = wide.reindex(columns=list(CLASSES)).fillna("")
     wide.columns = list(RLE_COLUMNS)
     return wide.reset_index()
-
-
-def stack_positions(table: pd.DataFrame, depth: int, stride: int) -> np.ndarray:
-    """Row positions of each slice's 2.5D neighbours: int64 [N, depth].
-
-    Neighbour k of slice i is `stride * (k - depth // 2)` slices away, clamped to the first / last
-    slice of the same case-day so a stack never mixes two scans. `table` must be sorted by
-    case_day then slice_index (as `read_table` returns it).
-    """
-    if depth < 1 or stride < 1:
-        raise InputError(f"2.5D stack needs depth >= 1 and stride >= 1, got {depth}, {stride}")
-    case_day = table["case_day"].to_numpy()
-    starts = np.r_[0, np.flatnonzero(case_day[1:] != case_day[:-1]) + 1]
-    ends = np.r_[starts[1:], len(table)] - 1
-    run = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(table)]))
-    offsets = stride * (np.arange(depth) - depth // 2)
-    positions = np.arange(len(table))[:, None] + offsets[None, :]
-    return np.clip(positions, starts[run][:, None], ends[run][:, None])
 
 
 def check_label_rles(table: pd.DataFrame, source: Path) -> None:
@@ -160,13 +155,29 @@ def _csv_line(path: Path, slice_name: str, organ: str) -> int | str:
     return int(found[0]) + 2 if len(found) else "?"
 
 
-class UWMGI:
+class UWMGI(BaseCompetition):
     name = "uwmgi"
     classes = CLASSES
     channels = 1  # image channels before 2.5D stacking
-    rle_order = "C"
+    rle_order = RLE_ORDER
     kaggle_slug = "uw-madison-gi-tract-image-segmentation"  # on kaggle.com
     code_competition = True  # submitted by a kernel (internet off), not a CSV upload
+    volume_key = "case_day"  # a case-day is one scan: slices stack and score within it
+    slice_key = "slice_index"
+    scoring = "volumes"  # 0.4 x Dice + 0.6 x (1 - 3D Hausdorff per case-day)
+    submission_columns = ("id", "class", "predicted")
+
+    @property
+    def kernel(self) -> KernelTarget:  # type: ignore[override]
+        from kaggle_seg.competitions.uwmgi_kaggle import KERNEL
+
+        return KERNEL
+
+    @property
+    def demo(self) -> DemoRecipe:  # type: ignore[override]
+        from kaggle_seg.competitions.uwmgi_kaggle import DEMO
+
+        return DEMO
 
     def read_table(self, data_dir: Path, config: DataConfig) -> pd.DataFrame:
         data_dir = Path(data_dir)
@@ -217,7 +228,8 @@ class UWMGI:
         return image[..., None]
 
     def read_image_stack(self, table: pd.DataFrame, positions: np.ndarray) -> np.ndarray:
-        """float32 [H, W, depth]: the slices at `positions` (one row of `stack_positions`)."""
+        """float32 [H, W, depth]: the slices at `positions` (one row of
+        `data.stacks.stack_positions`)."""
         return np.concatenate([self.read_image(table.iloc[p]) for p in positions], axis=-1)
 
     def read_mask(self, row: Any) -> np.ndarray:
@@ -227,12 +239,12 @@ class UWMGI:
         masks = np.zeros((len(RLE_COLUMNS), *shape), dtype=np.uint8)
         for k, column in enumerate(RLE_COLUMNS):
             try:
-                decode_rle(row[column], shape, "C", out=masks[k])  # only the runs are written
+                decode_rle(row[column], shape, RLE_ORDER, out=masks[k])  # only the runs are written
             except ValueError as exc:
                 raise InputError(f"slice {row['id']}, {column[4:]}: {exc}") from exc
         return np.ascontiguousarray(np.moveaxis(masks, 0, -1))
 
-    def read_mask_stack(self, rows: list[Any]) -> np.ndarray:
+    def read_mask_volume(self, rows: Sequence[Any]) -> np.ndarray:
         """uint8 0/1 [K, N, H, W]: the masks of N slices of one size (a case-day), every RLE
         decoded in one call into one array; errors name the slice and class."""
         from kaggle_seg.data.rle import decode_rles
@@ -247,7 +259,11 @@ class UWMGI:
         names = [f"slice {r['id']}, {column[4:]}" for column in RLE_COLUMNS for r in rows]
         try:
             decode_rles(
-                rles, (height, width), "C", labels=names, out=stack.reshape(-1, height, width)
+                rles,
+                (height, width),
+                RLE_ORDER,
+                labels=names,
+                out=stack.reshape(-1, height, width),
             )
         except ValueError as exc:  # "row i (id=slice ..., class): ..." -> "slice ..., class: ..."
             message = str(exc)
@@ -262,3 +278,56 @@ class UWMGI:
         # The organ combination, e.g. "101" = large bowel and stomach present.
         present = (table[list(RLE_COLUMNS)] != "").astype(int).astype(str)
         return present.agg("".join, axis=1)
+
+    def has_truth(self, row: Any) -> bool:
+        # An empty RLE is a known empty mask; only missing columns mean unknown.
+        return all(isinstance(row.get(column), str) for column in RLE_COLUMNS)
+
+    def test_set(
+        self,
+        data_dir: Path,
+        test_dir: Path | None,
+        *,
+        scratch: ExitStack,
+        skipped: list[Skipped] | None,
+        fallback_volumes: int = 2,
+    ) -> TestSet:
+        """`test/<case>/<case>_<day>/scans/*.png` (sizes from the file names, so nothing is
+        `skipped` here); the first train case-days on the public re-run."""
+        from kaggle_seg.competitions.uwmgi_kaggle import test_set
+
+        return test_set(data_dir, test_dir, fallback_volumes)
+
+    def write_submission(
+        self,
+        stream: Stream,
+        test: TestSet,
+        settings: Any,
+        out: Path,
+        skipped: list[Skipped] | None,
+    ) -> tuple[int, int]:
+        from kaggle_seg.competitions.uwmgi_kaggle import write_submission
+
+        return write_submission(stream, test, settings, out)
+
+    def score_submission(
+        self, truth: Path, submission: Path, images_dir: Path | None, **modes: Any
+    ) -> dict[str, Any]:
+        from kaggle_seg.competitions.uwmgi_kaggle import score_submission
+
+        return score_submission(truth, submission, images_dir, **modes)
+
+    def stage_test(self, source: Path, dest: Path, holdout: int, scratch: Path) -> StagedTest:
+        from kaggle_seg.competitions.uwmgi_kaggle import stage_test
+
+        return stage_test(source, dest, holdout, scratch)
+
+    def check_rerun_submission(self, submission: Path, staged: StagedTest) -> tuple[int, int]:
+        from kaggle_seg.competitions.uwmgi_kaggle import check_rerun_submission
+
+        return check_rerun_submission(submission, staged)
+
+    def rehearsal_data(self, folder: Path) -> Path:
+        from kaggle_seg.competitions.uwmgi_kaggle import rehearsal_data
+
+        return rehearsal_data(folder)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kaggle_seg.competitions.uwmgi import CLASSES, slice_id
+from kaggle_seg.competitions.uwmgi import CLASSES, RLE_ORDER, slice_id
 from kaggle_seg.io import write_csv_atomic
 
 # (width, height) as in the real file names; 360x310 is the non-square scan.
@@ -105,7 +105,7 @@ def make_uwmgi_phantom(
             if not cv2.imwrite(str(scans / name), image[s]):
                 raise OSError(f"{scans / name}: could not write")
             for k, organ in enumerate(CLASSES):
-                rle = encode_rle(masks[s, :, :, k], "C")
+                rle = encode_rle(masks[s, :, :, k], RLE_ORDER)
                 rows.append({"id": slice_id(case_day, index), "class": organ, "segmentation": rle})
     write_csv_atomic(pd.DataFrame(rows), out_dir / "train.csv")
     return out_dir

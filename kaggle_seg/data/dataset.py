@@ -1,4 +1,4 @@
-"""The torch Dataset over a competition table: images (2.5D stacks for uwmgi), masks, targets.
+"""The torch Dataset over a competition table: images (2.5D stacks of volumes), masks, targets.
 
 A sample is a dict: `image` float32 [C, H, W], `mask` float32 [K, H, W] (0/1), `index` (the row's
 position in the table) and `id`. Decoded arrays come from `ImageStore`s when given (filled once,
@@ -13,7 +13,7 @@ import os
 import random
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -23,15 +23,15 @@ import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from kaggle_seg.competitions.base import Competition
+from kaggle_seg.config import TARGETS, Targets
 from kaggle_seg.data.cache import ImageStore, StoreMode, fingerprint, from_uint16
+from kaggle_seg.data.stacks import check_slice_order, stack_positions
 from kaggle_seg.data.transforms import accepts_uint16
 from kaggle_seg.errors import InputError, KsegError
 from kaggle_seg.preprocess import apply_steps, steps_key, steps_of
 
 log = logging.getLogger(__name__)
 
-Targets = Literal["mask", "mask_border"]
-TARGETS: tuple[str, ...] = ("mask", "mask_border")
 # Table columns that name the files a row's mask is read from (any competition).
 _MASK_SOURCE_COLUMNS = ("image_path", "mask_path", "mask_dir", "labels_csv")
 
@@ -59,13 +59,13 @@ def read_target(competition: Competition, row: Any, targets: Targets) -> np.ndar
     if targets == "mask":
         mask = competition.read_mask(row)
         return mask[..., None] if mask.ndim == 2 else mask
-    return instance_targets(competition.read_instances(row))  # type: ignore[attr-defined]
+    return instance_targets(competition.read_instances(row))
 
 
 def _check_targets(competition: Competition, targets: str) -> None:
     if targets not in TARGETS:
         raise KsegError(f"unknown targets {targets!r}; choose one of {', '.join(TARGETS)}")
-    if targets == "mask_border" and not hasattr(competition, "read_instances"):
+    if targets == "mask_border" and not competition.instance_masks:
         raise KsegError(
             f"targets 'mask_border' need instance masks; {competition.name} has none "
             "(use targets 'mask')"
@@ -159,31 +159,17 @@ def build_stores(
     return image_store, mask_store
 
 
-def _check_slice_order(table: pd.DataFrame) -> None:
-    case_day = table["case_day"].to_numpy()
-    slice_index = table["slice_index"].to_numpy()
-    same = case_day[1:] == case_day[:-1]
-    starts = np.r_[0, np.flatnonzero(~same) + 1]
-    if (
-        len(np.unique(case_day[starts])) != len(starts)
-        or ((slice_index[1:] <= slice_index[:-1]) & same).any()
-    ):
-        raise InputError(
-            "2.5D stacks need the table sorted by case_day then slice_index, each case-day's "
-            "slices together (as read_table returns it; see uwmgi.sort_slices)"
-        )
-
-
 class SegmentationDataset(Dataset):
     """Samples of one competition table, transformed by an albumentations pipeline.
 
-    stack_depth / stack_stride: 2.5D input for tables with a `case_day` column (uwmgi): each
-    image is its slice with neighbours `stack_stride * (k - stack_depth // 2)` rows away, for
-    k = 0..stack_depth-1, clamped within the case-day (`uwmgi.stack_positions`), concatenated on
-    channels in that order (C = image channels x stack_depth). The table must hold every slice
-    of each case-day, sorted; to train on a subset of slices, draw it with a sampler.
+    stack_depth / stack_stride: 2.5D input for competitions whose images are slices of volumes
+    (`competition.volume_key`, uwmgi's case_day): each image is its slice with neighbours
+    `stack_stride * (k - stack_depth // 2)` rows away, for k = 0..stack_depth-1, clamped within
+    the volume (`data.stacks.stack_positions`), concatenated on channels in that order (C =
+    image channels x stack_depth). The table must hold every slice of each volume, sorted; to
+    train on a subset of slices, draw it with a sampler.
     targets: "mask" (K = len(competition.classes)) or "mask_border" (K = 2: union and borders of
-    the instances, `instance_targets`; competitions with `read_instances`, i.e. dsb2018).
+    the instances, `instance_targets`; competitions with `instance_masks`, i.e. dsb2018).
     image_store / mask_store: filled `ImageStore`s holding (at least) the table's ids, e.g. from
     `build_stores`; None reads the files on every call.
     compact: image as float16 and mask as uint8 tensors (cast back to float32 by the consumer),
@@ -212,15 +198,15 @@ class SegmentationDataset(Dataset):
         self.compact = compact
         self._rows = _records(self.table)
         if stack_depth > 1:
-            if "case_day" not in self.table.columns:
+            volume_key, slice_key = competition.volume_key, competition.slice_key
+            if volume_key is None or slice_key is None or volume_key not in self.table.columns:
                 raise KsegError(
-                    f"stack_depth {stack_depth} needs slices grouped by case_day (uwmgi); "
-                    f"{competition.name} images are not slices of a volume: use stack_depth 1"
+                    f"stack_depth {stack_depth} needs slices grouped by volume (uwmgi's "
+                    f"case_day); {competition.name} images are not slices of a volume: use "
+                    "stack_depth 1"
                 )
-            _check_slice_order(self.table)
-            from kaggle_seg.competitions.uwmgi import stack_positions
-
-            self.stacks = stack_positions(self.table, stack_depth, stack_stride)
+            check_slice_order(self.table, volume_key, slice_key)
+            self.stacks = stack_positions(self.table, stack_depth, stack_stride, volume_key)
         else:
             self.stacks = np.arange(len(self.table), dtype=np.int64)[:, None]
         ids = [str(row["id"]) for row in self._rows]

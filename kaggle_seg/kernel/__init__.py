@@ -13,7 +13,7 @@ A built kernel, `kernels/<name>/`::
 
 Modules, one concern each:
 
-    targets      competitions' limits, accelerators, file names
+    targets      the competition's kernel target, accelerators, file names
     names        titles and slugs, safe folder names, the Kaggle user
     credentials  the scan for Kaggle keys and tokens
     wheels       the wheels dataset (requirements against kernels/kaggle_image.txt)
@@ -22,7 +22,6 @@ Modules, one concern each:
     build        `kseg kernel build`
     sandbox      virtualenv, network cut, read-only inputs
     image        Kaggle's package versions for a rehearsal, and the table of differences
-    stage        competition folders staged as Kaggle mounts them
     rehearse     `kseg kernel rehearse`
     publish      push in order, wait for Kaggle, submit a finished version
 """
@@ -35,7 +34,7 @@ from kaggle_seg.kernel.build import (
 )
 from kaggle_seg.kernel.credentials import check_no_credentials, find_credentials, known_secrets
 from kaggle_seg.kernel.metadata import SubmitOptions, check_kernel_metadata
-from kaggle_seg.kernel.names import check_path_name, check_title, kaggle_username, slugify
+from kaggle_seg.kernel.names import check_title, kaggle_username, slugify
 from kaggle_seg.kernel.rehearse import (
     Rehearsal,
     RehearsalRun,
@@ -48,17 +47,15 @@ from kaggle_seg.kernel.targets import (
     ACCELERATORS,
     DATASET_METADATA,
     KERNEL_METADATA,
-    TARGETS,
     get_accelerator,
     get_target,
 )
-from kaggle_seg.kernel.weights import parse_folds
+from kaggle_seg.runs import parse_folds
 
 __all__ = [
     "ACCELERATORS",
     "DATASET_METADATA",
     "KERNEL_METADATA",
-    "TARGETS",
     "KernelBuild",
     "Rehearsal",
     "RehearsalRun",
@@ -66,7 +63,6 @@ __all__ = [
     "build_kernel",
     "check_kernel_metadata",
     "check_no_credentials",
-    "check_path_name",
     "check_title",
     "diagnose",
     "estimate_run_time",

@@ -32,7 +32,6 @@ from kaggle_seg.kernel.metadata import (
     submit_arguments,
 )
 from kaggle_seg.kernel.names import (
-    check_path_name,
     check_title,
     inside,
     kaggle_username,
@@ -50,7 +49,7 @@ from kaggle_seg.kernel.targets import (
     get_accelerator,
     get_target,
 )
-from kaggle_seg.kernel.weights import collect_weights, find_checkpoints, folder_bytes
+from kaggle_seg.kernel.weights import collect_weights, folder_bytes
 from kaggle_seg.kernel.wheels import (
     FetchedWheel,
     build_project_wheel,
@@ -61,6 +60,8 @@ from kaggle_seg.kernel.wheels import (
     source_root,
     wheel_metadata,
 )
+from kaggle_seg.runs import experiment_folds
+from kaggle_seg.safe_paths import check_name
 
 WEIGHTS_AS = ("dataset", "model")
 
@@ -98,7 +99,7 @@ def model_handle(explicit: str | None, user: str, default_slug: str) -> str:
     owner, model, framework, variation = parts
     if slugify(model) != model or not 5 <= len(model) <= 50:
         raise KsegError(f"--model {explicit!r}: the model slug needs 5+ of a-z, 0-9 and '-'")
-    check_path_name(variation, "--model variation")
+    check_name(variation, "--model variation", portable=True)
     return f"{owner.lower()}/{model}/{framework}/{variation}"
 
 
@@ -107,21 +108,17 @@ def preprocessing_needs(checkpoints: dict[str, list[Path]]) -> tuple[list[str], 
     Reads only that list: the rest of a fold's config is the checkpoint's business."""
     from types import SimpleNamespace
 
-    from kaggle_seg.config import load_yaml
     from kaggle_seg.preprocess import extra_requirements, extras_needed, resolve_steps
+    from kaggle_seg.runs import CONFIG_FILE, read_run_value
 
     extras, requires = set(), set()
     for fold_dirs in checkpoints.values():
         for fold_dir in fold_dirs:
-            config_file = Path(fold_dir) / "config.yaml"
-            if not config_file.is_file():
-                continue
-            raw = load_yaml(config_file) or {}
-            steps = (raw.get("data") or {}).get("preprocess") or [] if isinstance(raw, dict) else []
+            steps = read_run_value(fold_dir, "data", "preprocess") or []
             try:
                 config = SimpleNamespace(preprocess=resolve_steps(steps))
             except ValueError as exc:
-                raise KsegError(f"{config_file}: {exc}") from None
+                raise KsegError(f"{Path(fold_dir) / CONFIG_FILE}: {exc}") from None
             extras.update(extras_needed(config))
             requires.update(extra_requirements(config))
     return sorted(extras), sorted(requires)
@@ -158,7 +155,7 @@ def build_kernel(
     if not experiments:
         raise KsegError("pass at least one --experiment")
     for experiment in experiments:
-        check_path_name(experiment, "--experiment")
+        check_name(experiment, "--experiment", portable=True)
     _check_ensemble_weights(submit.ensemble_weights, len(experiments))
     if weights_as not in WEIGHTS_AS:
         raise KsegError(f"--weights-as {weights_as!r}: choose one of {', '.join(WEIGHTS_AS)}")
@@ -175,11 +172,11 @@ def build_kernel(
     name = name or slug
     if name == "templates":
         raise KsegError("--name templates: that folder holds kseg's kernel templates")
-    check_path_name(name, "--name")
+    check_name(name, "--name", portable=True)
     kernel_dir = inside(out_root, Path(out_root) / name)
     if kernel_dir.exists() and not force:
         raise KsegError(f"{kernel_dir} exists; pass --force to rebuild it")
-    checkpoints = find_checkpoints(runs_root, experiments, folds)
+    checkpoints = experiment_folds(runs_root, experiments, folds)
     wheels_slug = source_slug(wheels_dataset, slug, "wheels")
     weights_slug = source_slug(weights_dataset, slug, "weights")
     handle = model_handle(model, user, weights_slug) if weights_as == "model" else None

@@ -1,6 +1,6 @@
 """Names that end up in Kaggle URLs or in paths: titles and their slugs, the Kaggle user name,
-and the experiment and folder names a build turns into paths (which must stay inside their
-root)."""
+and paths that must stay inside their root (experiment and folder names a build turns into
+paths are checked by `safe_paths.check_name(..., portable=True)`)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ from kaggle_seg.errors import KsegError
 
 # Titles are kept to characters whose Kaggle slug is unambiguous.
 _TITLE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]*$")
-# One path component: no separator, no `..`, not hidden, no drive or absolute path.
-_PATH_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
 
 
 def slugify(title: str) -> str:
@@ -40,17 +38,6 @@ def check_title(title: str, *, what: str = "kernel", lengths: tuple[int, int] = 
     if len(slug) < low:
         raise KsegError(f"{what} title {title!r}: its slug {slug!r} is under {low} characters")
     return slug
-
-
-def check_path_name(name: str, option: str) -> str:
-    """`name` as one folder name under a root (an experiment, a kernel folder): no separator,
-    no `..`, no absolute path, nothing hidden. Raises KsegError naming `option`."""
-    if not _PATH_NAME.fullmatch(name) or ".." in name:
-        raise KsegError(
-            f"{option} {name!r}: expected a plain folder name (letters, digits, '_', '-', '.'), "
-            "without '/', '..' or an absolute path"
-        )
-    return name
 
 
 def inside(root: Path, path: Path) -> Path:

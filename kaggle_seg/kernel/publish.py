@@ -33,7 +33,8 @@ from kaggle_seg.kernel.targets import (
     WEIGHTS_MANIFEST,
     get_target,
 )
-from kaggle_seg.kernel.weights import collect_weights, find_checkpoints
+from kaggle_seg.kernel.weights import collect_weights
+from kaggle_seg.runs import experiment_folds
 
 Say = Callable[[str], None]
 DONE, FAILED = "complete", ("error", "cancel_requested", "cancel_acknowledged")
@@ -145,7 +146,7 @@ def push_experiment_model(
     from kaggle_seg.kaggle_api import upload_model
 
     run_dir = Path(run_dir)
-    checkpoints = find_checkpoints(run_dir.parent, [run_dir.name], folds)
+    checkpoints = experiment_folds(run_dir.parent, [run_dir.name], folds)
     with tempfile.TemporaryDirectory(prefix="kseg-model-") as tmp:
         write_json(Path(tmp) / WEIGHTS_MANIFEST, collect_weights(checkpoints, Path(tmp)))
         check_no_credentials(Path(tmp))

@@ -24,20 +24,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kaggle_seg.competitions.base import StagedTest
 from kaggle_seg.errors import KsegError
+from kaggle_seg.io import link_tree
 from kaggle_seg.kernel.build import read_build_record, write_json
 from kaggle_seg.kernel.credentials import check_no_credentials
 from kaggle_seg.kernel.image import ImageEnv, prepare_image_env, version_table
 from kaggle_seg.kernel.metadata import check_kernel_metadata
 from kaggle_seg.kernel.sandbox import (
     READ_ONLY_SH,
-    link_tree,
     make_kaggle_venv,
     resolve_isolation,
     set_writable,
     snapshot,
 )
-from kaggle_seg.kernel.stage import STAGERS, StagedTest
 from kaggle_seg.kernel.targets import (
     DATASET_METADATA,
     KERNEL_METADATA,
@@ -143,30 +143,18 @@ def _check_submission(
     wrong with it."""
     import pandas as pd
 
-    from kaggle_seg.io import read_csv_checked
-    from kaggle_seg.scoring import score_submission
+    from kaggle_seg.competitions import get_competition
 
+    plugin = get_competition(competition)
     if not submission.is_file():
         raise KsegError("the kernel wrote no /kaggle/working/submission.csv")
     if staged.truth_csv is not None:
-        result = score_submission(competition, staged.truth_csv, submission, staged.test_images)
+        result = plugin.score_submission(staged.truth_csv, submission, staged.test_images)
         frame = pd.read_csv(submission, dtype=str)
         return len(frame), frame.iloc[:, 0].nunique(), float(result["score"])
     # Public re-run (empty test): whatever rows there are must be valid train predictions.
-    from kaggle_seg.competitions.uwmgi import CLASSES, scan_slices
-    from kaggle_seg.submission import validate_uwmgi_submission
-
-    frame = read_csv_checked(submission, ["id", "class", "predicted"])
-    slices = scan_slices(staged.train_images)
-    shapes = dict(
-        zip(slices["id"], zip(slices["height"], slices["width"], strict=True), strict=True)
-    )
-    ids = list(dict.fromkeys(frame["id"]))
-    unknown = [i for i in ids if i not in shapes]
-    if unknown:
-        raise KsegError(f"submission.csv (empty test): {unknown[0]} is no slice of train/")
-    validate_uwmgi_submission(frame, ids, shapes, CLASSES, source="submission.csv")
-    return len(frame), len(ids), None
+    rows, items = plugin.check_rerun_submission(submission, staged)
+    return rows, items, None
 
 
 def rehearse_kernel(
@@ -206,11 +194,11 @@ def rehearse_kernel(
     work = Path(tempfile.mkdtemp(prefix="kseg-rehearse-", dir=work_root))
     try:
         if data_dir is None:
-            if competition != "uwmgi":
-                raise KsegError(f"{competition}: pass --data-dir (the competition folder)")
-            from kaggle_seg.competitions.uwmgi_phantom import make_uwmgi_phantom
+            from kaggle_seg.competitions import get_competition
 
-            data_dir = make_uwmgi_phantom(work / "phantom", n_slices=16)
+            data_dir = get_competition(competition).rehearsal_data(work / "phantom")
+            if data_dir is None:
+                raise KsegError(f"{competition}: pass --data-dir (the competition folder)")
         elif not Path(data_dir).is_dir():
             raise KsegError(f"--data-dir {data_dir}: folder not found")
         image = prepare_image_env(
@@ -231,8 +219,7 @@ def rehearse_kernel(
                 "versions, not Kaggle's; a pass here does not show it runs on Kaggle"
             )
         plans = [("empty test (public re-run)", 0)] if target.code_competition else []
-        held_unit = "cases" if competition == "uwmgi" else "images"
-        plans.append((f"held-back test ({holdout} train {held_unit})", holdout))
+        plans.append((f"held-back test ({holdout} train {target.holdout_unit})", holdout))
         runs = []
         for number, (label, n_held) in enumerate(plans, 1):
             runs.append(
@@ -343,7 +330,10 @@ def _rehearse_once(
     inputs, working = root / "input", root / "working"
     for folder in (working, root / "tmp", root / "home"):
         folder.mkdir(parents=True)
-    staged = STAGERS[target.competition](data_dir, inputs / target.source, holdout, root)
+    from kaggle_seg.competitions import get_competition
+
+    stage = get_competition(target.competition).stage_test
+    staged = stage(data_dir, inputs / target.source, holdout, root)
     for part in ("wheels", "weights"):
         mount = inputs / input_path(record[part])
         link_tree(kernel_dir / record[part]["dir"], mount, skip=(DATASET_METADATA,))

@@ -3,7 +3,6 @@ user + network namespace, or a socket guard) and read-only inputs."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -192,24 +191,6 @@ def make_kaggle_venv(venv: Path, image_sites: Path | Sequence[Path], *, guard: b
         (site / "kseg_socket_guard.py").write_text(SOCKET_GUARD)
         (site / "kseg_socket_guard.pth").write_text("import kseg_socket_guard\n")
     return venv / "bin" / "python"
-
-
-def link_file(source: Path, target: Path) -> None:
-    """`target` as a hard link to `source` (a copy across file systems)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
-def link_tree(source: Path, target: Path, skip: Sequence[str] = ()) -> None:
-    """Every file under `source` linked at the same place under `target` (names `skip` left
-    out); `target` exists afterwards even when `source` is empty."""
-    for path in Path(source).rglob("*"):
-        if path.is_file() and path.name not in skip:
-            link_file(path, target / path.relative_to(source))
-    target.mkdir(parents=True, exist_ok=True)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:

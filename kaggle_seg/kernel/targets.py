@@ -1,9 +1,12 @@
-"""What a kernel targets: each competition's limits and test size, the accelerators Kaggle
-offers, and the names of the files a built kernel folder holds."""
+"""What a kernel targets: the competition's limits and test size (its plug-in's `kernel`,
+competitions/base.py), the accelerators Kaggle offers, and the names of the files a built
+kernel folder holds."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from kaggle_seg.competitions.base import KernelTarget
 
 PROJECT = "kaggle-seg"
 KERNEL_METADATA = "kernel-metadata.json"
@@ -18,61 +21,18 @@ ROOT_ENV = "KSEG_KAGGLE_ROOT"  # the kernel script reads /kaggle from here when 
 MODEL_FRAMEWORK = "pyTorch"  # in a Kaggle Model handle; Kaggle mounts it as pytorch/
 
 
-@dataclass(frozen=True)
-class KernelTarget:
-    """What a competition's kernel needs beyond the competition plug-in: limits, test size."""
-
-    competition: str
-    time_limit_hours: float | None
-    unit: str  # what the hidden test is counted in
-    hidden_test_items: int
-    hidden_test_note: str
-    default_holdout: int  # held-back train cases (uwmgi) / images (dsb2018) for rehearse
-
-    @property
-    def source(self) -> str:
-        """The competition's slug, mounted at /kaggle/input/<source>."""
-        from kaggle_seg.competitions import get_competition
-
-        return str(get_competition(self.competition).kaggle_slug)
-
-    @property
-    def code_competition(self) -> bool:
-        """Internet off, the hidden test swapped in when Kaggle reruns the kernel."""
-        from kaggle_seg.competitions import get_competition
-
-        return bool(get_competition(self.competition).code_competition)
-
-
-TARGETS: dict[str, KernelTarget] = {
-    "uwmgi": KernelTarget(
-        "uwmgi",
-        time_limit_hours=9.0,
-        unit="slices",
-        # Train: 38,496 slices in 85 cases (about 453 per case); the hidden test has about 50.
-        hidden_test_items=50 * 453,
-        hidden_test_note="about 50 cases of ~453 slices",
-        default_holdout=2,
-    ),
-    "dsb2018": KernelTarget(
-        "dsb2018",
-        time_limit_hours=12.0,  # not a code competition: a Kaggle session's limit
-        unit="images",
-        hidden_test_items=3019,
-        hidden_test_note="the stage 2 test set",
-        default_holdout=8,
-    ),
-}
-
-
 def get_target(competition: str) -> KernelTarget:
-    """The kernel target of `competition`; a KeyError lists those with a kernel template."""
-    try:
-        return TARGETS[competition]
-    except KeyError:
+    """The kernel target of `competition` (its plug-in's `kernel`); a KeyError lists those
+    with a kernel."""
+    from kaggle_seg.competitions import COMPETITIONS
+
+    plugin = COMPETITIONS.get(competition)
+    if plugin is None or plugin.kernel is None:
+        with_kernel = [name for name, c in COMPETITIONS.items() if c.kernel is not None]
         raise KeyError(
-            f"no Kaggle kernel for {competition!r}; choose one of {', '.join(TARGETS)}"
-        ) from None
+            f"no Kaggle kernel for {competition!r}; choose one of {', '.join(with_kernel)}"
+        )
+    return plugin.kernel
 
 
 @dataclass(frozen=True)

@@ -4,66 +4,13 @@ postprocess.json, and a manifest of checksums; never last.pt (optimizer state)."
 from __future__ import annotations
 
 import hashlib
-import re
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from kaggle_seg import __version__
-from kaggle_seg.errors import KsegError
-from kaggle_seg.kernel.names import check_path_name, inside
-from kaggle_seg.paths import BEST_CHECKPOINT, CONFIG_FILE, POSTPROCESS_FILE
-
-
-def parse_folds(text: str | None) -> list[int] | None:
-    """`0,1,2` -> [0, 1, 2]; None or empty -> None (every trained fold)."""
-    if not text:
-        return None
-    try:
-        folds = [int(k) for k in text.split(",")]
-    except ValueError:
-        raise KsegError(f"--folds {text!r}: expected integers like 0,1,2") from None
-    if any(k < 0 for k in folds):
-        raise KsegError(f"--folds {text!r}: fold numbers start at 0")
-    return folds
-
-
-def _fold_number(path: Path) -> int:
-    match = re.fullmatch(r"fold_(\d+)", path.name)
-    return int(match.group(1)) if match else -1
-
-
-def find_checkpoints(
-    runs_root: Path, experiments: Sequence[str], folds: Sequence[int] | None
-) -> dict[str, list[Path]]:
-    """experiment -> its fold folders holding best.pt (`folds`, or every trained fold).
-    Experiment names are plain folder names: they become paths in the weights dataset."""
-    found = {}
-    for experiment in experiments:
-        check_path_name(experiment, "--experiment")
-        run_dir = Path(runs_root) / experiment
-        if not run_dir.is_dir():
-            raise KsegError(f"{run_dir}: experiment folder not found (train it with kseg train)")
-        if folds is None:
-            fold_dirs = sorted(
-                # fold_<k> only: a run moved aside by `kseg train --force` is not a fold
-                (
-                    d
-                    for d in run_dir.glob("fold_*")
-                    if _fold_number(d) >= 0 and (d / BEST_CHECKPOINT).is_file()
-                ),
-                key=_fold_number,
-            )
-            if not fold_dirs:
-                raise KsegError(f"{run_dir}: no fold_<k>/{BEST_CHECKPOINT} checkpoints")
-        else:
-            fold_dirs = [run_dir / f"fold_{k}" for k in folds]
-        for fold_dir in fold_dirs:
-            if not (fold_dir / BEST_CHECKPOINT).is_file():
-                raise KsegError(f"{fold_dir / BEST_CHECKPOINT}: checkpoint not found")
-        found[experiment] = fold_dirs
-    return found
+from kaggle_seg.kernel.names import inside
+from kaggle_seg.runs import BEST_CHECKPOINT, CONFIG_FILE, POSTPROCESS_FILE
 
 
 def collect_weights(checkpoints: dict[str, list[Path]], out_dir: Path) -> dict[str, Any]:

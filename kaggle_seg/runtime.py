@@ -1,0 +1,77 @@
+"""Where training runs: one process, or one of several under `torchrun` (DDP), its device,
+mixed precision and seeds."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from kaggle_seg.config import ExperimentConfig
+from kaggle_seg.errors import KsegError
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: rank and world size (1 without torchrun) and its device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def start_runtime(device: str | None = None) -> Runtime:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on GPU, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise KsegError("--device cuda: no CUDA device is visible")
+        torch.cuda.set_device(local_rank)
+        resolved = torch.device("cuda", local_rank)
+    else:
+        resolved = torch.device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+    return Runtime(rank=rank, world_size=world_size, device=resolved)
+
+
+def gather(obj: Any, runtime: Runtime) -> list[Any]:
+    """Every rank's `obj`, on every rank (a one-item list without DDP)."""
+    if not runtime.distributed:
+        return [obj]
+    gathered: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_settings(config: ExperimentConfig, device: torch.device) -> tuple[bool, torch.dtype]:
+    """(enabled, dtype): AMP on CUDA only; "auto" picks bf16 where the GPU has it."""
+    amp = config.train.amp
+    if device.type != "cuda" or amp == "off":
+        return False, torch.float32
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return True, torch.bfloat16
+    return True, torch.float16

@@ -1,0 +1,184 @@
+"""What training records, as a part of `train.Trainer`: the checkpointed state (last.pt, best.pt
+with the `ModelSpec` and config), the resume that restores it, and the end of each epoch
+(history.csv, the best checkpoint, early stopping, TensorBoard)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from kaggle_seg import runs
+from kaggle_seg.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from kaggle_seg.errors import KsegError
+from kaggle_seg.io import write_csv_atomic
+
+
+class TrainerState:
+    """The record-keeping half of `Trainer` (a mixin: it reads the trainer's model, optimizer,
+    scheduler, EMA, spec, config and counters)."""
+
+    # Set by Trainer.__init__.
+    config: Any
+    history: list[dict[str, Any]]
+    eval_model: Any  # Trainer.eval_model: the EMA model when there is one, else the model
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.eval_model().state_dict(),
+            "train_model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "epoch": self.epoch,
+            "optimizer_steps": self.optimizer_steps,
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "best_step": self.best_step,
+            "bad_epochs": self.bad_epochs,
+            "history": self.history,
+            "rng": rng_state(),
+            **self.metadata(),
+        }
+
+    def metadata(self) -> dict[str, Any]:
+        """What prediction needs without the training command line."""
+        from kaggle_seg import __version__
+
+        return {
+            "config": self.config.model_dump(mode="json"),
+            "fold": self.fold,
+            "competition": self.competition.name,
+            "classes": list(self.spec.outputs),
+            "in_channels": self.spec.in_channels,
+            "spec": self.spec.as_dict(),
+            "kseg_version": __version__,
+        }
+
+    def load(self, path: Path) -> None:
+        """Restore everything from a last.pt so training continues exactly."""
+        if not path.is_file():
+            raise KsegError(f"--resume: no checkpoint at {path}")
+        state = load_checkpoint(path, map_location=self.runtime.device)
+        saved, config = state.get("config") or {}, self.config.model_dump(mode="json")
+        if runs.changed_keys(saved, config):
+            raise KsegError(runs.resume_mismatch(path, saved, config))
+        try:
+            self.model.load_state_dict(state["train_model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler and state["scheduler"]:
+                self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            if self.ema and state["ema"]:
+                self.ema.load_state_dict(state["ema"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise KsegError(runs.resume_mismatch(path, saved, config)) from exc
+        self.epoch = state["epoch"]
+        self.optimizer_steps = state.get("optimizer_steps", 0)
+        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+        self.bad_epochs, self.history = state["bad_epochs"], state["history"]
+        self.best_step = state.get("best_step", 0)
+        set_rng_state(state["rng"])
+
+    def _validated_weights(self) -> dict[str, Any]:
+        """history.csv columns saying which weights this epoch's validation (and best.pt) used:
+        `weights` "ema" or "raw", and the EMA's decay at the last step (0 for raw)."""
+        weights = {"weights": "raw", "ema_decay": 0.0, "bn_batches": self.bn_batches}
+        if self.ema:
+            weights.update(weights="ema", ema_decay=float(self.ema.get_decay(self.optimizer_steps)))
+        return weights
+
+    def _improved(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.config.train.monitor_mode == "max":
+            return value > self.best_value
+        return value < self.best_value
+
+    def _check_monitor(self) -> None:
+        """A train.monitor that no epoch will measure is an error now, not after an epoch."""
+        from kaggle_seg.evaluation import fold_metric_names
+
+        measured = {"train_loss", "train_seconds", "images_per_s", "valid_loss", "lr"}
+        measured |= {f"train_{label}" for label in getattr(self.criterion, "labels", [])}
+        measured |= set(fold_metric_names(self.competition))
+        if self.class_head:
+            measured |= {"train_class_bce", "valid_class_bce"}
+        if self.config.train.monitor not in measured:
+            raise KsegError(
+                f"train.monitor: {self.config.train.monitor!r} is not measured; choose one of "
+                f"{', '.join(sorted(measured))}"
+            )
+
+    def _should_stop_early(self) -> bool:
+        cfg = self.config.train
+        return bool(
+            cfg.early_stopping_patience
+            and self.bad_epochs >= cfg.early_stopping_patience
+            and self.optimizer_steps - self.best_step >= cfg.early_stopping_min_steps
+        )
+
+    def _end_epoch(self, metrics: dict[str, float], judged: bool = True) -> None:
+        """Record the epoch; `judged` (it was validated, or a --full run) lets it become the
+        best checkpoint and count for early stopping."""
+        cfg = self.config.train
+        if judged and cfg.monitor not in metrics:
+            raise KsegError(
+                f"train.monitor: {cfg.monitor!r} is not measured; choose one of "
+                f"{', '.join(sorted(metrics))}"
+            )
+        value = metrics.get(cfg.monitor, math.nan)
+        lr = self.optimizer.param_groups[-1]["lr"]
+        row = {"epoch": self.epoch + 1, **metrics, "lr": lr, **self._validated_weights()}
+        self.history.append(row)
+        if self.scheduler_steps == "epoch":
+            self.scheduler.step()
+        elif self.scheduler_steps == "metric" and judged:
+            self.scheduler.step(value)
+        improved = judged and self._improved(value)
+        if improved:
+            self.best_value, self.best_epoch, self.bad_epochs = value, self.epoch, 0
+            self.best_step = self.optimizer_steps
+        elif judged:
+            self.bad_epochs += 1
+        self.epoch += 1
+        if self.runtime.is_main:
+            if improved:
+                save_checkpoint(
+                    {
+                        "model": self.eval_model().state_dict(),
+                        "epoch": self.epoch,
+                        cfg.monitor: value,
+                        **self.metadata(),
+                    },
+                    self.run_dir / runs.BEST_CHECKPOINT,
+                )
+            save_checkpoint(self.state(), self.run_dir / runs.LAST_CHECKPOINT)
+            write_csv_atomic(pd.DataFrame(self.history), self.run_dir / runs.HISTORY_FILE)
+            self._log_tensorboard(row)
+            shown = ", ".join(
+                f"{k} {v:.4g}"
+                for k, v in row.items()
+                if k in ("train_loss", "valid_loss", "score", "dice", "lr", "images_per_s")
+            )
+            self._log(f"epoch {self.epoch}/{cfg.epochs}: {shown}" + (" *" if improved else ""))
+
+    def _log_tensorboard(self, row: dict[str, float]) -> None:
+        if not self.config.train.tensorboard:
+            return
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise KsegError(
+                    "train.tensorboard is true but tensorboard is not installed: "
+                    "pip install 'kaggle-seg[tensorboard]'"
+                ) from None
+            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, int | float):
+                self._writer.add_scalar(key, value, global_step=int(row["epoch"]))
+        self._writer.flush()

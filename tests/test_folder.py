@@ -1,0 +1,175 @@
+"""The folder competition: images/ + masks/ set up by data.options, on real data exported to
+that layout (LGG, DSB), through prepare, folds, train, tune, submit, score and show."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from folder_export import export
+
+from kaggle_seg.competitions import get_competition
+from kaggle_seg.config import DataConfig
+from kaggle_seg.errors import InputError, KsegError
+
+LGG_PATIENT = "^(TCGA_[A-Z0-9]+_[A-Z0-9]+)_"
+
+
+def test_options_name_the_classes_and_refuse_the_rest() -> None:
+    folder = get_competition("folder")
+    with pytest.raises(KsegError, match="name the mask classes"):
+        folder.configure({})
+    with pytest.raises(KsegError, match="'rle_order'"):
+        folder.configure({"classes": ["polyp"], "rle_order": "X"})
+    with pytest.raises(KsegError, match="group_pattern"):
+        folder.configure({"classes": ["polyp"], "group_pattern": "no group"})
+    with pytest.raises(KsegError, match=r"data\.options\.classes"):
+        folder.read_table(Path("."), DataConfig(competition="folder"))
+    polyps = folder.configure({"classes": ["polyp"], "rle_order": "F"})
+    assert polyps.classes == ("polyp",) and polyps.rle_order == "F"
+    assert get_competition("folder").classes == ()  # the plug-in itself stays unconfigured
+
+
+def _write(path: Path, array: np.ndarray, suffix: str = ".png") -> Path:
+    path = path.with_suffix(suffix)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), array)
+    return path
+
+
+def test_binary_jpeg_and_multiclass_masks(tmp_path: Path) -> None:
+    image = np.full((32, 40, 3), 90, np.uint8)
+    _write(tmp_path / "binary/images/a", image, ".jpg")
+    mask = np.zeros((32, 40), np.uint8)
+    mask[8:20, 10:30] = 255
+    _write(tmp_path / "binary/masks/a", mask, ".jpg")  # JPEG: values near 0 and 255
+    polyps = get_competition("folder").configure({"classes": ["polyp"]})
+    table = polyps.read_table(tmp_path / "binary", DataConfig(competition="folder"))
+    read = polyps.read_mask(table.iloc[0])
+    assert read.shape == (32, 40, 1) and abs(int(read.sum()) - 12 * 20) <= 12
+
+    labels = np.zeros((32, 40), np.uint8)
+    labels[2:10, 2:10], labels[20:30, 20:35] = 1, 2
+    _write(tmp_path / "multi/images/b", image)
+    _write(tmp_path / "multi/masks/b", labels)
+    organs = get_competition("folder").configure({"classes": ["liver", "kidney"]})
+    table = organs.read_table(tmp_path / "multi", DataConfig(competition="folder"))
+    masks = organs.read_mask(table.iloc[0])
+    assert masks[..., 0].sum() == 64 and masks[..., 1].sum() == 150
+    assert table.loc[0, "labels"] == "11" and not table.loc[0, "empty"]
+    labels[0, 0] = 7
+    _write(tmp_path / "multi/masks/b", labels)
+    with pytest.raises(InputError, match=r"b\.png: mask value 7 is no class"):
+        organs.read_mask(table.iloc[0])
+    _write(tmp_path / "multi/images/c", image)
+    with pytest.raises(InputError, match=r"c\.png: no mask of that name"):
+        organs.read_table(tmp_path / "multi", DataConfig(competition="folder"))
+
+
+def test_rle_submission_round_trip_in_either_order(tmp_path: Path) -> None:
+    """The truth written as an RLE CSV, in the chosen order, scores 1; a mask of another class
+    scores less."""
+    from kaggle_seg.data.rle import encode_rle
+
+    image = np.zeros((6, 9, 3), np.uint8)
+    labels = np.zeros((6, 9), np.uint8)
+    labels[1:4, 2:8] = 2
+    _write(tmp_path / "images/x", image)
+    truth = _write(tmp_path / "masks/x", labels)
+    for order in ("C", "F"):
+        organs = get_competition("folder").configure(
+            {"classes": ["liver", "kidney"], "rle_order": order}
+        )
+        rle = encode_rle(labels == 2, order)
+        frame = pd.DataFrame({"id": ["x", "x"], "class": ["liver", "kidney"], "rle": ["", rle]})
+        csv = tmp_path / f"sub_{order}.csv"
+        frame.to_csv(csv, index=False)
+        assert organs.score_submission(truth.parent, csv, None)["score"] == 1.0
+    swapped = frame.assign(rle=[rle, ""])
+    swapped.to_csv(csv, index=False)
+    result = organs.score_submission(truth.parent, csv, None)
+    assert result["score"] == 0.0 and result["per_class"]["kidney"]["dice"] == 0.0
+
+
+@pytest.mark.slow
+def test_folder_end_to_end_on_exported_lgg(shared_data: Path, tmp_path: Path) -> None:
+    """LGG exported to images/ + masks/: prepare (grouped by patient), folds, train a small seed
+    U-Net, tune, submit as RLE and as PNGs, score both, and show the worst images."""
+    from kaggle_seg.competitions import competition_for
+    from kaggle_seg.config import load_experiment
+    from kaggle_seg.prepare import folds_for_table, prepare_table
+    from kaggle_seg.scoring import score_submission
+    from kaggle_seg.show import show_experiment
+    from kaggle_seg.submit import write_submission
+    from kaggle_seg.train import train_fold
+    from kaggle_seg.tune import tune_experiment
+
+    data_dir, truth = export("lgg", shared_data / "lgg", tmp_path / "lgg_folder", n_test=12)
+    options = {"classes": ["abnormality"], "group_pattern": LGG_PATIENT, "rle_order": "F"}
+    config_path = tmp_path / "folder_lgg.yaml"
+    config_path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "folder_lgg",
+                "data": {
+                    "competition": "folder",
+                    "options": options,
+                    "table": str(tmp_path / "table.csv"),
+                    "folds": str(tmp_path / "folds.csv"),
+                    "n_folds": 3,
+                },
+                "augment": {"preset": "light", "height": 64, "width": 64},
+                "model": {"architecture": "seed_unet", "params": {"base_channels": 4, "depth": 3}},
+                "train": {"epochs": 2, "batch_size": 8, "num_workers": 0, "oof_dtype": "uint8"},
+            }
+        )
+    )
+    summary = prepare_table("folder", data_dir, tmp_path / "table.csv", config_path)
+    table = pd.read_csv(tmp_path / "table.csv")
+    assert summary["images"] == len(table) > 50
+    assert table["group"].str.fullmatch(r"TCGA_[A-Z0-9]+_[A-Z0-9]+").all()
+    assert table["group"].nunique() > 1
+    folds, _ = folds_for_table(
+        "folder", tmp_path / "table.csv", tmp_path / "folds.csv", 3, 0, force=True
+    )
+    by_group = table.merge(folds[["id", "fold"]], on="id")
+    assert (by_group.groupby("group")["fold"].nunique() == 1).all()  # patients stay whole
+
+    config = load_experiment(config_path)
+    result = train_fold(config, 0, run_root=tmp_path / "runs", device="cpu")
+    experiment = tmp_path / "runs" / "folder_lgg"
+    assert 0.0 <= result.best_value <= 1.0
+    tuned = tune_experiment(experiment)
+    assert tuned.after["score"] >= tuned.before["score"]
+
+    csv = write_submission(
+        [experiment], data_dir, tmp_path / "sub.csv", tta="none", device="cpu", num_workers=0
+    )
+    assert csv.images == 12 and csv.rows == 12
+    rle_score = score_submission("folder", truth, csv.path, options=options)
+    assert 0.0 <= rle_score["score"] <= 1.0 and rle_score["n_images"] == 12
+
+    png_config = load_experiment(config_path, ["data.options.submission=png"])
+    png_plugin = competition_for(png_config.data)
+    assert png_plugin.submission_suffix == ""
+    written = tmp_path / "pngs"
+    # The PNG format scores as the CSV does (same post-processing, same masks).
+    from contextlib import ExitStack
+
+    from kaggle_seg.predict import load_ensemble, predict_probabilities
+
+    members = load_ensemble([experiment], device="cpu")
+    with ExitStack() as scratch:
+        test = png_plugin.test_set(data_dir, None, scratch=scratch, skipped=None)
+        stream = predict_probabilities(members, png_plugin, test.table, num_workers=0)
+        png_plugin.write_submission(stream, test, tuned.settings, written, None)
+    assert len(list(written.glob("*.png"))) == 12
+    png_score = score_submission("folder", truth, written, options={**options, "submission": "png"})
+    assert png_score["score"] == pytest.approx(rle_score["score"])
+
+    pictures = show_experiment(experiment, tmp_path / "show", worst=2)
+    assert len(pictures) == 4 and all(p.stat().st_size > 0 for p in pictures)
