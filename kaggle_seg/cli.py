@@ -40,9 +40,12 @@ app.add_typer(weights_app, name="weights")
 app.command()(explain)
 app.command()(report)
 
+# Written out, not read from competitions.COMPETITIONS, so `kseg --help` does not import pandas;
+# tests/test_cli.py checks it names every registered competition.
+COMPETITION_NAMES = "uwmgi, dsb2018, lgg or folder"
 Competition = Annotated[
     str,
-    typer.Option("--competition", "-c", help="uwmgi, dsb2018, lgg or folder.", show_default=False),
+    typer.Option("--competition", "-c", help=f"{COMPETITION_NAMES}.", show_default=False),
 ]
 ConfigFile = Annotated[
     Path | None, typer.Option("--config", help="YAML config whose `data` section applies.")

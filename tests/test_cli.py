@@ -208,3 +208,12 @@ def test_demo_runs_the_whole_path(tmp_path: Path, competition: str):
     assert len(typical) == 3 and len(worst) == 3
     assert f"kseg report: {tmp_path / 'report.html'}" in out
     assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
+
+
+def test_competition_option_help_names_every_registered_competition():
+    import re as _re
+
+    from kaggle_seg.cli import COMPETITION_NAMES
+    from kaggle_seg.competitions import COMPETITIONS
+
+    assert set(_re.split(r",\s*|\s+or\s+", COMPETITION_NAMES)) == set(COMPETITIONS)
