@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_data_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -31,10 +32,7 @@ from kaggle_seg.data.rle import (
 from kaggle_seg.errors import RLEError
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(
-    os.environ.get("KSEG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
-DSB = SHARED_DATA / "dsb2018"
+DSB = shared_data_dir() / "dsb2018"
 NON_SQUARE_ID = "00ae65c1c6631ae6f2be1a449902976e6eb8483bf6b0740d00530220832c6d3e"  # 320x256
 
 # 3 x 4, non-square so that a transposed order cannot pass by accident.
