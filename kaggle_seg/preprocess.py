@@ -293,19 +293,25 @@ def apply_steps(image: np.ndarray, steps: Sequence[dict[str, Any]]) -> np.ndarra
     return image
 
 
+def _configured_steps(config: Any) -> list[dict[str, Any]]:
+    """The resolved steps of an ExperimentConfig, its data section, or a list of steps."""
+    if isinstance(config, list):
+        return config
+    data = getattr(config, "data", config)
+    return getattr(data, "preprocess", [])
+
+
 def extra_requirements(config: Any) -> list[str]:
     """Requirements beyond kaggle-seg's own dependencies that a config's preprocessing needs
-    where it runs (the kernel's wheels): SimpleITK for `n4`. Takes an ExperimentConfig or its
-    data section."""
-    data = getattr(config, "data", config)
-    needed = {get_step(s["name"]).requirement for s in getattr(data, "preprocess", [])}
+    where it runs (the kernel's wheels): SimpleITK for `n4`. Takes an ExperimentConfig, its
+    data section, or the resolved steps."""
+    needed = {get_step(s["name"]).requirement for s in _configured_steps(config)}
     return sorted(r for r in needed if r)
 
 
 def extras_needed(config: Any) -> list[str]:
     """The kaggle-seg extras (e.g. "n4") a config's preprocessing needs where it runs."""
-    data = getattr(config, "data", config)
-    needed = {get_step(s["name"]).extra for s in getattr(data, "preprocess", [])}
+    needed = {get_step(s["name"]).extra for s in _configured_steps(config)}
     return sorted(e for e in needed if e)
 
 

@@ -106,8 +106,6 @@ def model_handle(explicit: str | None, user: str, default_slug: str) -> str:
 def preprocessing_needs(checkpoints: dict[str, list[Path]]) -> tuple[list[str], list[str]]:
     """(kaggle-seg extras, requirements) the shipped folds' `data.preprocess` steps need.
     Reads only that list: the rest of a fold's config is the checkpoint's business."""
-    from types import SimpleNamespace
-
     from kaggle_seg.preprocess import extra_requirements, extras_needed, resolve_steps
     from kaggle_seg.runs import CONFIG_FILE, read_run_value
 
@@ -116,11 +114,11 @@ def preprocessing_needs(checkpoints: dict[str, list[Path]]) -> tuple[list[str], 
         for fold_dir in fold_dirs:
             steps = read_run_value(fold_dir, "data", "preprocess") or []
             try:
-                config = SimpleNamespace(preprocess=resolve_steps(steps))
+                resolved = resolve_steps(steps)
             except ValueError as exc:
                 raise KsegError(f"{Path(fold_dir) / CONFIG_FILE}: {exc}") from None
-            extras.update(extras_needed(config))
-            requires.update(extra_requirements(config))
+            extras.update(extras_needed(resolved))
+            requires.update(extra_requirements(resolved))
     return sorted(extras), sorted(requires)
 
 
