@@ -64,7 +64,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from kaggle_seg.competitions import get_competition  # noqa: E402
-from kaggle_seg.competitions.uwmgi import RLE_COLUMNS  # noqa: E402
+from kaggle_seg.competitions.uwmgi_files import RLE_COLUMNS  # noqa: E402
 from kaggle_seg.competitions.uwmgi_phantom import make_uwmgi_phantom  # noqa: E402
 from kaggle_seg.config import AugmentConfig, build_data_config  # noqa: E402
 from kaggle_seg.data import loader as loader_module  # noqa: E402

@@ -66,7 +66,7 @@ def make_experiment(root: Path, n_slices: int, seed: int = 0) -> Path:
     when complete)."""
     import pandas as pd
 
-    from kaggle_seg.competitions.uwmgi import CLASSES, RLE_COLUMNS, slice_id
+    from kaggle_seg.competitions.uwmgi_files import CLASSES, RLE_COLUMNS, slice_id
     from kaggle_seg.competitions.uwmgi_phantom import phantom_volume
     from kaggle_seg.config import DataConfig, ExperimentConfig, save_config
     from kaggle_seg.data.rle import encode_rle

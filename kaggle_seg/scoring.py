@@ -28,9 +28,16 @@ def score_submission(
     organs); `merged_classes` merges both. MLE-bench's grader: dice per-class, hausdorff merged.
     `options`: the competition's `data.options` (the folder competition's classes...).
     """
-    from kaggle_seg.competitions import get_competition
+    from kaggle_seg.competitions import COMPETITIONS, get_competition
+    from kaggle_seg.errors import KsegError
 
     plugin = get_competition(competition).configure(options or {})
+    if plugin.submission_columns is None:
+        scored = [c.name for c in COMPETITIONS.values() if c.submission_columns is not None]
+        raise KsegError(
+            f"{competition!r} has no Kaggle submission format to score; choose one of "
+            f"{', '.join(scored)}"
+        )
     return plugin.score_submission(
         Path(truth_csv),
         Path(submission_csv),

@@ -99,6 +99,7 @@ train: {{epochs: 1, batch_size: 8, num_workers: 0, loss: [{{name: bce}}], class_
     return root / "runs" / "head" / "fold_0"
 
 
+@pytest.mark.slow
 def test_training_a_head_model_logs_its_loss_and_writes_class_oof(head_run: Path) -> None:
     history = pd.read_csv(head_run / "history.csv")
     assert {"train_class_bce", "valid_class_bce", "train_loss", "valid_loss"} <= set(history)
@@ -135,6 +136,7 @@ def _test_rows(phantom_dir: Path, n: int = 6) -> pd.DataFrame:
     return table.head(n).reset_index(drop=True)
 
 
+@pytest.mark.slow
 def test_prediction_yields_class_probabilities_on_request(
     head_run: Path, seed_checkpoint: Path, phantom_dir: Path
 ) -> None:

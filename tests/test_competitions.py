@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from kaggle_seg.competitions import COMPETITIONS, get_competition
-from kaggle_seg.competitions.uwmgi import (
+from kaggle_seg.competitions.uwmgi_files import (
     RLE_COLUMNS,
     parse_slice_filename,
     scan_slices,

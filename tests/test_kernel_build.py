@@ -280,6 +280,7 @@ def test_kernel_names_cannot_leave_the_kernels_folder(tmp_path: Path, built: Pat
         parse_folds("0,-1")
 
 
+@pytest.mark.slow
 def test_build_needs_force_to_replace_and_names_missing_checkpoints(tmp_path: Path, built: Path):
     runs = tmp_path / "runs"
     fake_run(runs, "tiny_unet", folds=(0,))

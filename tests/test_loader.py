@@ -118,6 +118,7 @@ def test_a_sample_of_another_size_is_named():
         list(loader)
 
 
+@pytest.mark.slow
 def test_falls_back_to_the_plain_dataloader_when_shared_memory_is_short(
     uw_dataset, monkeypatch, capsys
 ):
@@ -139,6 +140,7 @@ train: {{epochs: 1, batch_size: 8, num_workers: 2, pooled_loader: {pooled},
 """
 
 
+@pytest.mark.slow
 def test_training_with_the_pool_matches_the_plain_loader(write_dsb_subset, tmp_path: Path):
     from kaggle_seg.train import train_fold
 

@@ -105,7 +105,7 @@ def phantom_submission(phantom_dir: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 def _shapes(phantom_dir: Path) -> dict:
-    from kaggle_seg.competitions.uwmgi import scan_slices
+    from kaggle_seg.competitions.uwmgi_files import scan_slices
 
     slices = scan_slices(phantom_dir / "train")
     return dict(zip(slices["id"], zip(slices["height"], slices["width"], strict=True),

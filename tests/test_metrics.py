@@ -14,7 +14,7 @@ from hypothesis.extra.numpy import arrays
 from scipy.spatial.distance import cdist
 
 from kaggle_seg.competitions.dsb2018_kaggle import dsb_score_frames
-from kaggle_seg.competitions.uwmgi import CLASSES as UWMGI_CLASSES
+from kaggle_seg.competitions.uwmgi_files import CLASSES as UWMGI_CLASSES
 from kaggle_seg.competitions.uwmgi_kaggle import uwmgi_score_frames
 from kaggle_seg.data.rle import decode_rles_to_labels, encode_rle
 from kaggle_seg.errors import InputError

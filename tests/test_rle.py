@@ -683,6 +683,7 @@ def check_train_image(image_id: str, train_rows: dict[str, list[dict[str, str]]]
 
 
 @needs_dsb
+@pytest.mark.slow
 def test_dsb_train_sample(train_rows: dict[str, list[dict[str, str]]]) -> None:
     image_ids = sample_train_ids()
     assert NON_SQUARE_ID in image_ids

@@ -90,6 +90,7 @@ def test_resume_without_a_checkpoint_says_so(dsb_small: Path, tmp_path: Path):
     assert not (tmp_path / "fresh" / "fold_0").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(dsb_small: Path, tmp_path: Path):
     config = load_experiment(write_config(dsb_small, "sigint", epochs=3))
     straight = train_fold(config, 0, run_root=tmp_path / "straight", device="cpu")

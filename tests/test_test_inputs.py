@@ -139,6 +139,7 @@ def test_a_uwmgi_checkpoint_on_dsb_data_says_the_competitions_differ(
         predict_folder([dsb], shared_data / "lgg" / "kaggle_3m", num_workers=0)
 
 
+@pytest.mark.slow
 def test_predict_save_stopped_mid_way_leaves_no_temporary_file(
     shared_data: Path, dsb_ids: list[str], tmp_path: Path
 ):

@@ -171,6 +171,7 @@ def test_cli_train_needs_exactly_one_fold_option(dsb_small: Path):
     assert "exactly one of --fold K or --folds" in result.stderr
 
 
+@pytest.mark.slow
 def test_uwmgi_25d_padded_training_scores_volumes(phantom_dir: Path, tmp_path: Path):
     """2.5D phantom slices padded to 320x384: the fold is scored with the uwmgi metric and the
     OOF probabilities come back at each scan's own size (266x266, 360x310...)."""
@@ -202,6 +203,7 @@ train: {{epochs: 1, batch_size: 4, num_workers: 0, loss: [{{name: bce}}, {{name:
         assert probs.shape == (3, table.loc[slice_id, "height"], table.loc[slice_id, "width"])
 
 
+@pytest.mark.slow
 def test_lgg_bunet_with_weighted_loss_and_sampler(shared_data: Path, tmp_path: Path):
     """The LGG seed system in miniature: BU-Net, weighted BCE + Dice, balanced sampling."""
     from kaggle_seg.prepare import folds_for_table, prepare_table
@@ -307,6 +309,7 @@ def test_full_run_refuses_a_validation_monitor(dsb_small: Path, tmp_path: Path):
     assert not (tmp_path / "fullscore").exists()
 
 
+@pytest.mark.slow
 def test_validate_every_and_early_stopping_counted_in_steps(dsb_small: Path, tmp_path: Path):
     config = load_experiment(write_config(dsb_small, "every", epochs=4), ["train.validate_every=2"])
     history = train_fold(config, 0, run_root=tmp_path, device="cpu").history

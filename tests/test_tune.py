@@ -282,6 +282,7 @@ def test_fast_search_equals_the_exhaustive_search(uwmgi_root: Path) -> None:
     assert fast_score == pytest.approx(score, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_fast_search_equals_the_exhaustive_search_on_hard_cases(
     uwmgi_root: Path, tmp_path: Path
 ) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import pandas as pd
 
+from kaggle_seg.competitions.images import Skipped, check_file_headers
 from kaggle_seg.config import DataConfig
 from kaggle_seg.errors import InputError, KsegError
 
@@ -37,22 +38,6 @@ SCORING_KINDS: tuple[str, ...] = ("volumes", "groups", "images", "instances")
 # A prediction stream item: (table position, id, float32 [K, H, W] probabilities[, [K] class
 # probabilities of a classification head or None]), as `predict.predict_probabilities` yields.
 Stream = Iterator[tuple[Any, ...]]
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """An image left out or predicted empty under `--on-error skip`, and why."""
-
-    id: str
-    path: str
-    reason: str
-
-
-def skip_or_raise(error: Exception, image_id: str, path: Any, skipped: list[Skipped] | None):
-    """Record `error` in `skipped` (--on-error skip) or raise it (no list: fail)."""
-    if skipped is None:
-        raise error
-    skipped.append(Skipped(str(image_id), str(path), str(error)))
 
 
 @dataclass
@@ -85,20 +70,9 @@ class KernelTarget:
     hidden_test_note: str
     default_holdout: int  # held-back train cases / images for `kseg kernel rehearse`
     holdout_unit: str  # what a held-back train item is: "cases", "images"
-
-    @property
-    def source(self) -> str:
-        """The competition's slug, mounted at /kaggle/input/<source>."""
-        from kaggle_seg.competitions import get_competition
-
-        return str(get_competition(self.competition).kaggle_slug)
-
-    @property
-    def code_competition(self) -> bool:
-        """Internet off, the hidden test swapped in when Kaggle reruns the kernel."""
-        from kaggle_seg.competitions import get_competition
-
-        return bool(get_competition(self.competition).code_competition)
+    # Filled in by the plug-in's `kernel` property from its kaggle_slug and code_competition:
+    source: str = ""  # the competition's slug, mounted at /kaggle/input/<source>
+    code_competition: bool = False  # internet off, the hidden test swapped in on Kaggle's re-run
 
 
 @dataclass(frozen=True)
@@ -268,6 +242,12 @@ class BaseCompetition:
             )
         return self
 
+    def kernel_target(self, target: KernelTarget) -> KernelTarget:
+        """`target` with this competition's slug and code-competition flag filled in."""
+        from dataclasses import replace
+
+        return replace(target, source=str(self.kaggle_slug), code_competition=self.code_competition)
+
     def read_instances(self, row: Any) -> np.ndarray:
         raise KsegError(f"{self.name} has no instance masks (use targets 'mask')")
 
@@ -312,13 +292,7 @@ class BaseCompetition:
     def score_submission(
         self, truth: Path, submission: Path, images_dir: Path | None, **modes: Any
     ) -> dict[str, Any]:
-        from kaggle_seg.competitions import COMPETITIONS
-
-        scored = [c.name for c in COMPETITIONS.values() if c.submission_columns is not None]
-        raise KsegError(
-            f"{self.name!r} has no Kaggle submission format to score; choose one of "
-            f"{', '.join(scored)}"
-        )
+        raise KsegError(f"{self.name!r} has no Kaggle submission format to score")
 
     def stage_test(self, source: Path, dest: Path, holdout: int, scratch: Path) -> StagedTest:
         raise KsegError(f"no Kaggle kernel for {self.name}")
@@ -349,28 +323,6 @@ def summarize_table(table: pd.DataFrame) -> dict[str, Any]:
         "empty_fraction": float(table["empty"].mean()) if len(table) else 0.0,
         "sizes": {f"{w}x{h}": int(n) for (w, h), n in sizes.items()},
     }
-
-
-def check_file_headers(row: Any) -> None:
-    """The image's header and every mask file's (mask_path, mask_dir/*.png) give the row's
-    size; InputError naming the file otherwise."""
-    from kaggle_seg.competitions.images import image_size
-
-    size = (int(row["height"]), int(row["width"]))
-    _same_size(image_size(row["image_path"]), size, row["image_path"], "image", row)
-    if row.get("mask_path"):
-        _same_size(image_size(row["mask_path"]), size, row["mask_path"], "mask", row)
-    if row.get("mask_dir"):
-        for path in sorted(Path(row["mask_dir"]).glob("*.png")):
-            _same_size(image_size(path), size, path, "mask", row)
-
-
-def _same_size(found: tuple[int, int], expected: tuple[int, int], path: Any, what: str, row):
-    if found != expected:
-        raise InputError(
-            f"{path}: {what} is {found[1]}x{found[0]} but image {row['image_path']} is "
-            f"{expected[1]}x{expected[0]} (W x H)"
-        )
 
 
 def check_sample_ids(found: pd.Series, expected: pd.Series, sample_path: Path) -> None:

@@ -27,9 +27,10 @@ from kaggle_seg.competitions.base import (
     StagedTest,
     Stream,
     TestSet,
-    check_file_headers,
 )
+from kaggle_seg.competitions.dsb2018_kaggle import RLE_ORDER
 from kaggle_seg.competitions.images import (
+    check_file_headers,
     check_same_size,
     image_files,
     image_rows,
@@ -42,7 +43,6 @@ from kaggle_seg.errors import InputError
 from kaggle_seg.io import read_csv_checked
 
 CLASSES = ("nuclei",)
-RLE_ORDER = "F"  # column-major: the labels CSV and the submission
 LABELS_CSV = "stage1_train_labels.csv"
 
 
@@ -74,7 +74,7 @@ class DSB2018(BaseCompetition):
     def kernel(self) -> KernelTarget:  # type: ignore[override]
         from kaggle_seg.competitions.dsb2018_kaggle import KERNEL
 
-        return KERNEL
+        return self.kernel_target(KERNEL)
 
     @property
     def demo(self) -> DemoRecipe:  # type: ignore[override]

@@ -30,7 +30,6 @@ from kaggle_seg.competitions.base import (
     TestSet,
     check_sample_ids,
 )
-from kaggle_seg.competitions.dsb2018 import RLE_ORDER
 from kaggle_seg.errors import InputError, KsegError, RLEError, one_line
 from kaggle_seg.io import read_csv_checked, write_csv_atomic
 from kaggle_seg.submission import check_columns, check_rles, csv_line, non_empty_rles
@@ -41,6 +40,8 @@ TEST_SAMPLES = {
     "stage2_test_final": "stage2_sample_submission_final.csv",
     "stage1_test": "stage1_sample_submission.csv",
 }
+RLE_ORDER = "F"  # column-major: the labels CSV and the submission
+
 KERNEL = KernelTarget(
     "dsb2018",
     time_limit_hours=12.0,  # not a code competition: a Kaggle session's limit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,23 @@ import numpy as np
 import pandas as pd
 
 from kaggle_seg.errors import InputError, one_line
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An image left out or predicted empty under `--on-error skip`, and why."""
+
+    id: str
+    path: str
+    reason: str
+
+
+def skip_or_raise(error: Exception, image_id: str, path: Any, skipped: list[Skipped] | None):
+    """Record `error` in `skipped` (--on-error skip) or raise it (no list: fail)."""
+    if skipped is None:
+        raise error
+    skipped.append(Skipped(str(image_id), str(path), str(error)))
+
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -120,8 +138,6 @@ def image_rows(
     """A test table of `paths` (id -> image file), sorted by id: `id`, `group` (the id),
     `image_path`, `height`, `width`. An unreadable header raises InputError, or with a
     `skipped` list is recorded there and the image left out (`--on-error skip`)."""
-    from kaggle_seg.competitions.base import skip_or_raise
-
     rows = []
     for image_id in sorted(paths):
         try:
@@ -133,3 +149,23 @@ def image_rows(
         rows.append({"id": image_id, "group": image_id, "image_path": path,
                      "height": height, "width": width})  # fmt: skip
     return pd.DataFrame(rows, columns=["id", "group", "image_path", "height", "width"])
+
+
+def check_file_headers(row: Any) -> None:
+    """The image's header and every mask file's (mask_path, mask_dir/*.png) give the row's
+    size; InputError naming the file otherwise."""
+    size = (int(row["height"]), int(row["width"]))
+    _same_size(image_size(row["image_path"]), size, row["image_path"], "image", row)
+    if row.get("mask_path"):
+        _same_size(image_size(row["mask_path"]), size, row["mask_path"], "mask", row)
+    if row.get("mask_dir"):
+        for path in sorted(Path(row["mask_dir"]).glob("*.png")):
+            _same_size(image_size(path), size, path, "mask", row)
+
+
+def _same_size(found: tuple[int, int], expected: tuple[int, int], path: Any, what: str, row):
+    if found != expected:
+        raise InputError(
+            f"{path}: {what} is {found[1]}x{found[0]} but image {row['image_path']} is "
+            f"{expected[1]}x{expected[0]} (W x H)"
+        )

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kaggle_seg.competitions.base import BaseCompetition, Skipped, skip_or_raise
-from kaggle_seg.competitions.images import check_same_size, read_tiff, tiff_size
+from kaggle_seg.competitions.base import BaseCompetition, Skipped
+from kaggle_seg.competitions.images import check_same_size, read_tiff, skip_or_raise, tiff_size
 from kaggle_seg.config import DataConfig
 from kaggle_seg.errors import InputError
 

@@ -25,7 +25,7 @@ from kaggle_seg.competitions.base import (
     TestSet,
     check_sample_ids,
 )
-from kaggle_seg.competitions.uwmgi import CLASSES, RLE_ORDER, scan_slices
+from kaggle_seg.competitions.uwmgi_files import CLASSES, RLE_ORDER, scan_slices
 from kaggle_seg.errors import InputError, KsegError
 from kaggle_seg.io import read_csv_checked, write_csv_atomic
 from kaggle_seg.submission import (

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kaggle_seg.competitions.uwmgi import CLASSES, RLE_ORDER, slice_id
+from kaggle_seg.competitions.uwmgi_files import CLASSES, RLE_ORDER, slice_id
 from kaggle_seg.io import write_csv_atomic
 
 # (width, height) as in the real file names; 360x310 is the non-square scan.
