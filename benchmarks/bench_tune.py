@@ -13,9 +13,10 @@ the experiment in a child process of its own (wall time, peak RSS of that proces
 same grid:
 
 - kseg tune (this checkout) on the whole OOF;
-- the previous implementation, `kaggle_seg/tune.py` at commit PREVIOUS (read with `git show`,
-  unchanged), on --old-slices slices (whole case-days drawn by `--max-images`, as both
-  implementations draw them), and this checkout on the same slices, to compare the settings.
+- the previous implementation, `kaggle_seg/tune.py` at commit PREVIOUS (the whole package at
+  that commit, from `git archive`, unchanged), on --old-slices slices (whole case-days drawn
+  by `--max-images`, as both implementations draw them), and this checkout on the same slices,
+  to compare the settings.
   The previous one holds the OOF, its threshold levels and the truth in memory (~0.6 MB a slice
   with float16 OOF), so the whole OOF needs ~25 GB: `--old-slices 38880` on a machine with that.
 
@@ -38,12 +39,19 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if "old" not in sys.argv:  # the previous implementation's child imports its own package
+    sys.path.insert(0, str(REPO))
 
 PREVIOUS = "d9294f8"  # main before issue 16: the exhaustive search with every slice in memory
 SLICES_PER_CASE_DAY = 144
 SIZE = 266
 N_FOLDS = 5
+
+
+def scan_path(case_day: str, slice_index: int) -> str:
+    """The slice's file in Kaggle's layout: train/<case>/<case>_<day>/scans/slice_..."""
+    case = case_day.split("_")[0]
+    return f"train/{case}/{case_day}/scans/slice_{slice_index:04d}_{SIZE}_{SIZE}_1.50_1.50.png"
 
 
 def noisy_probabilities(masks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -68,7 +76,6 @@ def make_experiment(root: Path, n_slices: int, seed: int = 0) -> Path:
 
     from kaggle_seg.competitions.uwmgi_files import CLASSES, RLE_COLUMNS, slice_id
     from kaggle_seg.competitions.uwmgi_phantom import phantom_volume
-    from kaggle_seg.config import DataConfig, ExperimentConfig, save_config
     from kaggle_seg.data.rle import encode_rle
     from kaggle_seg.probabilities import write_mappable_npz
 
@@ -76,14 +83,12 @@ def make_experiment(root: Path, n_slices: int, seed: int = 0) -> Path:
     done = root / "complete.json"
     wanted = {"slices": n_slices, "seed": seed, "size": SIZE}
     if done.is_file() and json.loads(done.read_text()) == wanted:
+        write_fold_configs(experiment, root)
         return experiment
     n_case_days = -(-n_slices // SLICES_PER_CASE_DAY)
     case_days = [f"case{c // 3 + 1}_day{c % 3}" for c in range(n_case_days)]
     rng = np.random.default_rng(seed)
     rows: list[dict] = []
-    config = ExperimentConfig(
-        name="bench", data=DataConfig(competition="uwmgi", table=root / "table.csv")
-    )
     started = time.perf_counter()
 
     def fold_arrays(fold: int):
@@ -101,7 +106,8 @@ def make_experiment(root: Path, n_slices: int, seed: int = 0) -> Path:
                         "case_id": case_day.split("_")[0],
                         "case_day": case_day,
                         "slice_index": z + 1,
-                        "image_path": "",
+                        # Where Kaggle's layout puts the scan; never read (tune reads no image)
+                        "image_path": scan_path(case_day, z + 1),
                         "height": SIZE,
                         "width": SIZE,
                         **{
@@ -116,13 +122,38 @@ def make_experiment(root: Path, n_slices: int, seed: int = 0) -> Path:
 
     for fold in range(N_FOLDS):
         folder = experiment / f"fold_{fold}"
-        save_config(config, folder / "config.yaml")
         write_mappable_npz(fold_arrays(fold), folder / "oof.npz")
     table = pd.DataFrame(rows).sort_values(["case_day", "slice_index"])
     table.to_csv(root / "table.csv", index=False)
+    write_fold_configs(experiment, root)
     assert len(CLASSES) == 3
     done.write_text(json.dumps(wanted))
     return experiment
+
+
+def write_fold_configs(experiment: Path, root: Path) -> None:
+    """Each fold's config.yaml with only the keys the benchmark sets (name, competition, table):
+    the previous package refuses keys added since, and fills the rest with its defaults."""
+    import yaml
+
+    config = {"name": "bench", "data": {"competition": "uwmgi", "table": str(root / "table.csv")}}
+    for fold in range(N_FOLDS):
+        (experiment / f"fold_{fold}" / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def previous_package(root: Path) -> Path:
+    """The whole `kaggle_seg` package at PREVIOUS (`git archive`), under root/previous: its
+    tune.py imports modules that the package has renamed since."""
+    folder = root / "previous"
+    if not (folder / "kaggle_seg" / "tune.py").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", PREVIOUS, "kaggle_seg"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
 
 
 class MemorySampler(threading.Thread):
@@ -150,24 +181,12 @@ def run_child(args: argparse.Namespace) -> None:
     """One implementation in this process: print a JSON line of what it did."""
     if args.cpus:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cpus])
-    if args.run == "old":
-        import importlib.util
+    from kaggle_seg.tune import tune_experiment  # the previous package's, for "old" (PYTHONPATH)
 
-        source = subprocess.run(
-            ["git", "-C", str(REPO), "show", f"{PREVIOUS}:kaggle_seg/tune.py"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        path = Path(args.out).with_name("previous_tune.py")
-        path.write_text(source)
-        spec = importlib.util.spec_from_file_location("previous_tune", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["previous_tune"] = module
-        spec.loader.exec_module(module)
-        tune_experiment = module.tune_experiment
-    else:
-        from kaggle_seg.tune import tune_experiment
+    if args.run == "old":
+        import kaggle_seg
+
+        assert "previous" in Path(kaggle_seg.__file__).parts, kaggle_seg.__file__
     memory = MemorySampler()
     memory.start()
     started, cpu = time.perf_counter(), time.process_time()
@@ -201,7 +220,8 @@ def child(kind: str, experiment: Path, out: Path, max_images: int | None, cpus: 
     command += ["--out", str(out), "--cpus", str(cpus)]
     if max_images:
         command += ["--max-images", str(max_images)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "KSEG_PROGRESS": "plain"}
+    package = previous_package(Path(out).parent) if kind == "old" else REPO
+    env = {**os.environ, "PYTHONPATH": str(package), "KSEG_PROGRESS": "plain"}
     print(f"$ {' '.join(command[1:])}", flush=True)
     result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])

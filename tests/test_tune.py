@@ -610,3 +610,29 @@ def test_tune_lgg_improves_the_per_patient_dice(shared_data: Path, tmp_path: Pat
     assert result.after["patient_dice"] == result.after["score"]
     assert result.after["dice"] == pytest.approx(by_hand["dice"].mean(), abs=1e-12)
     assert result.before["patient_dice"] == result.before["score"]
+
+
+@pytest.mark.slow
+def test_bench_tune_runs_and_the_previous_implementation_agrees(tmp_path: Path) -> None:
+    """benchmarks/bench_tune.py end to end on 2 case-days; with git history, against the
+    previous implementation (its whole package at that commit) on one case-day."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    script = repo / "benchmarks" / "bench_tune.py"
+    previous = subprocess.run(
+        ["git", "-C", str(repo), "cat-file", "-e", "d9294f8^{commit}"], capture_output=True
+    )
+    old_slices = "144" if previous.returncode == 0 else "0"  # a shallow clone lacks it
+    result = subprocess.run(
+        [sys.executable, str(script), "--slices", "288", "--old-slices", old_slices,
+         "--workdir", str(tmp_path), "--cpus", "0"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| new, all slices | 288 |" in result.stdout
+    if old_slices != "0":
+        assert "same postprocess.json as the previous implementation on its slices: True" in (
+            result.stdout
+        )
