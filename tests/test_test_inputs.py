@@ -147,8 +147,11 @@ def test_predict_save_stopped_mid_way_leaves_no_temporary_file(
     checkpoint = write_checkpoint(tmp_path / "best.pt")
     save = tmp_path / "out" / "preds.npz"
     # The prediction slowed down, so the signal lands while the npz is being written.
+    # A shell's background job starts with SIGINT ignored, and Python then keeps it ignored:
+    # the child restores Ctrl-C's default, as an interactive terminal gives it.
     script = f"""
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import kaggle_seg.predict as predict
 original = predict.predict_probabilities
 def slow(*args, **kwargs):
