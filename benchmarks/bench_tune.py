@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-if "old" not in sys.argv:  # the previous implementation's child imports its own package
+# The previous implementation's child (`--run old`) imports its own package, not this one.
+if "--run" not in sys.argv or sys.argv[sys.argv.index("--run") + 1 :][:1] != ["old"]:
     sys.path.insert(0, str(REPO))
 
 PREVIOUS = "d9294f8"  # main before issue 16: the exhaustive search with every slice in memory

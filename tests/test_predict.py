@@ -3,6 +3,7 @@ image's own size, and the arithmetic equals the plain per-image computation."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -209,19 +210,8 @@ def test_batches_keep_table_order_and_one_input_shape(tmp_path: Path):
         width=16,
         resize_mode="pad",
         normalize="none",
-        stack_depth=1,
-        stack_stride=1,
     )
-    resize = ModelSpec(
-        in_channels=3,
-        outputs=("mask",),
-        height=16,
-        width=16,
-        resize_mode="resize",
-        normalize="none",
-        stack_depth=1,
-        stack_stride=1,
-    )
+    resize = dataclasses.replace(pad, resize_mode="resize")
     assert shape_batches(table, [resize], 4) == [[0, 1, 2, 3], [4, 5]]
     assert shape_batches(table, [pad], 4) == [[0, 1], [2, 3, 4], [5]]
 

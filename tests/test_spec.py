@@ -68,8 +68,6 @@ def test_crop_mode_feeds_whole_images_and_restores_by_cropping() -> None:
         width=256,
         resize_mode="crop",
         normalize="imagenet",
-        stack_depth=1,
-        stack_stride=1,
         tile_size=512,
     )
     assert spec.input_shape(520, 696) == (520, 696)
@@ -89,8 +87,6 @@ def test_shape_batches_group_mixed_sizes_unless_order_matters() -> None:
         width=256,
         resize_mode="crop",
         normalize="none",
-        stack_depth=1,
-        stack_stride=1,
     )
     assert shape_batches(table, [spec], 8) == [[0], [1], [2], [3], [4]]
     assert shape_batches(table, [spec], 8, keep_order=False) == [[0, 2, 4], [1, 3]]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -244,8 +244,6 @@ class BaseCompetition:
 
     def kernel_target(self, target: KernelTarget) -> KernelTarget:
         """`target` with this competition's slug and code-competition flag filled in."""
-        from dataclasses import replace
-
         return replace(target, source=str(self.kaggle_slug), code_competition=self.code_competition)
 
     def read_instances(self, row: Any) -> np.ndarray:
