@@ -287,3 +287,24 @@ def test_crop_larger_than_the_image_pads_it_and_jitter_rescales() -> None:
     transform = build_transforms(jittered, train=True)
     areas = {int(transform(image=image, mask=mask)["mask"].sum()) for _ in range(20)}
     assert len(areas) > 3  # the object's size changes with the drawn scale
+
+
+def test_nuclei_robust_blurs_images_but_keeps_masks_sharp_and_aligned():
+    # The preset's point: a defocused or dim nucleus keeps its full, sharp outline as target.
+    config = AugmentConfig(preset="nuclei_robust", height=64, width=64, normalize="none")
+    transform = build_transforms(config, train=True)
+    mask = blobs(64, 64, 1, seed=7)
+    image = np.repeat(mask.astype(np.float32), 3, axis=-1)
+    dihedral = [np.rot90(m, r) for r in range(4) for m in (mask, mask.transpose(1, 0, 2))]
+    softened = 0
+    for _ in range(60):
+        out = transform(image=image, mask=mask)
+        assert any(np.array_equal(out["mask"], d) for d in dihedral)  # moved, never resampled
+        values, inside = out["image"][..., 0], out["mask"][..., 0] > 0
+        # Blur and noise leave many grey levels; flips, inversion, brightness and gamma alone
+        # leave the two of a binary image.
+        softened += len(np.unique(values.round(3))) > 8
+        bright_nuclei = values[inside].mean() > values[~inside].mean()
+        seen = (values > values.mean()) if bright_nuclei else (values < values.mean())
+        assert np.mean(seen != inside) < 0.1
+    assert softened >= 10

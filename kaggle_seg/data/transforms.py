@@ -177,6 +177,31 @@ def preset_nuclei(height: int, width: int) -> list[A.BasicTransform]:
     ]
 
 
+def preset_nuclei_robust(height: int, width: int) -> list[A.BasicTransform]:
+    """`nuclei` for slides of kinds the training set lacks: the same orientations and inversion,
+    with stronger looks (defocus and Gaussian blur up to 9 px, gamma, wider brightness /
+    contrast) at higher rates. A blurred nucleus keeps its sharp mask, so the model learns to
+    outline an out-of-focus nucleus to its full extent instead of only its bright core, and
+    dim or low-contrast slides look like the ones it trained on."""
+    square = height == width
+    return [
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        *([A.Transpose(p=0.5)] if square else []),
+        A.OneOf(
+            [
+                A.GaussianBlur(blur_limit=(3, 9), p=1.0),
+                A.Defocus(radius=(1, 3), alias_blur=(0.1, 0.3), p=1.0),
+                FastGaussNoise(std_range=(0.01, 0.05), noise_scale_factor=0.5, p=1.0),
+            ],
+            p=0.4,
+        ),
+        A.RandomGamma(gamma_limit=(60, 160), p=0.3),
+        BrightnessContrast(brightness_limit=(-0.25, 0.25), contrast_limit=(-0.5, 0.4), p=0.6),
+        InvertUnit(p=0.15),
+    ]
+
+
 PRESETS: dict[str, Callable[[int, int], list[A.BasicTransform]]] = {
     "none": preset_none,
     "light": preset_light,
@@ -184,6 +209,7 @@ PRESETS: dict[str, Callable[[int, int], list[A.BasicTransform]]] = {
     "gi": preset_gi,
     "lgg": preset_lgg,
     "nuclei": preset_nuclei,
+    "nuclei_robust": preset_nuclei_robust,
 }
 
 
