@@ -33,6 +33,7 @@ from kaggle_seg.competitions.uwmgi_files import (
     CLASSES,
     RLE_COLUMNS,
     RLE_ORDER,
+    SLICE_COLUMNS,
     scan_slices,
     sort_slices,
 )
@@ -121,21 +122,7 @@ class UWMGI(BaseCompetition):
         table = table[~table["case_day"].isin(config.exclude_case_days)]
         check_label_rles(table, data_dir / "train.csv")
         table["empty"] = (table[list(RLE_COLUMNS)] == "").all(axis=1)
-        columns = [
-            "id",
-            "group",
-            "case_id",
-            "case_day",
-            "slice_index",
-            "image_path",
-            "height",
-            "width",
-            "spacing_h",
-            "spacing_w",
-            *RLE_COLUMNS,
-            "empty",
-        ]
-        return sort_slices(table[columns])
+        return sort_slices(table[[*SLICE_COLUMNS, *RLE_COLUMNS, "empty"]])
 
     def read_test_table(self, test_dir: Path, skipped: list[Skipped] | None = None) -> pd.DataFrame:
         """`test/<case>/<case>_<day>/scans/*.png` in case-day, slice order (empty on Kaggle's

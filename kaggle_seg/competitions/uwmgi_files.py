@@ -16,6 +16,19 @@ from kaggle_seg.errors import InputError
 CLASSES = ("large_bowel", "small_bowel", "stomach")
 RLE_ORDER = "C"  # row-major: train.csv and the submission
 RLE_COLUMNS = tuple(f"rle_{c}" for c in CLASSES)
+# What a scan folder tells about each slice (`scan_slices`); the training table adds the RLEs.
+SLICE_COLUMNS = (
+    "id",
+    "group",
+    "case_id",
+    "case_day",
+    "slice_index",
+    "width",
+    "height",
+    "spacing_w",
+    "spacing_h",
+    "image_path",
+)
 _SLICE_FILE = re.compile(r"^slice_(\d+)_(\d+)_(\d+)_([\d.]+)_([\d.]+)\.png$")
 _CASE_DAY = re.compile(r"^(case\d+)_(day\d+)$")
 
@@ -67,19 +80,7 @@ def scan_slices(images_dir: str | Path) -> pd.DataFrame:
                 "image_path": str(path.resolve()),
             }
         )
-    columns = [
-        "id",
-        "group",
-        "case_id",
-        "case_day",
-        "slice_index",
-        "width",
-        "height",
-        "spacing_w",
-        "spacing_h",
-        "image_path",
-    ]
-    frame = pd.DataFrame(rows, columns=columns)
+    frame = pd.DataFrame(rows, columns=list(SLICE_COLUMNS))
     if frame["id"].duplicated().any():
         dup = frame.loc[frame["id"].duplicated(), "id"].iloc[0]
         raise InputError(f"{images_dir}: two files for slice {dup}")
