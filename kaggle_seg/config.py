@@ -217,6 +217,22 @@ class ExperimentConfig(StrictModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _frozen_encoder_is_pretrained(self) -> ExperimentConfig:
+        # A frozen random encoder never learns: with unfreeze "last" all but its last block
+        # would stay random for the whole run, and the decoder trains on noise features.
+        model, train = self.model, self.train
+        pretrained = model.encoder_weights or model.encoder_weights_path or model.weights_path
+        if (train.freeze_encoder_epochs or train.unfreeze == "last") and not pretrained:
+            option = (
+                "train.freeze_encoder_epochs" if train.freeze_encoder_epochs else "train.unfreeze"
+            )
+            raise ValueError(
+                f"{option} freezes the encoder, but model.encoder_weights is null (a random "
+                "encoder): set model.encoder_weights (imagenet or a file) or drop the freeze"
+            )
+        return self
+
     @field_validator("name")
     @classmethod
     def _plain_name(cls, name: str) -> str:
@@ -235,6 +251,8 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
         key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key '{key}'")
+        elif not key:  # a check across sections names its own options
+            parts.append(str(err["msg"]).removeprefix("Value error, "))
         else:
             parts.append(f"'{key}': {err['msg']}")
     return f"{source}: invalid config: " + "; ".join(parts)

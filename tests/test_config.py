@@ -43,6 +43,24 @@ def test_unknown_and_mistyped_keys_are_named(tmp_path: Path):
         load_experiment(path)
 
 
+def test_freezing_a_random_encoder_is_refused_naming_the_option(tmp_path: Path):
+    path = tmp_path / "frozen.yaml"
+    path.write_text(
+        "data: {competition: uwmgi}\n"
+        "model: {architecture: Unet, encoder: resnet18}\n"
+        "train: {freeze_encoder_epochs: 3}\n"
+    )
+    with pytest.raises(
+        KsegError, match=r"train\.freeze_encoder_epochs .*model\.encoder_weights is null"
+    ):
+        load_experiment(path)
+    with pytest.raises(KsegError, match=r"^\S+frozen\.yaml: invalid config: train\.unfreeze "):
+        load_experiment(path, ["train.freeze_encoder_epochs=0", "train.unfreeze=last"])
+    # Pretrained, the same freeze is a valid two-phase recipe.
+    config = load_experiment(path, ["model.encoder_weights=imagenet"])
+    assert config.train.freeze_encoder_epochs == 3
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_shipped_config_validates_and_round_trips(path: Path, tmp_path: Path):
     config = load_experiment(path)
@@ -66,12 +84,17 @@ def test_every_shipped_config_builds_its_model_and_loss_offline(path: Path):
     from kaggle_seg.competitions import get_competition
     from kaggle_seg.losses import build_loss
     from kaggle_seg.models import build_model
+    from kaggle_seg.models.weights import packaged_weights_file
 
     config = load_experiment(path)
     competition = get_competition(config.data.competition)
     classes = 2 if config.data.targets == "mask_border" else len(competition.classes)
     in_channels = competition.channels * config.data.stack_depth
-    model = build_model(config.model, in_channels, classes).eval()
+    model_config = config.model
+    if model_config.encoder_weights and packaged_weights_file(model_config.encoder) is None:
+        # A download-only encoder (a GPU recipe): offline, build the same network untrained.
+        model_config = model_config.model_copy(update={"encoder_weights": None})
+    model = build_model(model_config, in_channels, classes).eval()
     with torch.inference_mode():
         logits = model(torch.zeros(1, in_channels, 64, 64))
     assert logits.shape == (1, classes, 64, 64)
