@@ -433,7 +433,7 @@ def demo(
         str, typer.Option("--competition", "-c", help="uwmgi (phantom scans) or dsb2018.")
     ] = "uwmgi",
     epochs: Annotated[
-        int | None, typer.Option(help="Training epochs (default 8 for uwmgi, 40 for dsb2018).")
+        int | None, typer.Option(help="Training epochs (default 16 for uwmgi, 90 for dsb2018).")
     ] = None,
     device: Device = "cpu",
 ) -> None:

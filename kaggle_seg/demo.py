@@ -32,9 +32,9 @@ def demo_competitions() -> list[str]:
 def _experiment(competition: str, recipe: DemoRecipe, out: Path, epochs: int) -> ExperimentConfig:
     """A small, quick recipe: a U-Net on an ImageNet EfficientNet-Lite0 (offline, from the
     efficientnet-lite0 wheel) with a light decoder, BCE + Dice, EMA; the competition's recipe
-    gives the input (uwmgi: 2.5D stacks of 3 slices resized to 160 x 160; dsb2018: nuclei +
-    borders on native-scale 192 x 192 crops, whole images at validation and test, and the
-    watershed split)."""
+    gives the input (uwmgi: 2.5D stacks of 3 slices on native-scale 160 x 160 crops; dsb2018:
+    nuclei + borders on native-scale 192 x 192 crops and the watershed split; both validate and
+    predict whole images)."""
     return ExperimentConfig.model_validate(
         {
             "name": f"demo_{competition}",

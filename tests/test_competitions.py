@@ -79,6 +79,21 @@ def test_uwmgi_reads_non_square_slices_and_their_masks(phantom_dir: Path):
     assert image[organ, 0].mean() > image[~organ & (image[..., 0] > 0.1), 0].mean()
 
 
+def test_phantom_body_keeps_its_size_in_pixels_across_scan_sizes():
+    # Real scans share 1.5 mm pixels: a larger scan shows more background, not a larger body.
+    # A phantom that stretched its body to fill every scan would reward resizing over padding.
+    from kaggle_seg.competitions.uwmgi_phantom import SCAN_SIZES, phantom_volume
+
+    extents = set()
+    for width, height in SCAN_SIZES:
+        image, masks = phantom_volume(4, height, width, np.random.default_rng(0))
+        rows, cols = np.nonzero(image[2] > 4000)
+        extents.add((rows.max() - rows.min(), cols.max() - cols.min()))
+        assert rows.min() > 0 and cols.min() > 0 and rows.max() < height - 1
+        assert masks.shape == (4, height, width, 3)
+    assert len(extents) == 1
+
+
 def test_stack_positions_clamp_within_each_case_day():
     table = pd.DataFrame({"case_day": ["a"] * 4 + ["b"] * 3})
     positions = stack_positions(table, depth=3, stride=2, volume_key="case_day")

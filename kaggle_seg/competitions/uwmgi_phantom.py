@@ -4,7 +4,9 @@ No real UW-Madison scans can be shipped, so this writes volumes of organ-like sh
 (one ellipsoid high in the abdomen), a large bowel (ascending, transverse and descending tubes) and
 small-bowel loops (a cluster of small ellipsoids), inside an elliptical body, as 16-bit PNGs named
 `slice_SSSS_W_H_PW_PH.png`, with `train.csv` holding row-major RLEs. Scan sizes cycle through the
-real ones, the non-square 360x310 included.
+real ones, the non-square 360x310 included. As in the real scans (all 1.5 mm pixels), the body has
+one size in pixels whatever the scan size: a larger scan shows more of the background around it,
+not a larger body (so resizing scans to one size changes the anatomy's scale, and padding keeps it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from kaggle_seg.io import write_csv_atomic
 
 # (width, height) as in the real file names; 360x310 is the non-square scan.
 SCAN_SIZES = ((266, 266), (360, 310), (276, 276), (234, 234))
+# The body's scale: coordinates run -1..1 across this many pixels (a 266 x 266 scan is filled
+# exactly as before; a 360 x 310 one has a wider background margin, a 234 x 234 one a narrower).
+BODY_SPAN_PIXELS = 266
 # Organ brightness over the body, in 16-bit units.
 _ORGAN_INTENSITY = {"large_bowel": 6000.0, "small_bowel": 9000.0, "stomach": 4000.0}
 
@@ -33,10 +38,12 @@ def _ellipsoid(grid: tuple[np.ndarray, ...], centre, radii) -> np.ndarray:
 def phantom_volume(
     n_slices: int, height: int, width: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One case-day: uint16 image [D, H, W] and uint8 masks [D, H, W, 3] (CLASSES order)."""
+    """One case-day: uint16 image [D, H, W] and uint8 masks [D, H, W, 3] (CLASSES order), the body
+    centred and BODY_SPAN_PIXELS across whatever height x width is."""
+    half = (BODY_SPAN_PIXELS - 1) / 2.0
     z = np.linspace(0.0, 1.0, n_slices)[:, None, None]
-    y = np.linspace(-1.0, 1.0, height)[None, :, None]
-    x = np.linspace(-1.0, 1.0, width)[None, None, :]
+    y = ((np.arange(height) - (height - 1) / 2.0) / half)[None, :, None]
+    x = ((np.arange(width) - (width - 1) / 2.0) / half)[None, None, :]
     grid = (z, y, x)
     jitter = lambda scale: rng.uniform(-scale, scale)  # noqa: E731
 
