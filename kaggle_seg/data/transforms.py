@@ -161,16 +161,23 @@ def preset_lgg(height: int, width: int) -> list[A.BasicTransform]:
     ]
 
 
+def _slide_orientations(height: int, width: int) -> list[A.BasicTransform]:
+    """The 8 dihedral orientations of a slide (which has no up); the transpose only when the
+    output is square, since it swaps height and width."""
+    return [
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        *([A.Transpose(p=0.5)] if height == width else []),
+    ]
+
+
 def preset_nuclei(height: int, width: int) -> list[A.BasicTransform]:
     """Microscopy (DSB 2018): the 8 dihedral orientations (a slide has no up), brightness /
     contrast, noise or blur, and a colour inversion now and then (dark nuclei on bright
     brightfield backgrounds against bright nuclei on dark fluorescence ones). Scale changes come
     from the "crop" input mode's scale_jitter, not from here."""
-    square = height == width
     return [
-        A.HorizontalFlip(p=0.5),
-        A.VerticalFlip(p=0.5),
-        *([A.Transpose(p=0.5)] if square else []),
+        *_slide_orientations(height, width),
         _noise_or_blur(p=0.2),
         BrightnessContrast(brightness_limit=(-0.2, 0.2), contrast_limit=(-0.3, 0.3), p=0.5),
         InvertUnit(p=0.15),
@@ -183,11 +190,8 @@ def preset_nuclei_robust(height: int, width: int) -> list[A.BasicTransform]:
     contrast) at higher rates. A blurred nucleus keeps its sharp mask, so the model learns to
     outline an out-of-focus nucleus to its full extent instead of only its bright core, and
     dim or low-contrast slides look like the ones it trained on."""
-    square = height == width
     return [
-        A.HorizontalFlip(p=0.5),
-        A.VerticalFlip(p=0.5),
-        *([A.Transpose(p=0.5)] if square else []),
+        *_slide_orientations(height, width),
         A.OneOf(
             [
                 A.GaussianBlur(blur_limit=(3, 9), p=1.0),
