@@ -17,6 +17,7 @@ as training keeps them (a frozen pretrained encoder).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -44,11 +45,13 @@ def recalibrate_batchnorm(
     *,
     layers: list[nn.modules.batchnorm._BatchNorm] | None = None,
     distributed: bool = False,
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
 ) -> int:
     """Recompute the running statistics of `layers` (default: `trainable_batchnorms(model)`)
     from up to `max_batches` of `batches` (`to_input(batch)` gives the model input). Under DDP
     the ranks' statistics are averaged so every rank validates the same model. Returns the
-    number of batches used (0: nothing changed)."""
+    number of batches used (0: nothing changed). `autocast` wraps the forward passes only: a
+    DataLoader without workers collates inside the loop, and CPU autocast refuses its stack."""
     layers = trainable_batchnorms(model) if layers is None else layers
     if not layers or max_batches <= 0:
         return 0
@@ -64,7 +67,9 @@ def recalibrate_batchnorm(
         for batch in batches:
             if used >= max_batches:
                 break
-            model(to_input(batch))
+            inputs = to_input(batch)
+            with autocast():
+                model(inputs)
             used += 1
     finally:
         for layer, momentum in zip(layers, momenta, strict=True):

@@ -163,9 +163,10 @@ class TrainConfig(StrictModel):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     loss: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="bce")])
-    # Mixed precision on GPU ("auto" = bf16 where supported, else fp16 with a grad scaler).
+    # Mixed precision (kaggle_seg/runtime.py): "auto" = bf16 on a GPU that has it, else fp16 with
+    # a grad scaler; bf16 on a CPU that computes it natively (AVX512-BF16/AMX), else float32.
     amp: Literal["auto", "off", "fp16", "bf16"] = "auto"
-    channels_last: bool = True
+    channels_last: bool = True  # on CPU too: oneDNN's convolutions are faster in NHWC
     grad_accumulation: int = Field(1, ge=1)
     clip_grad_norm: float | None = Field(None, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
@@ -195,6 +196,12 @@ class TrainConfig(StrictModel):
     # Models with a classification head (model.params.aux_params): weight of the head's BCE on
     # "does mask channel k have any foreground" added to the segmentation loss.
     class_loss_weight: float = Field(0.4, ge=0)
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_off_is_not_false(cls, value: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads a bare `amp: off` as the boolean false.
+        return "off" if value is False else value
 
 
 class ExperimentConfig(StrictModel):

@@ -20,6 +20,8 @@ models' `decoder` levels, else the decoder as a whole.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,10 +150,13 @@ def explain_input(
     *,
     stage: str | None = None,
     threshold: float = 0.5,
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray], str]:
     """(probabilities [K, h, w], stage -> mean activation [h, w] scaled to [0, 1], class ->
     Grad-CAM [h, w], the Grad-CAM stage's name) for one model input `[1, C, h, w]` (as
-    PredictionDataset makes it); maps at the input's size."""
+    PredictionDataset makes it); maps at the input's size. The forward pass that gives the
+    probabilities and activations runs under `autocast` (the prediction's precision, so the
+    probabilities are the prediction's); Grad-CAM's gradients are taken in float32."""
     import torch.nn.functional as F
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
@@ -160,7 +165,8 @@ def explain_input(
 
     padded, height, width = pad_to_divisor(inputs)
     logits_model = LogitsOnly(model).eval()
-    logits, stages, outputs = run_with_stages(logits_model, padded)
+    with autocast():
+        logits, stages, outputs = run_with_stages(logits_model, padded)
     chosen = choose_stage(stages, stage)
     activations = {}
     for item in stages:
@@ -187,10 +193,15 @@ def explain_image(
     member: Any, inputs: torch.Tensor, row: dict[str, Any], **options: Any
 ) -> Explanation:
     """`explain_input` for a predict.Member, with every map at the image's own size."""
+    from kaggle_seg.predict import member_autocast
     from kaggle_seg.spec import restore_size
 
     probabilities, activations, grad_cam, stage = explain_input(
-        member.model, inputs, list(member.classes), **options
+        member.model,
+        inputs,
+        list(member.classes),
+        autocast=lambda: member_autocast(member),
+        **options,
     )
     height, width = int(row["height"]), int(row["width"])
 

@@ -80,7 +80,7 @@ def load_member(path: Path, weight: float, device: Any) -> Member:
     model = build_model(model_config, spec.in_channels, len(spec.outputs))
     load_checked(model, state["model"], path, "embedded config", strict=True)
     model.eval().to(device)
-    if device.type == "cuda" and config.train.channels_last:
+    if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return Member(
         model=model,
@@ -90,6 +90,18 @@ def load_member(path: Path, weight: float, device: Any) -> Member:
         source=path,
         has_class_head=has_class_head(config.model),
     )
+
+
+def member_autocast(member: Member) -> Any:
+    """The autocast context `member` predicts under: its `train.amp` on its device (bf16 on a
+    CPU that computes it natively; runtime.autocast_settings)."""
+    import torch
+
+    from kaggle_seg.runtime import autocast_settings
+
+    device = next(member.model.parameters()).device
+    enabled, dtype = autocast_settings(member.config.train.amp, device)
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
 def load_ensemble(
@@ -308,8 +320,6 @@ def predict_probabilities(
     total_weight = sum(m.weight for m in members)
     head_weight = sum(m.weight for m in members if m.has_class_head)
     want_classes = with_class_probabilities and head_weight > 0
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     with torch.inference_mode():
         for batch in loader:
             positions = batch["index"]
@@ -317,7 +327,7 @@ def predict_probabilities(
             class_sums = np.zeros((len(positions), len(members[0].classes)), np.float64)
             for member, k in zip(members, spec_index, strict=True):
                 images = batch["inputs"][k].to(device, non_blocking=True)
-                if device.type == "cuda" and member.config.train.channels_last:
+                if member.config.train.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 images, h, w = pad_to_divisor(images, member.spec.divisor)
                 model = _ClassLogitsCapture(member.model) if member.has_class_head else None
@@ -326,7 +336,7 @@ def predict_probabilities(
                 def views(tiles: Any, model: Any = model or member.model) -> Any:
                     return tta_logits(model, tiles, transforms, batched=batched_tta)
 
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                with member_autocast(member):
                     # Tiled only in "crop" mode, for images with a side above tile_size.
                     tile = spec.tile_size if spec.resize_mode == "crop" else None
                     logits = forward_tiled(views, images, tile, spec.tile_overlap, spec.divisor)

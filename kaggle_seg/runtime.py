@@ -12,7 +12,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kaggle_seg.config import ExperimentConfig
 from kaggle_seg.errors import KsegError
 
 
@@ -67,11 +66,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast_settings(config: ExperimentConfig, device: torch.device) -> tuple[bool, torch.dtype]:
-    """(enabled, dtype): AMP on CUDA only; "auto" picks bf16 where the GPU has it."""
-    amp = config.train.amp
-    if device.type != "cuda" or amp == "off":
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions natively here (AVX512-BF16 or AMX): on such a CPU
+    bf16 autocast trains about 2.5x faster than float32; elsewhere it is emulated and slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_settings(amp: str, device: torch.device) -> tuple[bool, torch.dtype]:
+    """(enabled, dtype) for `train.amp` on `device`.
+
+    CUDA: "auto" is bf16 where the GPU has it, else fp16 (with a grad scaler). CPU: "auto" is
+    bf16 where the CPU computes it natively, "bf16" forces it, and "fp16" is off (CPU fp16 is
+    emulated, and slower than float32).
+    """
+    if amp == "off":
         return False, torch.float32
-    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+    if device.type == "cuda":
+        if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+            return True, torch.bfloat16
+        return True, torch.float16
+    if device.type == "cpu" and (amp == "bf16" or (amp == "auto" and cpu_has_fast_bf16())):
         return True, torch.bfloat16
-    return True, torch.float16
+    return False, torch.float32

@@ -1,9 +1,10 @@
 """`train_fold(config, fold)`: the training loop.
 
 CPU, one GPU, or several through `torchrun` (DDP: sharded sampler, gathered metrics, rank 0
-writes). AMP (bf16, or fp16 with a grad scaler) and channels_last on GPU, gradient accumulation
-and clipping, timm's EMA, cosine-with-warm-up / plateau / step schedules, two-phase encoder
-freezing, early stopping, exact resume, and out-of-fold probabilities of the best checkpoint.
+writes). AMP (bf16, or fp16 with a grad scaler, on GPU; bf16 on a CPU that has it) and
+channels_last, gradient accumulation and clipping, timm's EMA, cosine-with-warm-up / plateau /
+step schedules, two-phase encoder freezing, early stopping, exact resume, and out-of-fold
+probabilities of the best checkpoint.
 
 A run folder `runs/<experiment>/fold_<k>/` holds config.yaml, best.pt, last.pt (both carry the
 resolved config), history.csv and oof.npz. A model with a classification head (smp
@@ -110,10 +111,10 @@ class Trainer(TrainerState):
         self.spec = ModelSpec.for_training(config, self.competition)
         self.model = build_model(config.model, self.spec.in_channels, len(self.spec.outputs))
         self.model = self.model.to(runtime.device)
-        self.channels_last = config.train.channels_last and runtime.device.type == "cuda"
+        self.channels_last = config.train.channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.amp, self.amp_dtype = autocast_settings(config, runtime.device)
+        self.amp, self.amp_dtype = autocast_settings(config.train.amp, runtime.device)
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.amp and self.amp_dtype == torch.float16
         )
@@ -199,15 +200,15 @@ class Trainer(TrainerState):
                 images = images.contiguous(memory_format=torch.channels_last)
             return images
 
-        with self._autocast():
-            self.bn_batches = recalibrate_batchnorm(
-                model,
-                self.train_loader,
-                to_input,
-                self.config.train.bn_recalibration_batches,
-                layers=layers,
-                distributed=self.runtime.distributed,
-            )
+        self.bn_batches = recalibrate_batchnorm(
+            model,
+            self.train_loader,
+            to_input,
+            self.config.train.bn_recalibration_batches,
+            layers=layers,
+            distributed=self.runtime.distributed,
+            autocast=self._autocast,
+        )
         return self.bn_batches
 
     # -- phases --
@@ -239,7 +240,7 @@ class Trainer(TrainerState):
     def _autocast(self):
         if not self.amp:
             return nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
+        return torch.autocast(self.runtime.device.type, dtype=self.amp_dtype)
 
     def train_one_epoch(self) -> dict[str, float]:
         cfg, runtime = self.config.train, self.runtime

@@ -31,6 +31,17 @@ def test_overrides_set_nested_keys_with_yaml_values():
         apply_overrides({}, ["train.lr"])
 
 
+def test_amp_off_reads_as_off_in_yaml_and_in_overrides(tmp_path: Path):
+    # PyYAML reads a bare `off` as false: kseg must still read it as the "off" setting.
+    path = tmp_path / "amp.yaml"
+    path.write_text("data: {competition: dsb2018}\ntrain: {amp: off}\n")
+    assert load_experiment(path).train.amp == "off"
+    assert load_experiment(path, ["train.amp=bf16"]).train.amp == "bf16"
+    assert load_experiment(path, ["train.amp=off"]).train.amp == "off"
+    with pytest.raises(KsegError, match=r"'train\.amp'"):
+        load_experiment(path, ["train.amp=on"])
+
+
 def test_unknown_and_mistyped_keys_are_named(tmp_path: Path):
     path = tmp_path / "bad.yaml"
     path.write_text("data: {competition: lgg}\ntrain: {epochz: 3, batch_size: big}\n")

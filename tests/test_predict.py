@@ -31,8 +31,10 @@ def write_checkpoint(
     size: int = 64,
     seed: int = 0,
     name: str = "tiny",
+    amp: str = "off",
 ) -> Path:
-    """A random-init tiny seed U-Net saved the way `kseg train` saves best.pt."""
+    """A random-init tiny seed U-Net saved the way `kseg train` saves best.pt (float32 unless
+    `amp` says otherwise, so that outputs compare exactly)."""
     from kaggle_seg.config import ExperimentConfig
     from kaggle_seg.models import build_model
 
@@ -42,6 +44,7 @@ def write_checkpoint(
             "data": {"competition": competition, "stack_depth": stack_depth},
             "augment": {"height": size, "width": size, "resize_mode": resize_mode},
             "model": {"architecture": "seed_unet", "params": {"base_channels": 4, "depth": 2}},
+            "train": {"amp": amp},
         }
     )
     channels = get_competition(competition).channels * stack_depth
@@ -159,6 +162,28 @@ def test_predictions_match_the_plain_computation_at_each_images_size(
             continue
         expected = naive_probabilities(members[0], competition, row, ["identity", "hflip", "vflip"])
         np.testing.assert_allclose(probs, expected, atol=2e-5)
+
+
+def test_bf16_on_cpu_runs_the_model_in_bf16_and_agrees_with_float32(dsb_test: Path, tmp_path: Path):
+    """A checkpoint trained with `train.amp: bf16` predicts in bf16 on CPU too (about 2.5x faster
+    on a CPU with AVX512-BF16); its probabilities stay those of float32 to within bf16 rounding."""
+    competition = get_competition("dsb2018")
+    table = competition.read_test_table(dsb_test)
+    probabilities, dtypes = {}, {}
+    for amp in ("off", "bf16"):
+        members = load_ensemble([write_checkpoint(tmp_path / amp / "best.pt", amp=amp, size=96)])
+        seen: set[torch.dtype] = set()
+        conv = next(m for m in members[0].model.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda module, inputs, output, seen=seen: seen.add(output.dtype))
+        results = predict_probabilities(members, competition, table, tta="flip", num_workers=0)
+        probabilities[amp] = {image_id: probs for _, image_id, probs in results}
+        dtypes[amp] = seen
+    assert dtypes == {"off": {torch.float32}, "bf16": {torch.bfloat16}}
+    for image_id, exact in probabilities["off"].items():
+        rounded = probabilities["bf16"][image_id]
+        assert rounded.dtype == np.float32
+        assert np.abs(rounded - exact).mean() < 0.01, image_id
+        assert ((rounded > 0.5) == (exact > 0.5)).mean() > 0.98, image_id
 
 
 def test_ensemble_is_the_weighted_mean_and_logit_mode_averages_logits(

@@ -222,6 +222,42 @@ def test_lgg_bunet_with_weighted_loss_and_sampler(shared_data: Path, tmp_path: P
     assert row["score"] == row["patient_dice"]  # LGG is scored per patient volume
 
 
+def test_autocast_follows_train_amp_and_the_device(monkeypatch: pytest.MonkeyPatch):
+    from kaggle_seg import runtime
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    assert runtime.autocast_settings("auto", cpu) == (True, torch.bfloat16)
+    assert runtime.autocast_settings("fp16", cpu) == (False, torch.float32)  # emulated: slower
+    assert runtime.autocast_settings("off", cpu) == (False, torch.float32)
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    assert runtime.autocast_settings("auto", cpu) == (False, torch.float32)
+    assert runtime.autocast_settings("bf16", cpu) == (True, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert runtime.autocast_settings("auto", gpu) == (True, torch.float16)
+    assert runtime.autocast_settings("off", gpu) == (False, torch.float32)
+
+
+def test_bf16_training_on_cpu_runs_the_model_in_bf16_and_learns(dsb_small: Path, tmp_path: Path):
+    """`train.amp: bf16` on CPU: the convolutions run in bf16 (channels_last), the loss is
+    float32 and falls; `off` keeps every convolution in float32."""
+    dtypes = {}
+    for amp in ("bf16", "off"):
+        config = load_experiment(write_config(dsb_small, f"amp_{amp}"), [f"train.amp={amp}"])
+        trainer = Trainer(config, 0, tmp_path, start_runtime("cpu"))
+        seen: set[torch.dtype] = set()
+        conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda module, inputs, output, seen=seen: seen.add(output.dtype))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        losses = []
+        for epoch in range(2):
+            trainer.epoch = epoch
+            losses.append(trainer.train_one_epoch()["train_loss"])
+        assert losses[1] < losses[0], (amp, losses)
+        dtypes[amp] = seen
+    assert dtypes == {"bf16": {torch.bfloat16}, "off": {torch.float32}}
+
+
 def test_ema_with_warmup_validates_no_worse_than_the_raw_weights(dsb_small: Path, tmp_path: Path):
     """A short real-DSB run (24 optimizer steps): the EMA (decay 0.998, as the DSB recipe had)
     warms up with the step count, so the weights validated and kept are not mostly the random
