@@ -320,11 +320,13 @@ def predict_probabilities(
     total_weight = sum(m.weight for m in members)
     head_weight = sum(m.weight for m in members if m.has_class_head)
     want_classes = with_class_probabilities and head_weight > 0
-    with torch.inference_mode():
-        for batch in loader:
-            positions = batch["index"]
-            sums: list[np.ndarray | None] = [None] * len(positions)
-            class_sums = np.zeros((len(positions), len(members[0].classes)), np.float64)
+    for batch in loader:
+        positions = batch["index"]
+        sums: list[np.ndarray | None] = [None] * len(positions)
+        class_sums = np.zeros((len(positions), len(members[0].classes)), np.float64)
+        # Inference mode for the model passes only: a generator that yields inside it would
+        # leave the caller in inference mode (and keep it there if abandoned mid-way).
+        with torch.inference_mode():
             for member, k in zip(members, spec_index, strict=True):
                 images = batch["inputs"][k].to(device, non_blocking=True)
                 if member.config.train.channels_last:
@@ -357,25 +359,25 @@ def predict_probabilities(
                         merged_np[j], heights[position], widths[position], member.spec.resize_mode
                     )
                     sums[j] = restored if sums[j] is None else sums[j] + restored
-            for j, position in enumerate(positions):
-                result = sums[j] / total_weight
-                if ensemble == "logit":
-                    result = 1.0 / (1.0 + np.exp(-result))
+        for j, position in enumerate(positions):
+            result = sums[j] / total_weight
+            if ensemble == "logit":
+                result = 1.0 / (1.0 + np.exp(-result))
+            if not batch["ok"][j]:
+                result = np.zeros_like(result)
+                if skipped is not None:
+                    path = str(table["image_path"].iloc[position])
+                    skipped.append(Skipped(ids[position], path, batch["error"][j]))
+            result = result.astype(np.float32, copy=False)
+            if not with_class_probabilities:
+                yield position, ids[position], result
+                continue
+            classes = None
+            if want_classes:
+                classes = (class_sums[j] / head_weight).astype(np.float32)
                 if not batch["ok"][j]:
-                    result = np.zeros_like(result)
-                    if skipped is not None:
-                        path = str(table["image_path"].iloc[position])
-                        skipped.append(Skipped(ids[position], path, batch["error"][j]))
-                result = result.astype(np.float32, copy=False)
-                if not with_class_probabilities:
-                    yield position, ids[position], result
-                    continue
-                classes = None
-                if want_classes:
-                    classes = (class_sums[j] / head_weight).astype(np.float32)
-                    if not batch["ok"][j]:
-                        classes = np.zeros_like(classes)
-                yield position, ids[position], result, classes
+                    classes = np.zeros_like(classes)
+            yield position, ids[position], result, classes
 
 
 def predict_folder(

@@ -176,7 +176,10 @@ def test_bf16_on_cpu_runs_the_model_in_bf16_and_agrees_with_float32(dsb_test: Pa
         conv = next(m for m in members[0].model.modules() if isinstance(m, torch.nn.Conv2d))
         conv.register_forward_hook(lambda module, inputs, output, seen=seen: seen.add(output.dtype))
         results = predict_probabilities(members, competition, table, tta="flip", num_workers=0)
-        probabilities[amp] = {image_id: probs for _, image_id, probs in results}
+        first = next(results)
+        # Between items the caller is back in its own modes, not the model pass's.
+        assert not torch.is_inference_mode_enabled() and not torch.is_autocast_enabled("cpu")
+        probabilities[amp] = {image_id: probs for _, image_id, probs in [first, *results]}
         dtypes[amp] = seen
     assert dtypes == {"off": {torch.float32}, "bf16": {torch.bfloat16}}
     for image_id, exact in probabilities["off"].items():
