@@ -3,6 +3,7 @@ mixed precision and seeds."""
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from dataclasses import dataclass
@@ -66,9 +67,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@functools.cache  # asked per prediction batch; the CPU does not change
 def cpu_has_fast_bf16() -> bool:
     """Whether oneDNN runs bf16 convolutions natively here (AVX512-BF16 or AMX): on such a CPU
-    bf16 autocast trains about 2.5x faster than float32; elsewhere it is emulated and slower."""
+    a bf16 training step is ~1.6x a float32 one (2x with channels_last,
+    benchmarks/bench_cpu_precision.py); elsewhere bf16 is emulated and slower."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
