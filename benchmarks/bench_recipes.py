@@ -8,7 +8,9 @@ Run by hand (hours of CPU), not in CI:
 Per recipe (fold 0, as `kseg train --fold 0` / `kseg tune` / `kseg submit` / `kseg score` do):
 - dsb2018_cpu (configs/dsb2018_cpu.yaml): minutes of training; fold-0 OOF mAP with default
   and tuned post-processing; `kseg score` of the submission on DSB stage1_test (65 images,
-  stage1_solution.csv): mAP and the pixel Dice of the nuclei unions.
+  stage1_solution.csv): mAP and the pixel Dice of the nuclei unions; and both scored with the
+  nuclei grown by 1 and 2 px (benchmarks/dsb_outline_width.py: how wide each set's truth
+  outlines are drawn).
 - baseline: the plain hand-written smp loop the recipe must beat, given the same minutes of
   training as dsb2018_cpu took (run it after dsb2018_cpu, in the same invocation): smp
   Unet-ResNet18 (random init: no ImageNet weights offline), images resized to 128 x 128, BCE +
@@ -111,7 +113,19 @@ def run_dsb(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]
     result["best_valid_map"] = float(history["score"].max())
     result.update(tuned(experiment))
     result.update(dsb_stage1_score([experiment], args.data, out, args.tta))
+    result["outline_width"] = outline_width(experiment, out / "stage1_submission.csv", args.data)
     return result
+
+
+def outline_width(experiment: Path, submission: Path, data: Path) -> list[dict[str, Any]]:
+    """benchmarks/dsb_outline_width.py's table: OOF and stage 1 with the nuclei grown 0-2 px."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from dsb_outline_width import oof_rows, stage1_rows, summary
+
+    return [
+        summary("fold-0 OOF", oof_rows(experiment, data)),
+        summary("stage1_test", stage1_rows(submission, data)),
+    ]
 
 
 # ----------------------------------------------------------------------------- the baseline
