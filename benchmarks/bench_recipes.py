@@ -119,13 +119,9 @@ def run_dsb(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]
 
 def outline_width(experiment: Path, submission: Path, data: Path) -> list[dict[str, Any]]:
     """benchmarks/dsb_outline_width.py's table: OOF and stage 1 with the nuclei grown 0-2 px."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from dsb_outline_width import oof_rows, stage1_rows, summary
+    from dsb_outline_width import outline_table  # this script's folder is on sys.path
 
-    return [
-        summary("fold-0 OOF", oof_rows(experiment, data)),
-        summary("stage1_test", stage1_rows(submission, data)),
-    ]
+    return outline_table(experiment, submission, data)
 
 
 # ----------------------------------------------------------------------------- the baseline

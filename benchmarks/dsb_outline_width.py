@@ -25,39 +25,21 @@ import numpy as np
 import pandas as pd
 from skimage.segmentation import expand_labels
 
-from kaggle_seg.competitions.dsb2018_kaggle import RLE_ORDER, image_shapes
-from kaggle_seg.data.rle import decode_rles_to_labels
-from kaggle_seg.metrics import dsb_image_score
+from kaggle_seg.competitions.dsb2018_kaggle import dsb_labels, image_shapes
+from kaggle_seg.metrics import dsb_image_score, instance_ious
 from kaggle_seg.postprocess import load_postprocess, postprocess_instances
 from kaggle_seg.probabilities import decode_probabilities, open_probabilities
 
 GROWTHS = (0, 1, 2)
 
 
-def labels_from_rles(rles: pd.Series, shape: tuple[int, int]) -> np.ndarray:
-    """int32 [H, W] instance labels of one image's column-major RLE rows (empty ones skipped)."""
-    rles = rles.dropna().astype(str)
-    rles = rles[rles.str.strip() != ""]
-    if rles.empty:
-        return np.zeros(shape, np.int32)
-    return decode_rles_to_labels(rles.tolist(), shape, RLE_ORDER)
-
-
 def matched_area_ratio(truth: np.ndarray, prediction: np.ndarray) -> float:
     """Median predicted / true area over the pairs with IoU > 0.5 (NaN when none match)."""
-    both = (truth > 0) & (prediction > 0)
-    if not both.any():
+    truth_area, predicted_area, t, p, iou = instance_ious(truth, prediction)
+    matched = iou > 0.5
+    if not matched.any():
         return float("nan")
-    truth_areas = np.bincount(truth.ravel())
-    predicted_areas = np.bincount(prediction.ravel())
-    pairs, overlaps = np.unique(
-        truth[both].astype(np.int64) * (int(prediction.max()) + 1) + prediction[both],
-        return_counts=True,
-    )
-    t, p = np.divmod(pairs, int(prediction.max()) + 1)
-    iou = overlaps / (truth_areas[t] + predicted_areas[p] - overlaps)
-    ratios = predicted_areas[p][iou > 0.5] / truth_areas[t][iou > 0.5]
-    return float(np.median(ratios)) if ratios.size else float("nan")
+    return float(np.median(predicted_area[p[matched]] / truth_area[t[matched]]))
 
 
 def image_row(image_id: str, truth: np.ndarray, prediction: np.ndarray) -> dict:
@@ -81,7 +63,7 @@ def oof_rows(experiment: Path, data: Path) -> list[dict]:
             rows.append(
                 image_row(
                     image_id,
-                    labels_from_rles(groups[image_id]["EncodedPixels"], shape),
+                    dsb_labels(groups[image_id]["EncodedPixels"], shape),
                     postprocess_instances(p, settings),
                 )
             )
@@ -98,13 +80,11 @@ def stage1_rows(submission: Path, data: Path) -> list[dict]:
         shape = tuple(int(n) for n in shapes[image_id])
         mine = by_id.get(image_id)
         prediction = (
-            labels_from_rles(mine["EncodedPixels"], shape)
+            dsb_labels(mine["EncodedPixels"], shape)
             if mine is not None
             else np.zeros(shape, np.int32)
         )
-        rows.append(
-            image_row(image_id, labels_from_rles(group["EncodedPixels"], shape), prediction)
-        )
+        rows.append(image_row(image_id, dsb_labels(group["EncodedPixels"], shape), prediction))
     return rows
 
 
@@ -120,19 +100,22 @@ def summary(name: str, rows: list[dict]) -> dict:
     return out
 
 
+def outline_table(experiment: Path, submission: Path, data: Path) -> list[dict]:
+    """The summary rows of the fold-0 OOF and of the stage-1 submission."""
+    return [
+        summary("fold-0 OOF", oof_rows(experiment, data)),
+        summary("stage1_test", stage1_rows(submission, data)),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", type=Path, required=True, help="runs/.../dsb2018_cpu")
     parser.add_argument("--submission", type=Path, required=True, help="stage1_test submission")
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     args = parser.parse_args()
-    table = pd.DataFrame(
-        [
-            summary("fold-0 OOF", oof_rows(args.experiment, args.data)),
-            summary("stage1_test", stage1_rows(args.submission, args.data)),
-        ]
-    )
-    print(table.to_string(index=False))
+    rows = outline_table(args.experiment, args.submission, args.data)
+    print(pd.DataFrame(rows).to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -50,5 +50,5 @@ def test_matching_outlines_are_best_ungrown(outline):
 def test_rle_rows_skip_empty_predictions(outline):
     import pandas as pd
 
-    labels = outline.labels_from_rles(pd.Series(["", None, "1 3"]), (4, 4))
+    labels = outline.dsb_labels(pd.Series(["", None, "1 3"]), (4, 4))
     assert labels[:3, 0].tolist() == [1, 1, 1] and labels.max() == 1

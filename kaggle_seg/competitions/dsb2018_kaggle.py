@@ -205,7 +205,8 @@ def image_shapes(
     return {i: image_size(Path(images_dir) / i / "images" / f"{i}.png") for i in image_ids}
 
 
-def _dsb_labels(rles: pd.Series, shape: tuple[int, int]) -> np.ndarray:
+def dsb_labels(rles: pd.Series, shape: tuple[int, int]) -> np.ndarray:
+    """int32 [H, W] instance labels of one image's column-major RLE rows (blank ones skipped)."""
     from kaggle_seg.data.rle import decode_rles_to_labels
 
     keep = non_empty_rles(rles)
@@ -239,9 +240,9 @@ def dsb_score_frames(
         if image_id not in shapes:
             raise InputError(f"shapes has no (H, W) for image {image_id!r}")
         shape = tuple(int(n) for n in shapes[image_id])
-        truth_labels = _dsb_labels(group["EncodedPixels"], shape)
+        truth_labels = dsb_labels(group["EncodedPixels"], shape)
         prediction_rles = predicted.get(image_id, pd.Series([], dtype=object))
-        prediction_labels = _dsb_labels(prediction_rles, shape)
+        prediction_labels = dsb_labels(prediction_rles, shape)
         precisions, n_truth, n_prediction = dsb_precisions_and_counts(
             truth_labels, prediction_labels
         )

@@ -13,6 +13,7 @@ from kaggle_seg.metrics.instances import (
     dsb_image_score,
     dsb_precisions_and_counts,
     dsb_thresholds,
+    instance_ious,
 )
 from kaggle_seg.metrics.pixel import (
     PIXEL_METRICS,
@@ -47,6 +48,7 @@ __all__ = [
     "dsb_thresholds",
     "gi_dice_per_slice",
     "hausdorff_3d",
+    "instance_ious",
     "pixel_counts",
     "pixel_metrics",
     "pixel_metrics_table",

@@ -36,10 +36,12 @@ def _consecutive_labels(labels: np.ndarray) -> tuple[np.ndarray, int]:
     return inverse.reshape(labels.shape), int(values.size - 1)
 
 
-def dsb_precisions_and_counts(
+def instance_ious(
     truth_labels: np.ndarray, prediction_labels: np.ndarray
-) -> tuple[np.ndarray, int, int]:
-    """(`dsb_image_precisions`, truth instances, predicted instances) of one image."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The overlapping instance pairs of one image: (truth areas [n_truth], predicted areas
+    [n_prediction], truth index [P], prediction index [P], IoU [P]), indices 0-based into the
+    area arrays (instances renumbered in order of label value)."""
     truth_labels, prediction_labels = np.asarray(truth_labels), np.asarray(prediction_labels)
     if truth_labels.shape != prediction_labels.shape:
         raise InputError(
@@ -48,9 +50,6 @@ def dsb_precisions_and_counts(
         )
     truth_index, n_truth = _consecutive_labels(truth_labels)
     prediction_index, n_prediction = _consecutive_labels(prediction_labels)
-    if n_truth == 0 or n_prediction == 0:
-        value = 1.0 if n_truth == n_prediction else 0.0
-        return np.full(DSB_IOU_THRESHOLDS.size, value), n_truth, n_prediction
     # One bincount over (truth, prediction) label pairs is the whole contingency table, background
     # row and column included, so areas come from its margins.
     pairs = truth_index.ravel().astype(np.int64) * (n_prediction + 1) + prediction_index.ravel()
@@ -63,6 +62,18 @@ def dsb_precisions_and_counts(
     truth_of, prediction_of = np.nonzero(overlap)
     intersection = overlap[truth_of, prediction_of]
     iou = intersection / (truth_area[truth_of] + prediction_area[prediction_of] - intersection)
+    return truth_area, prediction_area, truth_of, prediction_of, iou
+
+
+def dsb_precisions_and_counts(
+    truth_labels: np.ndarray, prediction_labels: np.ndarray
+) -> tuple[np.ndarray, int, int]:
+    """(`dsb_image_precisions`, truth instances, predicted instances) of one image."""
+    truth_area, prediction_area, _, _, iou = instance_ious(truth_labels, prediction_labels)
+    n_truth, n_prediction = truth_area.size, prediction_area.size
+    if n_truth == 0 or n_prediction == 0:
+        value = 1.0 if n_truth == n_prediction else 0.0
+        return np.full(DSB_IOU_THRESHOLDS.size, value), n_truth, n_prediction
     # Instances do not overlap, so IoU > 0.5 pairs an instance with at most one partner: counting
     # the pairs above a threshold t >= 0.5 counts the one-to-one matches.
     true_positives = np.count_nonzero(iou[None, :] > DSB_IOU_THRESHOLDS[:, None], axis=1)
