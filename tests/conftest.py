@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data beside the project, and a small phantom uwmgi folder."""
+"""Shared fixtures: the real data beside the project, small DSB tables of it, and a small
+phantom uwmgi folder."""
 
 from __future__ import annotations
 
@@ -54,3 +55,24 @@ def write_dsb_subset(shared_data: Path):
         return root
 
     return write
+
+
+@pytest.fixture(scope="session")
+def dsb_mixed(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 DSB images of three sizes (256x256, 696x520, 360x360), one of each in fold 0."""
+    import pandas as pd
+
+    from kaggle_seg.competitions import get_competition
+    from kaggle_seg.config import build_data_config
+
+    root = tmp_path_factory.mktemp("dsb_mixed")
+    table = get_competition("dsb2018").read_table(
+        shared_data / "dsb2018", build_data_config("dsb2018")
+    )
+    parts = [table[table["width"] == w].head(n) for w, n in ((256, 8), (696, 2), (360, 2))]
+    table = pd.concat(parts, ignore_index=True)
+    table.to_csv(root / "table.csv", index=False)
+    fold = [0 if i in (0, 8, 10) else 1 for i in range(len(table))]
+    folds = pd.DataFrame({"id": table["id"], "fold": fold, "group": table["id"]})
+    folds.to_csv(root / "folds.csv", index=False)
+    return root

@@ -286,25 +286,6 @@ def test_ema_with_warmup_validates_no_worse_than_the_raw_weights(dsb_small: Path
     assert raw_scores["dice"] > stale_scores["dice"] + 0.1, (raw_scores, stale_scores)
 
 
-@pytest.fixture(scope="module")
-def dsb_mixed(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 DSB images of three sizes (256x256, 696x520, 360x360), one of each in fold 0."""
-    from kaggle_seg.competitions import get_competition
-    from kaggle_seg.config import build_data_config
-
-    root = tmp_path_factory.mktemp("dsb_mixed")
-    table = get_competition("dsb2018").read_table(
-        shared_data / "dsb2018", build_data_config("dsb2018")
-    )
-    parts = [table[table["width"] == w].head(n) for w, n in ((256, 8), (696, 2), (360, 2))]
-    table = pd.concat(parts, ignore_index=True)
-    table.to_csv(root / "table.csv", index=False)
-    fold = [0 if i in (0, 8, 10) else 1 for i in range(len(table))]
-    folds = pd.DataFrame({"id": table["id"], "fold": fold, "group": table["id"]})
-    folds.to_csv(root / "folds.csv", index=False)
-    return root
-
-
 def test_crop_mode_trains_on_crops_and_validates_whole_tiled_images(dsb_mixed: Path, tmp_path):
     config = load_experiment(
         write_config(dsb_mixed, "crop", epochs=1, targets="mask_border"),
