@@ -154,6 +154,10 @@ class SchedulerConfig(StrictModel):
 
 class TrainConfig(StrictModel):
     epochs: int = Field(10, ge=1)
+    # Minutes the fold's training may take (validations and the out-of-fold pass included):
+    # `epochs` becomes the most it does, planned after each epoch from measured times, with
+    # the cosine schedule fitted to the plan (kaggle_seg/time_budget.py). None: all epochs.
+    time_budget_minutes: float | None = Field(None, gt=0)
     batch_size: int = Field(8, ge=1)
     num_workers: int = Field(2, ge=0)
     # Workers write training batches into preallocated shared memory (data/loader.py) instead

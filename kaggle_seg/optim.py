@@ -63,20 +63,42 @@ def _step(config: ExperimentConfig, optimizer: torch.optim.Optimizer, steps: int
     return torch.optim.lr_scheduler.StepLR(optimizer, **params), "epoch"
 
 
+class CosineFactor:
+    """LR factor per optimizer step: linear warm-up over `warmup` steps, then a cosine down to
+    `floor` at `total`. An object, not a closure, so that LambdaLR's state_dict saves `total`,
+    which a time budget (kaggle_seg/time_budget.py) may change mid-run, and resume restores."""
+
+    def __init__(self, total: int, warmup: int, floor: float):
+        self.total, self.warmup, self.floor = total, warmup, floor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def _cosine(config: ExperimentConfig, optimizer: torch.optim.Optimizer, steps: int):
     """Linear warm-up over warmup_epochs, then a cosine down to min_lr, per optimizer step."""
     sched = config.train.scheduler
-    total = max(1, config.train.epochs * steps)
-    warmup = int(sched.warmup_epochs * steps)
-    floor = sched.min_lr / config.train.optimizer.lr
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
+    factor = CosineFactor(
+        total=max(1, config.train.epochs * steps),
+        warmup=int(sched.warmup_epochs * steps),
+        floor=sched.min_lr / config.train.optimizer.lr,
+    )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "step"
+
+
+def set_schedule_epochs(scheduler: Any, epochs: int, steps_per_epoch: int) -> bool:
+    """Make a cosine schedule end after `epochs` (a time budget changed the plan); True if it
+    did. Step and plateau schedules do not depend on the run's length."""
+    factors = getattr(scheduler, "lr_lambdas", [])
+    changed = False
+    for factor in factors:
+        if isinstance(factor, CosineFactor):
+            factor.total = max(1, epochs * steps_per_epoch)
+            changed = True
+    return changed
 
 
 SCHEDULERS: dict[str, Schedule] = {

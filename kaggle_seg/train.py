@@ -37,7 +37,7 @@ from kaggle_seg.config import ExperimentConfig, save_config
 from kaggle_seg.errors import KsegError
 from kaggle_seg.evaluation import FoldEvaluator
 from kaggle_seg.malloc import keep_freed_memory
-from kaggle_seg.optim import build_optimizer, build_scheduler
+from kaggle_seg.optim import build_optimizer, build_scheduler, set_schedule_epochs
 
 # The probability files live in their own torch-free module; loaders re-exported for callers.
 from kaggle_seg.probabilities import load_class_oof, load_oof, save_class_oof, save_oof  # noqa: F401
@@ -49,6 +49,7 @@ from kaggle_seg.runtime import (
     start_runtime,
 )
 from kaggle_seg.spec import ModelSpec
+from kaggle_seg.time_budget import EpochClock, epochs_within_budget
 from kaggle_seg.train_data import fold_loaders, load_fold_tables
 from kaggle_seg.train_state import TrainerState
 
@@ -140,6 +141,9 @@ class Trainer(TrainerState):
 
             self.ema = WarmupEma(self.model, config.train.ema_decay, warmup=config.train.ema_warmup)
         self.epoch = 0
+        # The epochs this run will do: train.epochs, or fewer when a time budget cuts it.
+        self.planned_epochs = config.train.epochs
+        self.clock = EpochClock()
         self.optimizer_steps = 0  # the EMA warm-up counts these
         self.bn_batches = 0  # training batches the last BN recalibration used
         self.best_step = 0  # optimizer steps at the best checkpoint
@@ -261,7 +265,7 @@ class Trainer(TrainerState):
         totals: dict[str, float] = {}
         n_images, start = 0, time.perf_counter()
         accumulation = cfg.grad_accumulation
-        batches = self._progress(self.train_loader, f"epoch {self.epoch + 1}/{cfg.epochs}")
+        batches = self._progress(self.train_loader, f"epoch {self.epoch + 1}/{self.planned_epochs}")
         self.optimizer.zero_grad(set_to_none=True)
         for step, batch in enumerate(batches):
             images = batch["image"].to(runtime.device, non_blocking=True).float()
@@ -364,9 +368,9 @@ class Trainer(TrainerState):
         if self.runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / runs.CONFIG_FILE)
-        started = time.perf_counter()
+        started = time.perf_counter() - self.clock.elapsed  # a resumed run keeps its minutes
         try:
-            while self.epoch < cfg.epochs:
+            while self.epoch < self.planned_epochs:
                 if self._should_stop_early():
                     self._log(
                         f"early stop: no {cfg.monitor} gain in {self.bad_epochs} validations "
@@ -374,15 +378,19 @@ class Trainer(TrainerState):
                     )
                     break
                 self._apply_freezing()
+                epoch_start = time.perf_counter()
                 train_metrics = self.train_one_epoch()
+                trained = time.perf_counter()
                 validate = not self.full and (
-                    (self.epoch + 1) % cfg.validate_every == 0 or self.epoch + 1 == cfg.epochs
+                    (self.epoch + 1) % cfg.validate_every == 0
+                    or self.epoch + 1 == self.planned_epochs
                 )
                 valid_metrics: dict[str, float] = {}
                 if validate or self.full:
                     self.recalibrate_batchnorm()  # the weights best.pt may keep
                 if validate:
                     valid_metrics, _, _ = self.predict_valid()
+                self._time_epoch(epoch_start, trained, validate, started)
                 self._end_epoch({**train_metrics, **valid_metrics}, judged=validate or self.full)
         except KeyboardInterrupt:
             # last.pt stays the end of the last finished epoch: resuming repeats the interrupted
@@ -407,6 +415,47 @@ class Trainer(TrainerState):
         return FoldResult(
             self.run_dir, self.best_value, self.best_epoch, pd.DataFrame(self.history)
         )
+
+    def _time_epoch(self, epoch_start: float, trained: float, validated: bool, started: float):
+        """Record this epoch's seconds and, under train.time_budget_minutes, plan the epochs
+        that fit what is left (the slowest rank's times, so every rank plans the same)."""
+        now = time.perf_counter()
+        times = [trained - epoch_start, now - trained, now - started]
+        if self.runtime.distributed:
+            times = [max(values) for values in zip(*gather(times, self.runtime), strict=True)]
+        train_s, valid_s, elapsed = times
+        if validated:
+            self.clock.train.append(train_s)
+            self.clock.validation.append(valid_s)
+        else:  # a --full epoch's BN recalibration is part of its cost
+            self.clock.train.append(train_s + valid_s)
+        self.clock.elapsed = elapsed
+        cfg = self.config.train
+        if cfg.time_budget_minutes is None:
+            return
+        done = self.epoch + 1
+        planned = epochs_within_budget(
+            cfg.time_budget_minutes * 60,
+            self.clock,
+            done,
+            cfg.epochs,
+            validate_every=cfg.validate_every,
+            validates=not self.full,
+            last_validated=validated or self.full,
+            # Before the first validation: whole-image forward passes over the validation
+            # rows, guessed at a training epoch's cost per row.
+            validation_guess_s=self.clock.epoch_seconds()
+            * len(self.valid_table)
+            / max(1, len(self.train_table)),
+        )
+        if planned != self.planned_epochs:
+            self._log(
+                f"time budget {cfg.time_budget_minutes:g} min: {planned} of {cfg.epochs} epochs "
+                f"(an epoch {self.clock.epoch_seconds() / 60:.2f} min, "
+                f"{elapsed / 60:.1f} min so far)"
+            )
+            self.planned_epochs = planned
+            set_schedule_epochs(self.scheduler, planned, self.steps_per_epoch)
 
     def _write_oof(self) -> None:
         """Probabilities of the best checkpoint on the validation fold, compactly."""

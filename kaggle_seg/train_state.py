@@ -34,6 +34,8 @@ class TrainerState:
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "epoch": self.epoch,
+            "planned_epochs": self.planned_epochs,
+            "clock": self.clock.state_dict(),
             "optimizer_steps": self.optimizer_steps,
             "best_value": self.best_value,
             "best_epoch": self.best_epoch,
@@ -77,6 +79,8 @@ class TrainerState:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise KsegError(runs.resume_mismatch(path, saved, config)) from exc
         self.epoch = state["epoch"]
+        self.planned_epochs = state.get("planned_epochs", self.config.train.epochs)
+        self.clock.load_state_dict(state.get("clock", {}))
         self.optimizer_steps = state.get("optimizer_steps", 0)
         self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
         self.bad_epochs, self.history = state["bad_epochs"], state["history"]
@@ -164,7 +168,9 @@ class TrainerState:
                 for k, v in row.items()
                 if k in ("train_loss", "valid_loss", "score", "dice", "lr", "images_per_s")
             )
-            self._log(f"epoch {self.epoch}/{cfg.epochs}: {shown}" + (" *" if improved else ""))
+            self._log(
+                f"epoch {self.epoch}/{self.planned_epochs}: {shown}" + (" *" if improved else "")
+            )
 
     def _log_tensorboard(self, row: dict[str, float]) -> None:
         if not self.config.train.tensorboard:

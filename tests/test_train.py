@@ -341,3 +341,26 @@ def test_validate_every_and_early_stopping_counted_in_steps(dsb_small: Path, tmp
     patient = load_experiment(write_config(dsb_small, "patient", epochs=4),
                               [*watch, "train.early_stopping_min_steps=10"])  # fmt: skip
     assert len(train_fold(patient, 0, run_root=tmp_path, device="cpu").history) == 4
+
+
+def test_a_run_out_of_time_stops_validated_with_its_oof(dsb_small: Path, tmp_path: Path):
+    budget = ["train.validate_every=2", "train.time_budget_minutes=0.0001"]
+    config = load_experiment(write_config(dsb_small, "budget", epochs=5), budget)
+    result = train_fold(config, 0, run_root=tmp_path, device="cpu")
+    run = tmp_path / "budget" / "fold_0"
+    history = pd.read_csv(run / "history.csv")
+    # Epoch 1 is not a validation epoch, so the run does one more, which validates, and stops.
+    assert len(history) == 2 and history["score"].notna().tolist() == [False, True]
+    assert result.best_epoch == 1 and (run / "oof.npz").is_file()
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["planned_epochs"] == 2 and len(last["clock"]["train"]) == 2
+    assert last["clock"]["elapsed"] > 0
+    # Resuming a finished, cut run does not train on to train.epochs.
+    resumed = train_fold(config, 0, run_root=tmp_path, device="cpu", resume=True)
+    assert len(resumed.history) == 2
+
+
+def test_no_budget_runs_every_epoch(dsb_small: Path, tmp_path: Path):
+    config = load_experiment(write_config(dsb_small, "nobudget", epochs=2))
+    assert config.train.time_budget_minutes is None
+    assert len(train_fold(config, 0, run_root=tmp_path, device="cpu").history) == 2

@@ -1,0 +1,79 @@
+"""`train.time_budget_minutes`: fit a run's epochs to the minutes the user has.
+
+A recipe's `epochs` is tuned on one machine; the same 2-core recipe took 30 min on one CPU
+and would take 60 on another (benchmarks/README.md). With a budget, `epochs` is the most the
+run may do: after every epoch the run measures what an epoch and a validation cost and plans
+the most epochs whose projected time (the validations they bring, the last epoch's, and the
+out-of-fold pass) fits. The cosine schedule follows the plan, so a cut run still anneals.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EpochClock:
+    """Seconds measured so far in one run: each epoch's training, each validation (with its
+    BatchNorm recalibration), and everything since the run started (`elapsed`)."""
+
+    train: list[float] = field(default_factory=list)
+    validation: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    def epoch_seconds(self) -> float:
+        """A steady epoch: the first one also pays for warm-up (kernel choice, page cache), so
+        it is left out once there are others; the median of the last three resists a pause."""
+        steady = self.train[1:] if len(self.train) > 1 else self.train
+        return statistics.median(steady[-3:]) if steady else 0.0
+
+    def validation_seconds(self, guess: float) -> float:
+        return self.validation[-1] if self.validation else guess
+
+    def state_dict(self) -> dict[str, object]:
+        return {"train": self.train, "validation": self.validation, "elapsed": self.elapsed}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.train = list(state.get("train", []))  # type: ignore[arg-type]
+        self.validation = list(state.get("validation", []))  # type: ignore[arg-type]
+        self.elapsed = float(state.get("elapsed", 0.0))  # type: ignore[arg-type]
+
+
+def validations_between(done: int, planned: int, validate_every: int) -> int:
+    """Validations epochs done+1 .. planned run: every validate_every-th, and the last."""
+    if planned <= done:
+        return 0
+    count = planned // validate_every - done // validate_every
+    return count + (planned % validate_every != 0)
+
+
+def epochs_within_budget(
+    budget_s: float,
+    clock: EpochClock,
+    done: int,
+    max_epochs: int,
+    *,
+    validate_every: int,
+    validates: bool,
+    last_validated: bool,
+    validation_guess_s: float,
+) -> int:
+    """The most epochs (done .. max_epochs) whose projected run time fits `budget_s`.
+
+    `validates`: the run validates (not --full), so its validations and the final
+    out-of-fold pass (one more validation) count. A run whose last finished epoch was not
+    validated (or judged, for --full) does at least one more epoch, which will be: a best
+    checkpoint always exists."""
+    floor = done if last_validated else done + 1
+    epoch_s = clock.epoch_seconds()
+    valid_s = clock.validation_seconds(validation_guess_s) if validates else 0.0
+    best = min(floor, max_epochs)
+    for planned in range(best + 1, max_epochs + 1):
+        projected = clock.elapsed + (planned - done) * epoch_s
+        if validates:
+            projected += (validations_between(done, planned, validate_every) + 1) * valid_s
+        if projected > budget_s:
+            break
+        best = planned
+    return best
