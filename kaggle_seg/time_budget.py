@@ -28,6 +28,16 @@ class EpochClock:
         steady = self.train[1:] if len(self.train) > 1 else self.train
         return statistics.median(steady[-3:]) if steady else 0.0
 
+    def record(self, train_s: float, valid_s: float, validated: bool, elapsed: float) -> None:
+        """One finished epoch. Unvalidated, its BatchNorm recalibration (--full) is part of
+        the epoch's cost."""
+        if validated:
+            self.train.append(train_s)
+            self.validation.append(valid_s)
+        else:
+            self.train.append(train_s + valid_s)
+        self.elapsed = elapsed
+
     def validation_seconds(self, guess: float) -> float:
         return self.validation[-1] if self.validation else guess
 

@@ -37,7 +37,7 @@ from kaggle_seg.config import ExperimentConfig, save_config
 from kaggle_seg.errors import KsegError
 from kaggle_seg.evaluation import FoldEvaluator
 from kaggle_seg.malloc import keep_freed_memory
-from kaggle_seg.optim import build_optimizer, build_scheduler, set_schedule_epochs
+from kaggle_seg.optim import build_optimizer, build_scheduler
 
 # The probability files live in their own torch-free module; loaders re-exported for callers.
 from kaggle_seg.probabilities import load_class_oof, load_oof, save_class_oof, save_oof  # noqa: F401
@@ -49,7 +49,7 @@ from kaggle_seg.runtime import (
     start_runtime,
 )
 from kaggle_seg.spec import ModelSpec
-from kaggle_seg.time_budget import EpochClock, epochs_within_budget
+from kaggle_seg.time_budget import EpochClock
 from kaggle_seg.train_data import fold_loaders, load_fold_tables
 from kaggle_seg.train_state import TrainerState
 
@@ -417,45 +417,13 @@ class Trainer(TrainerState):
         )
 
     def _time_epoch(self, epoch_start: float, trained: float, validated: bool, started: float):
-        """Record this epoch's seconds and, under train.time_budget_minutes, plan the epochs
-        that fit what is left (the slowest rank's times, so every rank plans the same)."""
+        """Record this epoch's seconds (the slowest rank's, so every rank plans the same)."""
         now = time.perf_counter()
         times = [trained - epoch_start, now - trained, now - started]
         if self.runtime.distributed:
             times = [max(values) for values in zip(*gather(times, self.runtime), strict=True)]
-        train_s, valid_s, elapsed = times
-        if validated:
-            self.clock.train.append(train_s)
-            self.clock.validation.append(valid_s)
-        else:  # a --full epoch's BN recalibration is part of its cost
-            self.clock.train.append(train_s + valid_s)
-        self.clock.elapsed = elapsed
-        cfg = self.config.train
-        if cfg.time_budget_minutes is None:
-            return
-        done = self.epoch + 1
-        planned = epochs_within_budget(
-            cfg.time_budget_minutes * 60,
-            self.clock,
-            done,
-            cfg.epochs,
-            validate_every=cfg.validate_every,
-            validates=not self.full,
-            last_validated=validated or self.full,
-            # Before the first validation: whole-image forward passes over the validation
-            # rows, guessed at a training epoch's cost per row.
-            validation_guess_s=self.clock.epoch_seconds()
-            * len(self.valid_table)
-            / max(1, len(self.train_table)),
-        )
-        if planned != self.planned_epochs:
-            self._log(
-                f"time budget {cfg.time_budget_minutes:g} min: {planned} of {cfg.epochs} epochs "
-                f"(an epoch {self.clock.epoch_seconds() / 60:.2f} min, "
-                f"{elapsed / 60:.1f} min so far)"
-            )
-            self.planned_epochs = planned
-            set_schedule_epochs(self.scheduler, planned, self.steps_per_epoch)
+        self.clock.record(times[0], times[1], validated, times[2])
+        self._plan_epochs(self.epoch + 1, last_validated=validated or self.full)
 
     def _write_oof(self) -> None:
         """Probabilities of the best checkpoint on the validation fold, compactly."""

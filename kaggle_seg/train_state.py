@@ -14,6 +14,8 @@ from kaggle_seg import runs
 from kaggle_seg.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from kaggle_seg.errors import KsegError
 from kaggle_seg.io import write_csv_atomic
+from kaggle_seg.optim import set_schedule_epochs
+from kaggle_seg.time_budget import epochs_within_budget
 
 
 class TrainerState:
@@ -86,6 +88,7 @@ class TrainerState:
         self.bad_epochs, self.history = state["bad_epochs"], state["history"]
         self.best_step = state.get("best_step", 0)
         set_rng_state(state["rng"])
+        self._plan_epochs(self.epoch, last_validated=self.best_epoch >= 0)
 
     def _validated_weights(self) -> dict[str, Any]:
         """history.csv columns saying which weights this epoch's validation (and best.pt) used:
@@ -188,3 +191,34 @@ class TrainerState:
             if key != "epoch" and isinstance(value, int | float):
                 self._writer.add_scalar(key, value, global_step=int(row["epoch"]))
         self._writer.flush()
+
+    def _plan_epochs(self, done: int, last_validated: bool) -> None:
+        """The epochs this run does: train.epochs, or under train.time_budget_minutes those that
+        fit what is left. Also on --resume, so a run resumed with more epochs or minutes does them
+        and its cosine schedule ends with the new plan."""
+        cfg = self.config.train
+        planned = cfg.epochs
+        if cfg.time_budget_minutes is not None and self.clock.train:
+            planned = epochs_within_budget(
+                cfg.time_budget_minutes * 60,
+                self.clock,
+                done,
+                cfg.epochs,
+                validate_every=cfg.validate_every,
+                validates=not self.full,
+                last_validated=last_validated,
+                # Before the first validation: whole-image forward passes over the validation
+                # rows, guessed at a training epoch's cost per row.
+                validation_guess_s=self.clock.epoch_seconds()
+                * len(self.valid_table)
+                / max(1, len(self.train_table)),
+            )
+        if planned != self.planned_epochs:
+            if cfg.time_budget_minutes is not None:
+                self._log(
+                    f"time budget {cfg.time_budget_minutes:g} min: {planned} of {cfg.epochs} "
+                    f"epochs (an epoch {self.clock.epoch_seconds() / 60:.2f} min, "
+                    f"{self.clock.elapsed / 60:.1f} min so far)"
+                )
+            self.planned_epochs = planned
+            set_schedule_epochs(self.scheduler, planned, self.steps_per_epoch)

@@ -358,6 +358,12 @@ def test_a_run_out_of_time_stops_validated_with_its_oof(dsb_small: Path, tmp_pat
     # Resuming a finished, cut run does not train on to train.epochs.
     resumed = train_fold(config, 0, run_root=tmp_path, device="cpu", resume=True)
     assert len(resumed.history) == 2
+    # Given more minutes, the resumed run plans again and goes on to train.epochs.
+    more = load_experiment(
+        write_config(dsb_small, "budget", epochs=5),
+        ["train.validate_every=2", "train.time_budget_minutes=60"],
+    )
+    assert len(train_fold(more, 0, run_root=tmp_path, device="cpu", resume=True).history) == 5
 
 
 def test_no_budget_runs_every_epoch(dsb_small: Path, tmp_path: Path):
