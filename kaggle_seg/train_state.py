@@ -214,7 +214,12 @@ class TrainerState:
                 / max(1, len(self.train_table)),
             )
         if planned != self.planned_epochs:
-            if cfg.time_budget_minutes is not None:
+            # The plan wobbles by an epoch or two as times are measured: say so when it first
+            # departs from train.epochs, then only when it moves by a tenth of them.
+            logged = getattr(self, "_logged_plan", None)
+            moved = 1 if logged is None else max(1, cfg.epochs // 10)
+            if cfg.time_budget_minutes is not None and abs(planned - (logged or 0)) >= moved:
+                self._logged_plan = planned
                 self._log(
                     f"time budget {cfg.time_budget_minutes:g} min: {planned} of {cfg.epochs} "
                     f"epochs (an epoch {self.clock.epoch_seconds() / 60:.2f} min, "

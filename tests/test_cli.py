@@ -208,6 +208,29 @@ def test_demo_runs_the_whole_path(tmp_path: Path, competition: str):
     assert len(typical) == 3 and len(worst) == 3
     assert f"kseg report: {tmp_path / 'report.html'}" in out
     assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
+    # Epochs asked for are trained in full, with no time budget cutting them.
+    assert len(pd.read_csv(experiment / "fold_0" / "history.csv")) == 2
+    assert "time_budget_minutes: null" in (tmp_path / f"demo_{competition}.yaml").read_text()
+
+
+def test_demo_fits_its_own_epochs_to_its_minutes(tmp_path: Path, monkeypatch):
+    """Without --epochs the demo trains its recipe's epochs under DEMO_TRAIN_MINUTES, so it
+    finishes in about 3 minutes on a slower machine too."""
+    import kaggle_seg.train
+    from kaggle_seg.demo import DEMO_TRAIN_MINUTES, run_demo
+
+    trained = []
+
+    def stop_before_training(config, *args, **kwargs):
+        trained.append(config)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kaggle_seg.train, "train_fold", stop_before_training)
+    with pytest.raises(KeyboardInterrupt):
+        list(run_demo(tmp_path, "dsb2018"))
+    (config,) = trained
+    assert config.train.time_budget_minutes == DEMO_TRAIN_MINUTES
+    assert config.train.epochs == 90
 
 
 def test_competition_option_help_names_every_registered_competition():
