@@ -143,6 +143,7 @@ class Trainer(TrainerState):
         self.epoch = 0
         # The epochs this run will do: train.epochs, or fewer when a time budget cuts it.
         self.planned_epochs = config.train.epochs
+        self.logged_plan: int | None = None
         self.clock = EpochClock()
         self.optimizer_steps = 0  # the EMA warm-up counts these
         self.bn_batches = 0  # training batches the last BN recalibration used

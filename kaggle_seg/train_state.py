@@ -26,6 +26,7 @@ class TrainerState:
     config: Any
     history: list[dict[str, Any]]
     eval_model: Any  # Trainer.eval_model: the EMA model when there is one, else the model
+    logged_plan: int | None  # the epoch plan the log last announced
 
     def state(self) -> dict[str, Any]:
         return {
@@ -216,10 +217,11 @@ class TrainerState:
         if planned != self.planned_epochs:
             # The plan wobbles by an epoch or two as times are measured: say so when it first
             # departs from train.epochs, then only when it moves by a tenth of them.
-            logged = getattr(self, "_logged_plan", None)
-            moved = 1 if logged is None else max(1, cfg.epochs // 10)
-            if cfg.time_budget_minutes is not None and abs(planned - (logged or 0)) >= moved:
-                self._logged_plan = planned
+            logged = self.logged_plan
+            if cfg.time_budget_minutes is not None and (
+                logged is None or abs(planned - logged) >= max(1, cfg.epochs // 10)
+            ):
+                self.logged_plan = planned
                 self._log(
                     f"time budget {cfg.time_budget_minutes:g} min: {planned} of {cfg.epochs} "
                     f"epochs (an epoch {self.clock.epoch_seconds() / 60:.2f} min, "
