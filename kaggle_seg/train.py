@@ -144,6 +144,9 @@ class Trainer(TrainerState):
         # The epochs this run will do: train.epochs, or fewer when a time budget cuts it.
         self.planned_epochs = config.train.epochs
         self.logged_plan: int | None = None
+        # (probabilities, class probabilities) by id of the last epoch's validation when that
+        # epoch is the best: written as the OOF without a second pass.
+        self.final_oof: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
         self.clock = EpochClock()
         self.optimizer_steps = 0  # the EMA warm-up counts these
         self.bn_batches = 0  # training batches the last BN recalibration used
@@ -378,21 +381,22 @@ class Trainer(TrainerState):
                         f"({self.optimizer_steps - self.best_step} optimizer steps)"
                     )
                     break
+                self.final_oof = None  # the plan grew past the epoch that kept it
                 self._apply_freezing()
                 epoch_start = time.perf_counter()
                 train_metrics = self.train_one_epoch()
                 trained = time.perf_counter()
-                validate = not self.full and (
-                    (self.epoch + 1) % cfg.validate_every == 0
-                    or self.epoch + 1 == self.planned_epochs
-                )
+                final = self.epoch + 1 == self.planned_epochs
+                validate = not self.full and ((self.epoch + 1) % cfg.validate_every == 0 or final)
                 valid_metrics: dict[str, float] = {}
                 if validate or self.full:
                     self.recalibrate_batchnorm()  # the weights best.pt may keep
                 if validate:
-                    valid_metrics, _, _ = self.predict_valid()
+                    valid_metrics = self._validate(keep=final)
                 self._time_epoch(epoch_start, trained, validate, started)
                 self._end_epoch({**train_metrics, **valid_metrics}, judged=validate or self.full)
+                if self.best_epoch != self.epoch - 1:
+                    self.final_oof = None  # an earlier epoch is the best: best.pt gives the OOF
         except KeyboardInterrupt:
             # last.pt stays the end of the last finished epoch: resuming repeats the interrupted
             # epoch from there, so the run does exactly the configured epochs.
@@ -417,6 +421,13 @@ class Trainer(TrainerState):
             self.run_dir, self.best_value, self.best_epoch, pd.DataFrame(self.history)
         )
 
+    def _validate(self, keep: bool) -> dict[str, float]:
+        """Validation metrics. The last epoch keeps its probabilities: when it is the best,
+        they are the OOF, and the pass over best.pt after training is not needed."""
+        metrics, kept, kept_classes = self.predict_valid(keep=keep)
+        self.final_oof = (kept, kept_classes) if keep else None
+        return metrics
+
     def _time_epoch(self, epoch_start: float, trained: float, validated: bool, started: float):
         """Record this epoch's seconds (the slowest rank's, so every rank plans the same)."""
         now = time.perf_counter()
@@ -431,11 +442,15 @@ class Trainer(TrainerState):
         best = self.run_dir / runs.BEST_CHECKPOINT
         if self.runtime.distributed:
             dist.barrier()
-        if not best.is_file():
+        if self.final_oof is not None:  # the last epoch is the best: its validation is the OOF
+            kept, kept_classes = self.final_oof
+            self.final_oof = None
+        elif not best.is_file():
             return
-        state = load_checkpoint(best, map_location=self.runtime.device)
-        self.eval_model().load_state_dict(state["model"])
-        _, kept, kept_classes = self.predict_valid(keep=True)
+        else:
+            state = load_checkpoint(best, map_location=self.runtime.device)
+            self.eval_model().load_state_dict(state["model"])
+            _, kept, kept_classes = self.predict_valid(keep=True)
         parts = gather((kept, kept_classes), self.runtime)
         if not self.runtime.is_main:
             return

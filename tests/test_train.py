@@ -343,6 +343,38 @@ def test_validate_every_and_early_stopping_counted_in_steps(dsb_small: Path, tmp
     assert len(train_fold(patient, 0, run_root=tmp_path, device="cpu").history) == 4
 
 
+@pytest.mark.parametrize("last_is_best", [True, False])
+def test_the_oof_is_the_best_checkpoints_with_one_pass_less_when_it_is_the_last(
+    dsb_small: Path, tmp_path: Path, last_is_best: bool
+):
+    import numpy as np
+
+    from kaggle_seg.train import load_oof
+
+    config = load_experiment(write_config(dsb_small, "last", epochs=2),
+                             ["train.validate_every=1", "train.oof_dtype=float16"])  # fmt: skip
+    trainer = Trainer(config, 0, tmp_path, start_runtime("cpu"))
+    judged: list[float] = []
+    # Every validation improves, or only the first: the best is epoch 2 or epoch 1.
+    trainer._improved = lambda value: judged.append(value) or last_is_best or len(judged) == 1
+    passes: list[bool] = []
+    predict_valid = trainer.predict_valid
+    trainer.predict_valid = lambda keep=False: passes.append(keep) or predict_valid(keep=keep)
+    result = trainer.fit()
+    assert result.best_epoch == (1 if last_is_best else 0)
+    # The last validation keeps its probabilities; a pass over best.pt follows only when an
+    # earlier epoch is the best.
+    assert passes == ([False, True] if last_is_best else [False, True, True])
+    run = tmp_path / "last" / "fold_0"
+    oof = load_oof(run / "oof.npz")
+    best = torch.load(run / "best.pt", weights_only=True)
+    trainer.eval_model().load_state_dict(best["model"])
+    _, again, _ = predict_valid(keep=True)
+    assert oof.keys() == again.keys() and len(oof) == 16
+    for image_id, probabilities in again.items():
+        np.testing.assert_allclose(oof[image_id], probabilities, atol=2e-3)
+
+
 def test_a_run_out_of_time_stops_validated_with_its_oof(dsb_small: Path, tmp_path: Path):
     budget = ["train.validate_every=2", "train.time_budget_minutes=0.0001"]
     config = load_experiment(write_config(dsb_small, "budget", epochs=5), budget)
