@@ -381,7 +381,6 @@ class Trainer(TrainerState):
                         f"({self.optimizer_steps - self.best_step} optimizer steps)"
                     )
                     break
-                self.final_oof = None  # the plan grew past the epoch that kept it
                 self._apply_freezing()
                 epoch_start = time.perf_counter()
                 train_metrics = self.train_one_epoch()
@@ -395,8 +394,10 @@ class Trainer(TrainerState):
                     valid_metrics = self._validate(keep=final)
                 self._time_epoch(epoch_start, trained, validate, started)
                 self._end_epoch({**train_metrics, **valid_metrics}, judged=validate or self.full)
-                if self.best_epoch != self.epoch - 1:
-                    self.final_oof = None  # an earlier epoch is the best: best.pt gives the OOF
+                if self.best_epoch != self.epoch - 1 or self.epoch < self.planned_epochs:
+                    # An earlier epoch is the best (best.pt gives the OOF), or the plan grew
+                    # past this one: let the kept probabilities go now.
+                    self.final_oof = None
         except KeyboardInterrupt:
             # last.pt stays the end of the last finished epoch: resuming repeats the interrupted
             # epoch from there, so the run does exactly the configured epochs.
