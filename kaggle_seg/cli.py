@@ -442,12 +442,15 @@ def demo(
         ),
     ] = None,
     device: Device = "cpu",
+    seed: Annotated[
+        int, typer.Option(help="Training seed: another one shows how much the scores vary.")
+    ] = 42,
 ) -> None:
     """The whole path on a small embedded example: prepare, folds, train, tune, predict with
     TTA, submit, score and show."""
     from kaggle_seg.demo import run_demo
 
-    for line in run_demo(out, competition, epochs=epochs, device=device):
+    for line in run_demo(out, competition, epochs=epochs, device=device, seed=seed):
         typer.echo(line)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 
 def kseg(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -192,7 +193,9 @@ def test_score_dsb_solution_against_itself(shared_data: Path):
 @pytest.mark.slow
 def test_demo_runs_the_whole_path(tmp_path: Path, competition: str):
     # Two epochs keep the test short; the README's `kseg demo` trains longer.
-    out = kseg("demo", "-c", competition, "--out", str(tmp_path), "--epochs", "2").stdout
+    out = kseg(
+        "demo", "-c", competition, "--out", str(tmp_path), "--epochs", "2", "--seed", "7"
+    ).stdout
     for step in ("kseg prepare", "kseg folds", "kseg train", "kseg tune", "kseg submit",
                  "kseg score", "kseg show", "kseg report"):  # fmt: skip
         assert step in out
@@ -210,7 +213,14 @@ def test_demo_runs_the_whole_path(tmp_path: Path, competition: str):
     assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
     # Epochs asked for are trained in full, with no time budget cutting them.
     assert len(pd.read_csv(experiment / "fold_0" / "history.csv")) == 2
-    assert "time_budget_minutes: null" in (tmp_path / f"demo_{competition}.yaml").read_text()
+    saved = yaml.safe_load((tmp_path / f"demo_{competition}.yaml").read_text())
+    assert saved["train"]["time_budget_minutes"] is None
+    assert saved["train"]["seed"] == 7
+    if competition == "dsb2018":
+        # Scored on every test image the package ships, not a handful.
+        truth = pd.read_csv(tmp_path / "kaggle" / "dsb2018" / "stage1_solution.csv")
+        assert f"mAP over {truth['ImageId'].nunique()} images" in out
+        assert truth["ImageId"].nunique() >= 20
 
 
 def test_demo_fits_its_own_epochs_to_its_minutes(tmp_path: Path, monkeypatch):

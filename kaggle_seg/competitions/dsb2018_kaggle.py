@@ -310,8 +310,9 @@ def stage_test(source: Path, dest: Path, holdout: int, scratch: Path) -> StagedT
 
 
 def write_demo_example(root: Path) -> DemoExample:
-    """The 34 CC0 stage-1 images shipped in the package (kaggle_seg/examples/dsb2018, written by
-    scripts/make_dsb_example.py): stage1_train/ + labels CSV + stage1_test/ and its solution."""
+    """The 50 CC0 stage-1 images shipped in the package (kaggle_seg/examples/dsb2018, written by
+    scripts/make_dsb_example.py): stage1_train/ (26) + labels CSV + stage1_test/ (24) and its
+    solution."""
     source = resources.files("kaggle_seg") / "examples" / "dsb2018"
     with resources.as_file(source) as folder:
         if root.exists():
