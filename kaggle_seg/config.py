@@ -196,6 +196,9 @@ class TrainConfig(StrictModel):
     sampler_weight_column: str | None = None  # weighted random sampling over a table column
     cache: Literal["none", "memory", "memmap"] = "memory"
     oof_dtype: Literal["float16", "uint8"] = "float16"
+    # TTA of the out-of-fold pass after training (tta.py modes): `kseg tune` then chooses
+    # thresholds on probabilities made the way `kseg submit --tta` makes the test's.
+    oof_tta: Literal["none", "hflip", "flip", "d4"] = "none"
     tensorboard: bool = False
     # Models with a classification head (model.params.aux_params): weight of the head's BCE on
     # "does mask channel k have any foreground" added to the segmentation loss.

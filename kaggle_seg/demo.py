@@ -75,6 +75,8 @@ def demo_experiment(
                 "validate_every": max(1, epochs // 4),
                 "time_budget_minutes": minutes,
                 "oof_dtype": "uint8",
+                # Tuned on OOF predicted as the test is: the submission's TTA.
+                "oof_tta": recipe.tta,
                 "seed": seed,
             },
         }

@@ -11,6 +11,7 @@ written, atomically.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -25,6 +26,21 @@ from kaggle_seg.runs import POSTPROCESS_FILE
 from kaggle_seg.submission import NO_HEAD
 
 SUBMISSIONS_ROOT = Path("submissions")
+
+log = logging.getLogger(__name__)
+
+
+def oof_tta_mismatch(members: Sequence[Any], tta: str) -> str | None:
+    """A one-line warning when members' OOF was predicted with a TTA (`train.oof_tta`) other
+    than the submission's: `kseg tune` chose its thresholds on those probabilities."""
+    tuned_with = sorted({m.config.train.oof_tta for m in members} - {"none"})
+    if not tuned_with or tuned_with == [tta]:
+        return None
+    return (
+        f"--tta {tta}: the post-processing was tuned on OOF predicted with "
+        f"{' / '.join(tuned_with)} TTA (train.oof_tta); predict the same way (--tta "
+        f"{tuned_with[0]}) for thresholds that transfer"
+    )
 
 
 def default_submission_path(
@@ -94,6 +110,8 @@ def write_submission(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     members = load_ensemble(checkpoints, weights, device)
     competition = competition_for(members[0].config.data)
+    if mismatch := oof_tta_mismatch(members, tta):
+        log.warning(mismatch)
     if competition.submission_columns is None:
         raise KsegError(
             f"{competition.name} has no Kaggle submission format; use `kseg predict --save` "

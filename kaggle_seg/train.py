@@ -322,18 +322,21 @@ class Trainer(TrainerState):
 
     @torch.inference_mode()
     def predict_valid(
-        self, keep: bool = False
+        self, keep: bool = False, tta: str = "none"
     ) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Validation loss and fold metrics; with `keep`, this rank's probabilities by id
         ([K, H, W]) and, for a model with a classification head, its class probabilities by id
-        ([K] float32; empty otherwise)."""
+        ([K] float32; empty otherwise). `tta`: the views merged, as `kseg submit --tta`."""
         from kaggle_seg.evaluation import summarize_validation, validation_pass
+        from kaggle_seg.tta import TTAModel
+
+        model = self.eval_model()
 
         evaluator = FoldEvaluator(
             self.competition, self.valid_table, self.truth_cache, outputs=self.spec.outputs
         )
         part, kept, kept_classes = validation_pass(
-            self.eval_model(),
+            TTAModel(model, tta) if tta != "none" else model,
             self.valid_loader,
             evaluator,
             self.spec,
@@ -391,7 +394,8 @@ class Trainer(TrainerState):
                 if validate or self.full:
                     self.recalibrate_batchnorm()  # the weights best.pt may keep
                 if validate:
-                    valid_metrics = self._validate(keep=final)
+                    # A TTA'd OOF is predicted afresh from best.pt: nothing to keep.
+                    valid_metrics = self._validate(keep=final and cfg.oof_tta == "none")
                 self._time_epoch(epoch_start, trained, validate, started)
                 self._end_epoch({**train_metrics, **valid_metrics}, judged=validate or self.full)
                 if self.best_epoch != self.epoch - 1 or self.epoch < self.planned_epochs:
@@ -443,15 +447,23 @@ class Trainer(TrainerState):
         best = self.run_dir / runs.BEST_CHECKPOINT
         if self.runtime.distributed:
             dist.barrier()
-        if self.final_oof is not None:  # the last epoch is the best: its validation is the OOF
+        tta = self.config.train.oof_tta
+        if self.final_oof is not None and tta == "none":
+            # The last epoch is the best: its validation is the OOF.
             kept, kept_classes = self.final_oof
-            self.final_oof = None
         elif not best.is_file():
             return
         else:
+            started = time.perf_counter()
             state = load_checkpoint(best, map_location=self.runtime.device)
             self.eval_model().load_state_dict(state["model"])
-            _, kept, kept_classes = self.predict_valid(keep=True)
+            _, kept, kept_classes = self.predict_valid(keep=True, tta=tta)
+            if tta != "none":
+                self._log(
+                    f"OOF with {tta} TTA: {len(self.valid_table)} images in "
+                    f"{time.perf_counter() - started:.0f} s"
+                )
+        self.final_oof = None
         parts = gather((kept, kept_classes), self.runtime)
         if not self.runtime.is_main:
             return

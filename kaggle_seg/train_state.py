@@ -15,7 +15,8 @@ from kaggle_seg.checkpoints import load_checkpoint, rng_state, save_checkpoint, 
 from kaggle_seg.errors import KsegError
 from kaggle_seg.io import write_csv_atomic
 from kaggle_seg.optim import set_schedule_epochs
-from kaggle_seg.time_budget import epochs_within_budget
+from kaggle_seg.time_budget import epochs_within_budget, oof_pass_validations
+from kaggle_seg.tta import get_tta
 
 
 class TrainerState:
@@ -210,6 +211,7 @@ class TrainerState:
                 last_validated=last_validated,
                 # Before the first validation: whole-image forward passes over the validation
                 # rows, guessed at a training epoch's cost per row.
+                oof_validations=oof_pass_validations(len(get_tta(cfg.oof_tta))),
                 validation_guess_s=self.clock.epoch_seconds()
                 * len(self.valid_table)
                 / max(1, len(self.train_table)),

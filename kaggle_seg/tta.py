@@ -193,3 +193,40 @@ def predict_tta(
     transforms = get_tta(tta)
     probabilities = torch.sigmoid(tta_logits(model, images, transforms, batched=batched).float())
     return merge_probabilities(probabilities, merge)
+
+
+# Probabilities are clamped this far from 0 and 1 before the logit: a merged 1.0 stays finite.
+LOGIT_EPS = 1e-6
+
+
+class TTAModel(torch.nn.Module):
+    """`model` seen through TTA mode `tta`: its forward returns the logits of the views' merged
+    probabilities, so a caller that applies a sigmoid (validation, the OOF pass) gets what
+    `predict_tta` gives `kseg submit`. A classification head's logits (a model returning
+    (mask logits, class logits)) are merged the same way, views averaged as probabilities."""
+
+    def __init__(self, model: torch.nn.Module, tta: str, merge: str = "mean"):
+        super().__init__()
+        self.model = model
+        self.transforms = get_tta(tta)
+        self.merge = merge
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        heads: list[torch.Tensor] = []
+
+        def mask_logits(x: torch.Tensor) -> torch.Tensor:
+            out = self.model(x)
+            if isinstance(out, tuple | list):
+                heads.append(out[1])
+                return out[0]
+            return out
+
+        views = tta_logits(mask_logits, images, self.transforms)  # type: ignore[arg-type]
+        merged = merge_probabilities(torch.sigmoid(views.float()), self.merge)
+        logits = torch.logit(merged.clamp(LOGIT_EPS, 1 - LOGIT_EPS))
+        if not heads:
+            return logits
+        # tta_logits runs the views in groups of B rows each: the rows are view-major.
+        head = torch.sigmoid(torch.cat(heads).float())
+        head = head.reshape(len(self.transforms), images.shape[0], *head.shape[1:]).mean(0)
+        return logits, torch.logit(head.clamp(LOGIT_EPS, 1 - LOGIT_EPS))

@@ -197,3 +197,17 @@ def test_dsb_test_zip_is_extracted_where_kaggle_mounts_only_the_archive(
     result = write_submission([checkpoint], mounted, tmp_path / "s.csv", num_workers=0)
     assert result.images == 5
     assert sorted(p.name for p in mounted.iterdir()) == ["stage1_test.zip"]  # input untouched
+
+
+def test_submit_warns_when_its_tta_is_not_the_one_the_oof_was_tuned_on():
+    from types import SimpleNamespace
+
+    from kaggle_seg.submit import oof_tta_mismatch
+
+    def member(oof_tta: str) -> SimpleNamespace:
+        return SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(oof_tta=oof_tta)))
+
+    assert oof_tta_mismatch([member("d4")], "d4") is None
+    assert oof_tta_mismatch([member("none")], "flip") is None  # no TTA'd OOF: nothing to say
+    warning = oof_tta_mismatch([member("d4"), member("none")], "flip")
+    assert warning is not None and "--tta flip" in warning and "--tta d4" in warning

@@ -10,7 +10,13 @@ import torch
 
 from kaggle_seg.config import ExperimentConfig
 from kaggle_seg.optim import build_scheduler, set_schedule_epochs
-from kaggle_seg.time_budget import EpochClock, epochs_within_budget, validations_between
+from kaggle_seg.time_budget import (
+    EpochClock,
+    epochs_within_budget,
+    oof_pass_validations,
+    validations_between,
+)
+from kaggle_seg.tta import TTA_MODES
 
 
 def test_validations_between_counts_every_nth_and_the_last():
@@ -38,6 +44,19 @@ def test_plan_fits_epochs_validations_and_the_oof_pass():
     # --full: no validations, no OOF pass.
     full = {**plan, "validates": False, "last_validated": True}
     assert epochs_within_budget(100.0, clock, 3, 64, **full) == 8
+
+
+def test_a_tta_oof_pass_is_reserved_as_more_validations():
+    clock = EpochClock(train=[30.0, 10.0, 10.0], validation=[20.0], elapsed=50.0)
+    plan = dict(validate_every=4, validates=True, last_validated=False, validation_guess_s=0.0)
+    assert oof_pass_validations(1) == 1.0
+    assert oof_pass_validations(8) == pytest.approx(1.875)  # d4
+    # N = 5 from done = 3: 50 + 20 + 20 * (2 validations + the OOF pass); a d4 OOF pass costs
+    # 20 * 0.875 more, so the same budget fits one epoch less.
+    assert epochs_within_budget(130.0, clock, 3, 64, **plan) == 5
+    d4 = oof_pass_validations(len(TTA_MODES["d4"]))
+    assert epochs_within_budget(130.0, clock, 3, 64, **plan, oof_validations=d4) == 4
+    assert epochs_within_budget(147.5, clock, 3, 64, **plan, oof_validations=d4) == 5
 
 
 def test_cosine_follows_a_new_plan_and_resumes_it():

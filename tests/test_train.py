@@ -359,7 +359,9 @@ def test_the_oof_is_the_best_checkpoints_with_one_pass_less_when_it_is_the_last(
     trainer._improved = lambda value: judged.append(value) or last_is_best or len(judged) == 1
     passes: list[bool] = []
     predict_valid = trainer.predict_valid
-    trainer.predict_valid = lambda keep=False: passes.append(keep) or predict_valid(keep=keep)
+    trainer.predict_valid = lambda keep=False, tta="none": (
+        passes.append(keep) or predict_valid(keep=keep, tta=tta)
+    )
     result = trainer.fit()
     assert result.best_epoch == (1 if last_is_best else 0)
     # The last validation keeps its probabilities; a pass over best.pt follows only when an
@@ -373,6 +375,31 @@ def test_the_oof_is_the_best_checkpoints_with_one_pass_less_when_it_is_the_last(
     assert oof.keys() == again.keys() and len(oof) == 16
     for image_id, probabilities in again.items():
         np.testing.assert_allclose(oof[image_id], probabilities, atol=2e-3)
+
+
+def test_oof_tta_writes_the_oof_that_submit_would_predict(dsb_small: Path, tmp_path: Path):
+    import numpy as np
+
+    from kaggle_seg.train import load_oof
+
+    config = load_experiment(write_config(dsb_small, "ooftta", epochs=1),
+                             ["train.oof_tta=d4", "train.oof_dtype=float16"])  # fmt: skip
+    trainer = Trainer(config, 0, tmp_path, start_runtime("cpu"))
+    passes: list[tuple[bool, str]] = []
+    predict_valid = trainer.predict_valid
+    trainer.predict_valid = lambda keep=False, tta="none": (
+        passes.append((keep, tta)) or (predict_valid(keep=keep, tta=tta))
+    )
+    trainer.fit()
+    # The last validation keeps nothing: the OOF is a second, d4, pass over best.pt.
+    assert passes == [(False, "none"), (True, "d4")]
+    oof = load_oof(tmp_path / "ooftta" / "fold_0" / "oof.npz")
+    _, d4, _ = predict_valid(keep=True, tta="d4")
+    _, plain, _ = predict_valid(keep=True)
+    assert oof.keys() == d4.keys() and len(oof) == 16
+    for image_id, probabilities in d4.items():
+        np.testing.assert_allclose(oof[image_id], probabilities, atol=2e-3)
+    assert max(np.abs(oof[i] - plain[i]).max() for i in oof) > 0.01
 
 
 def test_a_run_out_of_time_stops_validated_with_its_oof(dsb_small: Path, tmp_path: Path):

@@ -11,6 +11,7 @@ import torch
 from kaggle_seg.tta import (
     MERGE_MODES,
     TTA_MODES,
+    TTAModel,
     TTATransform,
     get_tta,
     merge_probabilities,
@@ -262,3 +263,44 @@ def test_predict_tta_shape_and_range() -> None:
     assert probabilities.shape == (2, 4, 5, 7)
     assert probabilities.dtype == torch.float32
     assert ((probabilities >= 0) & (probabilities <= 1)).all()
+
+
+# --- TTAModel: validation and the OOF pass through the submission's TTA ------------------------
+
+
+class HeadModel(torch.nn.Module):
+    """Not equivariant: a random 3x3 convolution, and a class head reading the top-left pixel
+    of the frame it is given."""
+
+    def __init__(self, head: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+        self.head = head
+
+    def forward(self, x: torch.Tensor):
+        logits = self.conv(x)
+        return (logits, x[:, :2, 0, 0]) if self.head else logits
+
+
+@pytest.mark.parametrize("tta", ["flip", "d4"])
+def test_tta_model_gives_the_logits_of_predict_tta(tta: str) -> None:
+    model = HeadModel(head=False).eval()
+    images = torch.randn(2, 3, 8, 12)
+    with torch.inference_mode():
+        wrapped = torch.sigmoid(TTAModel(model, tta)(images))
+        expected = predict_tta(model, images, tta)
+        plain = torch.sigmoid(model(images))
+    torch.testing.assert_close(wrapped, expected, atol=1e-5, rtol=1e-4)
+    assert (wrapped - plain).abs().max() > 1e-3  # the views did change the answer
+
+
+def test_tta_model_averages_a_class_heads_probabilities_over_the_views() -> None:
+    model = HeadModel(head=True).eval()
+    images = torch.randn(2, 3, 8, 12)
+    transforms = get_tta("d4")
+    with torch.inference_mode():
+        logits, head = TTAModel(model, "d4")(images)
+    expected = torch.stack([torch.sigmoid(t.augment(images)[:, :2, 0, 0]) for t in transforms])
+    torch.testing.assert_close(torch.sigmoid(head), expected.mean(0), atol=1e-5, rtol=1e-4)
+    assert logits.shape == (2, 2, 8, 12)
