@@ -448,8 +448,7 @@ class Trainer(TrainerState):
         if self.runtime.distributed:
             dist.barrier()
         tta = self.config.train.oof_tta
-        if self.final_oof is not None and tta == "none":
-            # The last epoch is the best: its validation is the OOF.
+        if self.final_oof is not None and tta == "none":  # the last epoch's validation is it
             kept, kept_classes = self.final_oof
         elif not best.is_file():
             return
@@ -458,11 +457,8 @@ class Trainer(TrainerState):
             state = load_checkpoint(best, map_location=self.runtime.device)
             self.eval_model().load_state_dict(state["model"])
             _, kept, kept_classes = self.predict_valid(keep=True, tta=tta)
-            if tta != "none":
-                self._log(
-                    f"OOF with {tta} TTA: {len(self.valid_table)} images in "
-                    f"{time.perf_counter() - started:.0f} s"
-                )
+            seconds = time.perf_counter() - started
+            self._log(f"OOF ({tta} TTA): {len(self.valid_table)} images in {seconds:.0f} s")
         self.final_oof = None
         parts = gather((kept, kept_classes), self.runtime)
         if not self.runtime.is_main:
