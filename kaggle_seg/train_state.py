@@ -209,9 +209,9 @@ class TrainerState:
                 validate_every=cfg.validate_every,
                 validates=not self.full,
                 last_validated=last_validated,
+                oof_validations=oof_pass_validations(len(get_tta(cfg.oof_tta))),
                 # Before the first validation: whole-image forward passes over the validation
                 # rows, guessed at a training epoch's cost per row.
-                oof_validations=oof_pass_validations(len(get_tta(cfg.oof_tta))),
                 validation_guess_s=self.clock.epoch_seconds()
                 * len(self.valid_table)
                 / max(1, len(self.train_table)),

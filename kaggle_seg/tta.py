@@ -207,9 +207,8 @@ class TTAModel(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, tta: str, merge: str = "mean"):
         super().__init__()
-        self.model = model
-        self.transforms = get_tta(tta)
-        self.merge = merge
+        get_tta(tta)  # an unknown mode fails here, not at the first batch
+        self.model, self.tta, self.merge = model, tta, merge
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         heads: list[torch.Tensor] = []
@@ -221,12 +220,11 @@ class TTAModel(torch.nn.Module):
                 return out[0]
             return out
 
-        views = tta_logits(mask_logits, images, self.transforms)  # type: ignore[arg-type]
-        merged = merge_probabilities(torch.sigmoid(views.float()), self.merge)
+        merged = predict_tta(mask_logits, images, self.tta, self.merge)  # type: ignore[arg-type]
         logits = torch.logit(merged.clamp(LOGIT_EPS, 1 - LOGIT_EPS))
         if not heads:
             return logits
         # tta_logits runs the views in groups of B rows each: the rows are view-major.
         head = torch.sigmoid(torch.cat(heads).float())
-        head = head.reshape(len(self.transforms), images.shape[0], *head.shape[1:]).mean(0)
+        head = head.reshape(-1, images.shape[0], *head.shape[1:]).mean(0)
         return logits, torch.logit(head.clamp(LOGIT_EPS, 1 - LOGIT_EPS))
