@@ -23,6 +23,7 @@ from kaggle_seg.cli_options import (
     check_choice,
     prediction_options,
 )
+from kaggle_seg.cli_tune import tune
 from kaggle_seg.cli_weights import weights_app
 from kaggle_seg.errors import KsegError, one_line
 
@@ -272,27 +273,7 @@ def _echo_skipped(skipped: list) -> None:
             typer.echo(f"  {item.path}: {item.reason}")
 
 
-@app.command()
-def tune(
-    experiment: Annotated[Path, typer.Option(help="Experiment folder runs/<experiment>.")],
-    out: Annotated[
-        Path | None,
-        typer.Option(help="Where to write the settings (default EXP/postprocess.json)."),
-    ] = None,
-    max_images: Annotated[
-        int | None, typer.Option(help="Tune on a sample of this many images (whole groups).")
-    ] = None,
-) -> None:
-    """Search thresholds, minimum areas and the empty-slice gate on the out-of-fold predictions,
-    scored with the competition metric; write them for `kseg submit`."""
-    from kaggle_seg.tune import tune_experiment
-
-    result = tune_experiment(experiment, out=out, max_images=max_images)
-    typer.echo(
-        f"OOF of folds {','.join(map(str, result.folds))} ({result.n_images} images): "
-        f"CV {result.before['score']:.4f} with defaults -> {result.after['score']:.4f} tuned"
-    )
-    typer.echo(f"wrote {result.path}: {result.settings.model_dump_json()}")
+app.command()(tune)
 
 
 @app.command()

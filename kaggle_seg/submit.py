@@ -43,6 +43,20 @@ def oof_tta_mismatch(members: Sequence[Any], tta: str) -> str | None:
     )
 
 
+def single_member_settings(members: Sequence[Any]) -> str | None:
+    """A one-line warning when an ensemble of several experiments would take one member's
+    postprocess.json: tuned on that member's OOF alone, not on the ensemble's."""
+    experiments = list(dict.fromkeys(m.source.parent.parent for m in members))
+    if len(experiments) < 2:
+        return None
+    flags = " ".join(f"--experiment {e}" for e in experiments)
+    return (
+        f"an ensemble of {len(experiments)} experiments without --postprocess: the settings "
+        f"beside {experiments[0]} were tuned on its OOF alone; `kseg tune {flags}` tunes them "
+        "on the ensemble's"
+    )
+
+
 def default_submission_path(
     competition: str, experiment: str, day: dt.date | None = None, suffix: str = ".csv"
 ) -> Path:
@@ -62,6 +76,8 @@ def load_settings(members: Sequence[Any], postprocess: Path | None) -> tuple[Any
 
     if postprocess is not None:
         return load_postprocess(postprocess), str(postprocess)
+    if warning := single_member_settings(members):
+        log.warning(warning)
     for member in members:
         for folder in (member.source.parent, member.source.parent.parent):
             candidate = folder / POSTPROCESS_FILE

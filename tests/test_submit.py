@@ -211,3 +211,17 @@ def test_submit_warns_when_its_tta_is_not_the_one_the_oof_was_tuned_on():
     assert oof_tta_mismatch([member("none")], "flip") is None  # no TTA'd OOF: nothing to say
     warning = oof_tta_mismatch([member("d4"), member("none")], "flip")
     assert warning is not None and "--tta flip" in warning and "--tta d4" in warning
+
+
+def test_submit_warns_when_an_ensemble_takes_one_members_settings():
+    from types import SimpleNamespace
+
+    from kaggle_seg.submit import single_member_settings
+
+    def fold(experiment: str, k: int) -> SimpleNamespace:
+        return SimpleNamespace(source=Path(f"runs/{experiment}/fold_{k}/best.pt"))
+
+    assert single_member_settings([fold("a", 0), fold("a", 1)]) is None  # folds of one experiment
+    warning = single_member_settings([fold("a", 0), fold("a", 1), fold("b", 0)])
+    assert warning is not None
+    assert "kseg tune --experiment runs/a --experiment runs/b" in warning

@@ -1,0 +1,148 @@
+"""`kseg tune` on the blended OOF of several experiments (kaggle_seg.blend): the blend is the
+weighted mean of the members' probabilities, tuned like one experiment; members that do not
+share folds, images or outputs are refused with the file at fault."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from kaggle_seg.blend import BLEND_FILE, blend_oof, default_blend_dir
+from kaggle_seg.cli import app
+from kaggle_seg.competitions import get_competition
+from kaggle_seg.config import DataConfig, ExperimentConfig, save_config
+from kaggle_seg.errors import KsegError
+from kaggle_seg.postprocess import load_postprocess
+from kaggle_seg.prepare import prepare_table, read_table
+from kaggle_seg.probabilities import load_oof, save_oof
+from kaggle_seg.tune import tune_experiment
+
+CASE_DAYS = ("case1_day0", "case1_day1", "case2_day0")
+
+
+def write_member(root: Path, name: str, config: ExperimentConfig, parts: list[dict]) -> Path:
+    experiment = root / "runs" / name
+    for fold, part in enumerate(parts):
+        save_config(config, experiment / f"fold_{fold}" / "config.yaml")
+        save_oof(part, experiment / f"fold_{fold}" / "oof.npz", "float16")
+    return experiment
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A uwmgi phantom and two two-fold experiments on it: one whose masks are too wide
+    (truth blurred, everything raised), one too narrow (everything lowered)."""
+    import cv2
+
+    from kaggle_seg.competitions.uwmgi_phantom import make_uwmgi_phantom
+
+    root = tmp_path_factory.mktemp("blend")
+    make_uwmgi_phantom(root / "data", case_days=CASE_DAYS, n_slices=8, seed=3)
+    prepare_table("uwmgi", root / "data", root / "table.csv")
+    competition = get_competition("uwmgi")
+    config = ExperimentConfig(data=DataConfig(competition="uwmgi", table=root / "table.csv"))
+    experiments = []
+    for name, shift in (("wide", 0.25), ("narrow", -0.25)):
+        rng = np.random.default_rng(len(name))
+        parts: list[dict] = [{}, {}]
+        for row in read_table(root / "table.csv").to_dict("records"):
+            truth = np.moveaxis(competition.read_mask(row), -1, 0).astype(np.float32)
+            soft = np.stack([cv2.GaussianBlur(t, (0, 0), 2.0) for t in truth])
+            noise = rng.normal(0.0, 0.05, soft.shape)
+            probabilities = np.clip(soft + shift + noise, 0.0, 1.0).astype(np.float32)
+            parts[0 if row["id"].startswith("case1_") else 1][row["id"]] = probabilities
+        experiments.append(write_member(root, name, config, parts))
+    return root, experiments
+
+
+def test_blend_is_the_weighted_mean_and_tunes_like_one_experiment(
+    members: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    _, (wide, narrow) = members
+    out = blend_oof([wide, narrow], tmp_path / "blend", weights=[3, 1])
+    assert json.loads((out / BLEND_FILE).read_text())["weights"] == [0.75, 0.25]
+    for fold in (0, 1):
+        a = load_oof(wide / f"fold_{fold}" / "oof.npz")
+        b = load_oof(narrow / f"fold_{fold}" / "oof.npz")
+        blended = load_oof(out / f"fold_{fold}" / "oof.npz")
+        assert blended.keys() == a.keys()
+        for image_id, probabilities in blended.items():
+            expected = 0.75 * a[image_id] + 0.25 * b[image_id]
+            np.testing.assert_allclose(probabilities, expected, atol=1e-3)  # stored float16
+    result = tune_experiment(out)
+    assert result.folds == [0, 1] and result.n_images == len(CASE_DAYS) * 8
+    assert result.after["score"] >= result.before["score"]
+    # The equal blend of a too-wide and a too-narrow member beats either member alone.
+    equal = tune_experiment(blend_oof([wide, narrow], tmp_path / "equal"))
+    for member in (wide, narrow):
+        copy = tmp_path / member.name
+        shutil.copytree(member, copy)
+        assert equal.before["score"] > tune_experiment(copy).before["score"]
+
+
+def test_blend_refuses_members_that_do_not_match(
+    members: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    root, (wide, narrow) = members
+    with pytest.raises(KsegError, match="two experiments or more"):
+        blend_oof([wide], tmp_path / "b")
+    with pytest.raises(KsegError, match=r"--weights: 1 weight\(s\) for 2 experiment\(s\)"):
+        blend_oof([wide, narrow], tmp_path / "b", weights=[1])
+    with pytest.raises(KsegError, match="non-negative weights"):
+        blend_oof([wide, narrow], tmp_path / "b", weights=[1, -1])
+    with pytest.raises(KsegError, match="would overwrite one of its members"):
+        blend_oof([wide, narrow], narrow)
+    # Trained on other folds: only fold 0.
+    one_fold = tmp_path / "one_fold"
+    shutil.copytree(wide / "fold_0", one_fold / "fold_0")
+    with pytest.raises(KsegError, match=r"one_fold: out-of-fold predictions of folds \[0\]"):
+        blend_oof([wide, one_fold], tmp_path / "b")
+    # The same folds holding other images: a slice dropped from fold 1.
+    fewer = tmp_path / "fewer"
+    shutil.copytree(narrow, fewer)
+    oof = load_oof(fewer / "fold_1" / "oof.npz")
+    dropped = sorted(oof)[0]
+    del oof[dropped]
+    save_oof(oof, fewer / "fold_1" / "oof.npz", "float16")
+    with pytest.raises(KsegError, match=rf"fewer/fold_1/oof\.npz: lacks '{dropped}'"):
+        blend_oof([wide, fewer], tmp_path / "b")
+    # Another competition's model.
+    other = tmp_path / "other"
+    shutil.copytree(narrow, other)
+    config = ExperimentConfig(data=DataConfig(competition="lgg", table=root / "table.csv"))
+    save_config(config, other / "fold_0" / "config.yaml")
+    with pytest.raises(KsegError, match=r"data\.competition 'lgg' differs"):
+        blend_oof([wide, other], tmp_path / "b")
+
+
+def test_kseg_tune_with_several_experiments(
+    members: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    _, (wide, narrow) = members
+    runner = CliRunner()
+    out = tmp_path / "blend"
+    args = ["tune", "--experiment", str(wide), "--experiment", str(narrow), "--blend-dir", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert load_postprocess(out / "postprocess.json").classes == list(
+        get_competition("uwmgi").classes
+    )
+    assert f"kseg submit --checkpoints {wide} --checkpoints {narrow} --postprocess" in result.output
+    assert default_blend_dir([wide, narrow]) == wide.parent / "blend_wide_narrow"
+    single = subprocess.run(
+        [sys.executable, "-m", "kaggle_seg", "tune", "--experiment", str(wide), "--weights", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert single.returncode == 1
+    assert single.stderr.strip() == (
+        "error: --weights and --blend-dir need two --experiment folders or more"
+    )
