@@ -110,6 +110,10 @@ def kernel_build(
         typer.Option(help="Build dependency wheels from this environment instead (offline)."),
     ] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing kernel folder.")] = False,
+    postprocess: Annotated[
+        Path | None,
+        typer.Option(help="An ensemble's settings (kseg tune with several --experiment)."),
+    ] = None,
 ) -> None:
     """Write kernels/<name>/: the kernel script and metadata, a wheels dataset (kaggle_seg and
     what the Kaggle image lacks) and the weights (best.pt per fold, postprocess.json)."""
@@ -135,6 +139,7 @@ def kernel_build(
         wheels_from=wheels_from,
         repack=repack_installed,
         force=force,
+        postprocess=postprocess,
     )
     typer.echo(f"wrote {build.kernel_dir} ({build.kernel_id}) in {build.seconds:.1f} s")
     shipped = ", ".join(f"{w.file} ({w.source})" for w in build.wheels) or "none"

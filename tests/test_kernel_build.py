@@ -337,3 +337,38 @@ def test_preprocessing_that_needs_simpleitk_ships_it(tmp_path: Path) -> None:
         folds.append(fold)
     assert preprocessing_needs({"exp": folds}) == (["n4"], ["SimpleITK>=2.0"])
     assert preprocessing_needs({"exp": folds[1:]}) == ([], [])
+
+
+def test_an_ensemble_ships_its_own_tuned_settings(tmp_path: Path, built: Path):
+    from kaggle_seg.postprocess import default_postprocess, load_postprocess, save_postprocess
+
+    runs = tmp_path / "runs"
+    fake_run(runs, "a", folds=(0,))
+    fake_run(runs, "b", folds=(0,))
+    options = dict(
+        runs_root=runs, out_root=tmp_path / "kernels", username=USER, wheels_from=built / "wheels"
+    )
+    plain = build_kernel("uwmgi", ["a", "b"], name="plain", **options)
+    assert "--postprocess" not in script_settings(plain.kernel_dir)["submit_args"]
+    assert any("without --postprocess" in w for w in plain.warnings)
+
+    settings = default_postprocess(["large_bowel", "small_bowel", "stomach"])
+    settings = settings.model_copy(update={"thresholds": [0.3, 0.4, 0.45]})
+    save_postprocess(settings, tmp_path / "blend" / "postprocess.json")
+    build = build_kernel(
+        "uwmgi", ["a", "b"], name="tuned", postprocess=tmp_path / "blend" / "postprocess.json",
+        **options,
+    )  # fmt: skip
+    args = script_settings(build.kernel_dir)["submit_args"]
+    assert args[args.index("--postprocess") + 1] == "{weights}/postprocess.json"
+    shipped = build.kernel_dir / "weights" / "postprocess.json"
+    assert load_postprocess(shipped) == settings
+    assert load(build.kernel_dir / "weights" / "kseg-weights.json")["postprocess"] == (
+        "postprocess.json"
+    )
+    assert not any("without --postprocess" in w for w in build.warnings)
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(KsegError, match=r"broken\.json"):
+        build_kernel("uwmgi", ["a", "b"], name="broken", postprocess=tmp_path / "broken.json",
+                     **options)  # fmt: skip
+    assert not (tmp_path / "kernels" / "broken").exists()

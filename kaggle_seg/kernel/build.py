@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from kaggle_seg.kernel.names import (
 from kaggle_seg.kernel.targets import (
     BUILD_RECORD,
     DATASET_METADATA,
+    ENSEMBLE_POSTPROCESS,
     IMAGE_FILE,
     KERNEL_METADATA,
     MODEL_FRAMEWORK,
@@ -144,9 +145,14 @@ def build_kernel(
     repack: bool = False,
     force: bool = False,
     source: Path | None = None,
+    postprocess: Path | None = None,
 ) -> KernelBuild:
     """Write `out_root/<name>/`: kernel script + metadata, the wheels dataset and the weights
-    (a dataset, or the files of a Kaggle Model instance that `kseg model push` uploads)."""
+    (a dataset, or the files of a Kaggle Model instance that `kseg model push` uploads).
+
+    `postprocess`: settings for the whole ensemble (`kseg tune` with several --experiment),
+    shipped at the weights folder's top and passed to `kseg submit --postprocess`; without it
+    the kernel's submit takes the first experiment's postprocess.json."""
     start = time.perf_counter()
     target = get_target(competition)
     machine = get_accelerator(accelerator)
@@ -215,7 +221,20 @@ def build_kernel(
             ),
         )
         weights_dir = staging / WEIGHTS_DIR
-        write_json(weights_dir / WEIGHTS_MANIFEST, collect_weights(checkpoints, weights_dir))
+        manifest = collect_weights(checkpoints, weights_dir)
+        if postprocess is not None:
+            from kaggle_seg.postprocess import load_postprocess
+
+            load_postprocess(postprocess)  # a file that does not parse is named here, not on Kaggle
+            shutil.copy2(postprocess, weights_dir / ENSEMBLE_POSTPROCESS)
+            manifest["postprocess"] = ENSEMBLE_POSTPROCESS
+            submit = replace(submit, postprocess=ENSEMBLE_POSTPROCESS)
+        elif len(experiments) > 1:
+            warnings.append(
+                "an ensemble without --postprocess: the kernel's kseg submit takes the first "
+                "experiment's settings; `kseg tune` with every --experiment tunes the ensemble's"
+            )
+        write_json(weights_dir / WEIGHTS_MANIFEST, manifest)
         about = (
             f"kaggle_seg checkpoints (best.pt per fold, config inside) and tuned "
             f"post-processing of {', '.join(experiments)} for {target.source}."

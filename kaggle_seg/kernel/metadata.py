@@ -168,9 +168,12 @@ class SubmitOptions:
     tta: str | None = None
     batch_size: int | None = None
     ensemble_weights: str | None = None  # per experiment, e.g. "1,0.5"
+    postprocess: str | None = None  # settings file in the weights folder (an ensemble's)
 
     def arguments(self) -> list[str]:
         arguments = []
+        if self.postprocess:
+            arguments += ["--postprocess", f"{{weights}}/{self.postprocess}"]
         if self.ensemble_weights:
             arguments += ["--weights", self.ensemble_weights]
         if self.tta:

@@ -13,6 +13,8 @@ KERNEL_METADATA = "kernel-metadata.json"
 DATASET_METADATA = "dataset-metadata.json"
 BUILD_RECORD = "kseg-kernel.json"
 WEIGHTS_MANIFEST = "kseg-weights.json"
+# An ensemble's tuned settings, at the top of the weights folder (kernel build --postprocess).
+ENSEMBLE_POSTPROCESS = "postprocess.json"
 WHEELS_DIR = "wheels"
 WEIGHTS_DIR = "weights"
 REHEARSAL_DIR = "rehearsal"
