@@ -80,6 +80,15 @@ def _member_folds(experiments: Sequence[Path]) -> list[dict[int, Path]]:
                     f"{fold_dir / runs.CONFIG_FILE}: data.{what} {getattr(config.data, what)!r} "
                     f"differs from {first}'s {getattr(first_config.data, what)!r}"
                 )
+        if config.train.oof_tta != first_config.train.oof_tta:
+            # Thresholds tuned on a mix fit neither way of predicting the test exactly.
+            log.warning(
+                "%s: OOF predicted with train.oof_tta %s, %s's with %s: the blend mixes them",
+                experiment,
+                config.train.oof_tta,
+                first,
+                first_config.train.oof_tta,
+            )
         outputs = runs.read_run_spec(fold_dir, config).outputs
         if outputs != first_outputs:
             raise KsegError(

@@ -5,6 +5,7 @@ share folds, images or outputs are refused with the file at fault."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -88,7 +89,7 @@ def test_blend_is_the_weighted_mean_and_tunes_like_one_experiment(
 
 
 def test_blend_refuses_members_that_do_not_match(
-    members: tuple[Path, list[Path]], tmp_path: Path
+    members: tuple[Path, list[Path]], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     root, (wide, narrow) = members
     with pytest.raises(KsegError, match="two experiments or more"):
@@ -113,6 +114,16 @@ def test_blend_refuses_members_that_do_not_match(
     save_oof(oof, fewer / "fold_1" / "oof.npz", "float16")
     with pytest.raises(KsegError, match=rf"fewer/fold_1/oof\.npz: lacks '{dropped}'"):
         blend_oof([wide, fewer], tmp_path / "b")
+    # OOF predicted with another TTA: blended, with a warning naming both.
+    flipped = tmp_path / "flipped"
+    shutil.copytree(narrow, flipped)
+    config = ExperimentConfig(data=DataConfig(competition="uwmgi", table=root / "table.csv"))
+    config.train.oof_tta = "flip"
+    for fold in (0, 1):
+        save_config(config, flipped / f"fold_{fold}" / "config.yaml")
+    with caplog.at_level(logging.WARNING, logger="kaggle_seg.blend"):
+        blend_oof([wide, flipped], tmp_path / "mixed")
+    assert "train.oof_tta flip" in caplog.text and "with none" in caplog.text
     # Another competition's model.
     other = tmp_path / "other"
     shutil.copytree(narrow, other)
