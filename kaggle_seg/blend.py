@@ -60,40 +60,34 @@ def _check_weights(experiments: Sequence[Path], weights: Sequence[float] | None)
 def _member_folds(experiments: Sequence[Path]) -> list[dict[int, Path]]:
     """fold -> fold folder of every member, checked to cover the same folds and to share the
     competition, targets and model outputs."""
-    from kaggle_seg.tune import oof_folds
+    from kaggle_seg.tune import oof_folds, runs_agree
 
     members = [dict(oof_folds(e)) for e in experiments]
     first, first_folds = experiments[0], members[0]
-    first_config = runs.read_run_config(next(iter(first_folds.values())))
-    first_outputs = runs.read_run_spec(next(iter(first_folds.values())), first_config).outputs
     for experiment, folds in zip(experiments[1:], members[1:], strict=True):
         if set(folds) != set(first_folds):
             raise KsegError(
                 f"{experiment}: out-of-fold predictions of folds {sorted(folds)}, {first}'s of "
                 f"{sorted(first_folds)}: blend experiments trained on the same folds"
             )
-        fold_dir = next(iter(folds.values()))
-        config = runs.read_run_config(fold_dir)
-        for what in ("competition", "targets", "options"):
-            if getattr(config.data, what) != getattr(first_config.data, what):
-                raise KsegError(
-                    f"{fold_dir / runs.CONFIG_FILE}: data.{what} {getattr(config.data, what)!r} "
-                    f"differs from {first}'s {getattr(first_config.data, what)!r}"
-                )
-        if config.train.oof_tta != first_config.train.oof_tta:
+    # One fold per member speaks for it: tune_experiment checks the folds within each.
+    fold_dirs = [next(iter(folds.values())) for folds in members]
+    config, _ = runs_agree(
+        fold_dirs,
+        ("competition", "targets", "options"),
+        "blend experiments of one competition and model outputs",
+        label=lambda fold_dir: str(fold_dir.parent),
+    )
+    for experiment, fold_dir in zip(experiments[1:], fold_dirs[1:], strict=True):
+        other = runs.read_run_config(fold_dir).train.oof_tta
+        if other != config.train.oof_tta:
             # Thresholds tuned on a mix fit neither way of predicting the test exactly.
             log.warning(
                 "%s: OOF predicted with train.oof_tta %s, %s's with %s: the blend mixes them",
                 experiment,
-                config.train.oof_tta,
+                other,
                 first,
-                first_config.train.oof_tta,
-            )
-        outputs = runs.read_run_spec(fold_dir, config).outputs
-        if outputs != first_outputs:
-            raise KsegError(
-                f"{fold_dir}: the model outputs {', '.join(outputs)}, {first}'s "
-                f"{', '.join(first_outputs)}"
+                config.train.oof_tta,
             )
     return members
 

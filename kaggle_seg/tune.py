@@ -71,28 +71,41 @@ def oof_folds(experiment_dir: Path) -> list[tuple[int, Path]]:
     return folds
 
 
-def _experiment_config(folds: Sequence[tuple[int, Path]]) -> tuple[ExperimentConfig, list[str]]:
-    """The folds' config and the names of their models' output channels (`ModelSpec.outputs`),
-    which every fold must share."""
-    configs = [(fold_dir, runs.read_run_config(fold_dir)) for _, fold_dir in folds]
+def runs_agree(
+    fold_dirs: Sequence[Path],
+    fields: Sequence[str],
+    advice: str,
+    label: Callable[[Path], str] = lambda fold_dir: fold_dir.name,
+) -> tuple[ExperimentConfig, list[str]]:
+    """The first run's config and model output names, after checking that every run in
+    `fold_dirs` shares the data `fields` (competition, table...) and the outputs; a mismatch
+    names the run's file, the first run by `label`, and ends with `advice`."""
+    configs = [(fold_dir, runs.read_run_config(fold_dir)) for fold_dir in fold_dirs]
     first_dir, first = configs[0]
     for fold_dir, config in configs[1:]:
-        for what in ("competition", "options", "table", "targets"):
+        for what in fields:
             if getattr(config.data, what) != getattr(first.data, what):
                 raise KsegError(
                     f"{fold_dir / runs.CONFIG_FILE}: data.{what} "
-                    f"{getattr(config.data, what)!r} differs from {first_dir.name}'s "
-                    f"{getattr(first.data, what)!r}: tune one experiment at a time"
+                    f"{getattr(config.data, what)!r} differs from {label(first_dir)}'s "
+                    f"{getattr(first.data, what)!r}: {advice}"
                 )
     outputs = runs.read_run_spec(first_dir, first).outputs
     for fold_dir, config in configs[1:]:
         other = runs.read_run_spec(fold_dir, config).outputs
         if other != outputs:
             raise KsegError(
-                f"{fold_dir}: the model outputs {', '.join(other)}, {first_dir.name}'s "
-                f"{', '.join(outputs)}: tune one experiment at a time"
+                f"{fold_dir}: the model outputs {', '.join(other)}, {label(first_dir)}'s "
+                f"{', '.join(outputs)}: {advice}"
             )
     return first, list(outputs)
+
+
+def _experiment_config(folds: Sequence[tuple[int, Path]]) -> tuple[ExperimentConfig, list[str]]:
+    """The folds' config and the names of their models' output channels (`ModelSpec.outputs`),
+    which every fold must share."""
+    fields = ("competition", "options", "table", "targets")
+    return runs_agree([d for _, d in folds], fields, "tune one experiment at a time")
 
 
 def _table_path(config: ExperimentConfig, experiment_dir: Path) -> Path:
