@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from kaggle_seg import runs
+from kaggle_seg.ensemble_weights import check_weights
 from kaggle_seg.errors import KsegError
 from kaggle_seg.probabilities import (
     ProbabilityFile,
@@ -44,17 +45,9 @@ def default_blend_dir(experiments: Sequence[Path]) -> Path:
 
 
 def _check_weights(experiments: Sequence[Path], weights: Sequence[float] | None) -> list[float]:
-    if weights is None:
-        return [1.0 / len(experiments)] * len(experiments)
-    if len(weights) != len(experiments):
-        raise KsegError(
-            f"--weights: {len(weights)} weight(s) for {len(experiments)} experiment(s); give one "
-            "per experiment"
-        )
-    if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise KsegError(f"--weights {list(weights)}: need non-negative weights with a positive sum")
-    total = float(sum(weights))
-    return [float(w) / total for w in weights]
+    values = check_weights(weights, len(experiments), "experiment")
+    total = sum(values)
+    return [w / total for w in values]
 
 
 def _member_folds(experiments: Sequence[Path]) -> list[dict[int, Path]]:

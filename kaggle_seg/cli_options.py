@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from kaggle_seg.ensemble_weights import parse_weights
 from kaggle_seg.errors import KsegError
 
 Checkpoints = Annotated[
@@ -90,15 +91,6 @@ _SHARED: dict[str, tuple[Any, Any]] = {
         True,
     ),
 }
-
-
-def parse_weights(weights: str | None) -> list[float] | None:
-    if weights is None:
-        return None
-    try:
-        return [float(w) for w in weights.split(",")]
-    except ValueError:
-        raise KsegError(f"--weights {weights!r}: expected numbers like 1,0.5") from None
 
 
 def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:

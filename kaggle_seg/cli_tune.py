@@ -35,7 +35,7 @@ def tune(
 ) -> None:
     """Search thresholds, minimum areas and the empty-slice gate on the out-of-fold predictions,
     scored with the competition metric; write them for `kseg submit`."""
-    from kaggle_seg.cli_options import parse_weights
+    from kaggle_seg.ensemble_weights import parse_weights
     from kaggle_seg.tune import tune_experiment
 
     target = experiment[0]

@@ -21,6 +21,7 @@ import pandas as pd
 
 from kaggle_seg.competitions.base import Skipped
 from kaggle_seg.competitions.detect import explain_other_competition
+from kaggle_seg.ensemble_weights import check_weights
 from kaggle_seg.errors import InputError, KsegError
 from kaggle_seg.probabilities import ProbabilityWriter
 from kaggle_seg.runs import find_checkpoints
@@ -115,14 +116,11 @@ def load_ensemble(
     import torch
 
     device = torch.device(device)
-    if weights is not None and len(weights) != len(sources):
-        raise KsegError(
-            f"--weights: {len(weights)} weight(s) for {len(sources)} checkpoint source(s)"
-        )
+    shares = check_weights(weights, len(sources), "checkpoint source")
     members: list[Member] = []
     for k, source in enumerate(sources):
         found = find_checkpoints(source)
-        weight = (weights[k] if weights is not None else 1.0) / len(found)
+        weight = shares[k] / len(found)
         members.extend(load_member(path, weight, device) for path in found)
     if not members:
         raise KsegError("no checkpoints given")
@@ -140,8 +138,6 @@ def load_ensemble(
                 f"checkpoints disagree on competition: {first.source} is {first_name}, "
                 f"{other.source} is {other_name}"
             )
-    if sum(m.weight for m in members) <= 0:
-        raise KsegError("--weights: the weights must sum to more than 0")
     return members
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kaggle_seg import __version__
+from kaggle_seg.ensemble_weights import check_weights, parse_weights
 from kaggle_seg.errors import KsegError
 from kaggle_seg.kernel.credentials import find_credentials
 from kaggle_seg.kernel.metadata import (
@@ -160,7 +161,8 @@ def build_kernel(
         raise KsegError("pass at least one --experiment")
     for experiment in experiments:
         check_name(experiment, "--experiment", portable=True)
-    _check_ensemble_weights(submit.ensemble_weights, len(experiments))
+    # The kernel's own `kseg submit --weights` would refuse these on Kaggle: refuse them here.
+    check_weights(parse_weights(submit.ensemble_weights), len(experiments), "experiment")
     if weights_as not in WEIGHTS_AS:
         raise KsegError(f"--weights-as {weights_as!r}: choose one of {', '.join(WEIGHTS_AS)}")
     if model is not None and weights_as != "model":
@@ -322,17 +324,6 @@ def build_kernel(
         seconds=time.perf_counter() - start,
         warnings=warnings,
     )
-
-
-def _check_ensemble_weights(text: str | None, n_experiments: int) -> None:
-    if text is None:
-        return
-    try:
-        values = [float(w) for w in text.split(",")]
-    except ValueError:
-        raise KsegError(f"--weights {text!r}: expected numbers like 1,0.5") from None
-    if len(values) != n_experiments:
-        raise KsegError(f"--weights has {len(values)} values for {n_experiments} experiment(s)")
 
 
 def write_json(path: Path, data: Any) -> None:
