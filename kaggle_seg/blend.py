@@ -44,12 +44,6 @@ def default_blend_dir(experiments: Sequence[Path]) -> Path:
     return Path(experiments[0]).resolve().parent / f"blend_{names}"
 
 
-def _check_weights(experiments: Sequence[Path], weights: Sequence[float] | None) -> list[float]:
-    values = check_weights(weights, len(experiments), "experiment")
-    total = sum(values)
-    return [w / total for w in values]
-
-
 def _member_folds(experiments: Sequence[Path]) -> list[dict[int, Path]]:
     """fold -> fold folder of every member, checked to cover the same folds and to share the
     competition, targets and model outputs."""
@@ -121,14 +115,14 @@ def blend_oof(
     Members must cover the same folds with the same images (the same folds.csv) and share the
     competition, targets and model outputs; weights (default equal) are normalised to sum 1.
     """
-    experiments = [Path(e) for e in experiments]
+    experiments, out = [Path(e) for e in experiments], Path(out)
     if len(experiments) < 2:
         raise KsegError("blending needs two experiments or more")
-    if Path(out).resolve() in {e.resolve() for e in experiments}:
+    if out.resolve() in {e.resolve() for e in experiments}:
         raise KsegError(f"{out}: the blend would overwrite one of its members; choose another")
-    shares = _check_weights(experiments, weights)
+    values = check_weights(weights, len(experiments), "experiment")
+    shares = [w / sum(values) for w in values]
     members = _member_folds(experiments)
-    out = Path(out)
     for fold in sorted(members[0]):
         fold_dirs = [m[fold] for m in members]
         config = runs.read_run_config(fold_dirs[0])
