@@ -121,7 +121,8 @@ def blend_oof(
     if out.resolve() in {e.resolve() for e in experiments}:
         raise KsegError(f"{out}: the blend would overwrite one of its members; choose another")
     values = check_weights(weights, len(experiments), "experiment")
-    shares = [w / sum(values) for w in values]
+    total = sum(values)
+    shares = [w / total for w in values]
     members = _member_folds(experiments)
     for fold in sorted(members[0]):
         fold_dirs = [m[fold] for m in members]
