@@ -435,9 +435,19 @@ def demo(
         typer.echo(line)
 
 
+def _ignore_signal(signum: int, frame: object) -> None:
+    pass
+
+
 def _terminated(signum: int, frame: object) -> None:
     # `kill` (SIGTERM, also how Kaggle and batch schedulers stop a job) unwinds like Ctrl-C:
     # temporary files are removed and training says how to resume.
+    import signal
+
+    # A process-group kill (`timeout`, a scheduler) stops the DataLoader workers too; torch's
+    # SIGCHLD handler would then raise "worker killed by signal" over this interruption (or
+    # print a traceback at exit). Their deaths are expected from here on.
+    signal.signal(signal.SIGCHLD, _ignore_signal)
     raise KeyboardInterrupt
 
 

@@ -146,7 +146,8 @@ def test_predict_save_stopped_mid_way_leaves_no_temporary_file(
     root = copy_dsb_test(shared_data, dsb_ids[:4], tmp_path)
     checkpoint = write_checkpoint(tmp_path / "best.pt")
     save = tmp_path / "out" / "preds.npz"
-    # The prediction slowed down, so the signal lands while the npz is being written.
+    # The prediction stalls after its first image, so the signal lands while the npz is being
+    # written however slowly the machine runs (a 0.5 s pause let a loaded CI run finish first).
     # A shell's background job starts with SIGINT ignored, and Python then keeps it ignored:
     # the child restores Ctrl-C's default, as an interactive terminal gives it.
     script = f"""
@@ -156,8 +157,8 @@ import kaggle_seg.predict as predict
 original = predict.predict_probabilities
 def slow(*args, **kwargs):
     for item in original(*args, **kwargs):
-        time.sleep(0.5)
         yield item
+        time.sleep(30)  # the npz is open, one array in: the signal lands here
 predict.predict_probabilities = slow
 sys.argv = ["kseg", "predict", "--checkpoints", {str(checkpoint)!r}, "--test-dir",
             {str(root / "stage1_test")!r}, "--save", {str(save)!r}, "--num-workers", "0"]

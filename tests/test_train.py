@@ -172,6 +172,35 @@ def test_cli_train_needs_exactly_one_fold_option(dsb_small: Path):
 
 
 @pytest.mark.slow
+def test_kill_of_the_process_group_with_loader_workers_says_how_to_resume(
+    dsb_small: Path, tmp_path: Path
+):
+    """`timeout`, Kaggle and batch schedulers SIGTERM the whole process group: the DataLoader
+    workers die with the trainer, and that must not bury the resume hint under torch's
+    "worker killed by signal" error or a traceback at exit."""
+    import signal
+    import time
+
+    config = write_config(dsb_small, "killed", epochs=200)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kaggle_seg", "train", "--config", str(config), "--fold", "0",
+         "--device", "cpu", "--runs-dir", str(tmp_path), "--set", "train.num_workers=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    last = tmp_path / "killed" / "fold_0" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not last.is_file() and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    time.sleep(1.0)  # into a later epoch, workers busy
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr and "RuntimeError" not in stderr, stderr[-3000:]
+    assert "holds the end of the last finished epoch; continue with --resume" in stderr
+
+
+@pytest.mark.slow
 def test_uwmgi_25d_padded_training_scores_volumes(phantom_dir: Path, tmp_path: Path):
     """2.5D phantom slices padded to 320x384: the fold is scored with the uwmgi metric and the
     OOF probabilities come back at each scan's own size (266x266, 360x310...)."""
