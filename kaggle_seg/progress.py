@@ -115,6 +115,15 @@ class PlainProgress:
             )
         print(line, file=self.stream, flush=True)
 
+    def finish(self) -> None:
+        """The work ended before `total` (an upper bound, as a search that stops when nothing
+        improves): the last line says done at the count reached, not a stalled percentage."""
+        with self._lock:
+            if self.total is not None and self.done < self.total:
+                self.total = self.done
+                self._steps_shown = PLAIN_STEPS
+                self._write(self.clock())
+
     def close(self) -> None:
         if self.total is None and self.done:
             self._write(self.clock())
@@ -159,12 +168,18 @@ class BarProgress:
     def advance(self, n: int = 1) -> None:
         self._progress.advance(self._task, n)
 
+    def finish(self) -> None:
+        self._progress.update(self._task, total=self._progress.tasks[0].completed)
+
     def close(self) -> None:
         self._progress.stop()
 
 
 class NoProgress:
     def advance(self, n: int = 1) -> None:
+        pass
+
+    def finish(self) -> None:
         pass
 
     def close(self) -> None:

@@ -181,6 +181,7 @@ def search_mask_settings(
                     best, flags, parts, improved = score, candidate_flags, candidate_parts, True
             if not improved:
                 break
+        display.finish()  # rounds * per_round was the most the search could take
     finally:
         display.close()
     report.hausdorff_volumes = getattr(search, "exact_volumes", 0)

@@ -41,13 +41,7 @@ from kaggle_seg.optim import build_optimizer, build_scheduler
 
 # The probability files live in their own torch-free module; loaders re-exported for callers.
 from kaggle_seg.probabilities import load_class_oof, load_oof, save_class_oof, save_oof  # noqa: F401
-from kaggle_seg.runtime import (
-    Runtime,
-    autocast_settings,
-    gather,
-    seed_everything,
-    start_runtime,
-)
+from kaggle_seg.runtime import Runtime, autocast_settings, gather, seed_everything, start_runtime
 from kaggle_seg.spec import ModelSpec
 from kaggle_seg.time_budget import EpochClock
 from kaggle_seg.train_data import fold_loaders, load_fold_tables
@@ -389,6 +383,7 @@ class Trainer(TrainerState):
                 train_metrics = self.train_one_epoch()
                 trained = time.perf_counter()
                 final = self.epoch + 1 == self.planned_epochs
+                final = final or self._out_of_time(epoch_start, started)  # budget spent: validate
                 validate = not self.full and ((self.epoch + 1) % cfg.validate_every == 0 or final)
                 valid_metrics: dict[str, float] = {}
                 if validate or self.full:

@@ -5,6 +5,7 @@ with the `ModelSpec` and config), the resume that restores it, and the end of ea
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from kaggle_seg.checkpoints import load_checkpoint, rng_state, save_checkpoint, 
 from kaggle_seg.errors import KsegError
 from kaggle_seg.io import write_csv_atomic
 from kaggle_seg.optim import set_schedule_epochs
-from kaggle_seg.time_budget import epochs_within_budget, oof_pass_validations
+from kaggle_seg.time_budget import EpochClock, epochs_within_budget, oof_pass_validations
 from kaggle_seg.tta import get_tta
 
 
@@ -194,6 +195,43 @@ class TrainerState:
                 self._writer.add_scalar(key, value, global_step=int(row["epoch"]))
         self._writer.flush()
 
+    def _budget_plan(self, clock: EpochClock, done: int, last_validated: bool) -> int:
+        """The most epochs that fit train.time_budget_minutes, by `clock`'s measured times."""
+        cfg = self.config.train
+        return epochs_within_budget(
+            cfg.time_budget_minutes * 60,
+            clock,
+            done,
+            cfg.epochs,
+            validate_every=cfg.validate_every,
+            validates=not self.full,
+            last_validated=last_validated,
+            oof_validations=oof_pass_validations(len(get_tta(cfg.oof_tta))),
+            # Before the first validation: whole-image forward passes over the validation
+            # rows, guessed at a training epoch's cost per row.
+            validation_guess_s=clock.epoch_seconds()
+            * len(self.valid_table)
+            / max(1, len(self.train_table)),
+        )
+
+    def _out_of_time(self, epoch_start: float, started: float) -> bool:
+        """Under a time budget, whether the epoch just trained (since `epoch_start`, the run
+        since `started`: perf_counter values) must be the last, validated now, as another
+        epoch and its validation would not fit. Without this, an unvalidated epoch that used
+        up the budget (a slow or loaded machine) forced one more past it, only to validate."""
+        cfg = self.config.train
+        if cfg.time_budget_minutes is None or self.full:
+            return False
+        now = time.perf_counter()
+        times = [now - epoch_start, now - started]
+        if self.runtime.distributed:  # every rank decides alike: the slowest rank's times
+            from kaggle_seg.runtime import gather
+
+            times = [max(values) for values in zip(*gather(times, self.runtime), strict=True)]
+        clock = EpochClock([*self.clock.train, times[0]], list(self.clock.validation), times[1])
+        done = self.epoch + 1
+        return self._budget_plan(clock, done, last_validated=True) <= done
+
     def _plan_epochs(self, done: int, last_validated: bool) -> None:
         """The epochs this run does: train.epochs, or under train.time_budget_minutes those that
         fit what is left. Also on --resume, so a run resumed with more epochs or minutes does them
@@ -201,21 +239,7 @@ class TrainerState:
         cfg = self.config.train
         planned = cfg.epochs
         if cfg.time_budget_minutes is not None and self.clock.train:
-            planned = epochs_within_budget(
-                cfg.time_budget_minutes * 60,
-                self.clock,
-                done,
-                cfg.epochs,
-                validate_every=cfg.validate_every,
-                validates=not self.full,
-                last_validated=last_validated,
-                oof_validations=oof_pass_validations(len(get_tta(cfg.oof_tta))),
-                # Before the first validation: whole-image forward passes over the validation
-                # rows, guessed at a training epoch's cost per row.
-                validation_guess_s=self.clock.epoch_seconds()
-                * len(self.valid_table)
-                / max(1, len(self.train_table)),
-            )
+            planned = self._budget_plan(self.clock, done, last_validated)
         if planned != self.planned_epochs:
             # The plan wobbles by an epoch or two as times are measured: say so when it first
             # departs from train.epochs, then only when it moves by a tenth of them.

@@ -116,6 +116,7 @@ def search_instance_settings(
                         current = {**candidate, "min_nucleus": min_nucleus}
         if not improved:
             break
+    display.finish()  # n_pairs was the most the search could take
     display.close()
     settings = _instance_settings(
         data.classes, current["threshold"], current["border_threshold"], current["min_nucleus"]

@@ -125,6 +125,23 @@ def test_total_from_len_and_stopping_early() -> None:
     assert stream.getvalue().splitlines()[-1] == "x: 20/50 images (40%), 1.0 images/s, ETA 0:30"
 
 
+def test_work_that_ends_below_its_upper_bound_finishes_at_its_count() -> None:
+    """A search's total is the most it could take; ending sooner says done, not 30 %."""
+    stream, clock = io.StringIO(), FakeClock()
+    display = make_progress(81, "tune: search", "thresholds", stream=stream, clock=clock)
+    for _ in range(25):
+        clock.now += 0.5
+        display.advance()
+    display.finish()
+    display.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[-2] == "tune: search: 25/81 thresholds (30%), 2.0 thresholds/s, ETA 0:28"
+    assert lines[-1] == "tune: search: 25/25 thresholds (100%), 2.0 thresholds/s, done in 0:12"
+    for display in (NoProgress(), make_progress(81, stream=io.StringIO())):
+        display.finish()  # nothing done yet: no error, no line
+        display.close()
+
+
 def test_mode_from_the_stream_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

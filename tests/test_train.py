@@ -437,15 +437,16 @@ def test_a_run_out_of_time_stops_validated_with_its_oof(dsb_small: Path, tmp_pat
     result = train_fold(config, 0, run_root=tmp_path, device="cpu")
     run = tmp_path / "budget" / "fold_0"
     history = pd.read_csv(run / "history.csv")
-    # Epoch 1 is not a validation epoch, so the run does one more, which validates, and stops.
-    assert len(history) == 2 and history["score"].notna().tolist() == [False, True]
-    assert result.best_epoch == 1 and (run / "oof.npz").is_file()
+    # Epoch 1 is not a validation epoch, but it spent the budget: it validates and the run
+    # stops there, rather than training one more epoch past the budget only to validate.
+    assert len(history) == 1 and history["score"].notna().tolist() == [True]
+    assert result.best_epoch == 0 and (run / "oof.npz").is_file()
     last = torch.load(run / "last.pt", weights_only=True)
-    assert last["planned_epochs"] == 2 and len(last["clock"]["train"]) == 2
+    assert last["planned_epochs"] == 1 and len(last["clock"]["train"]) == 1
     assert last["clock"]["elapsed"] > 0
     # Resuming a finished, cut run does not train on to train.epochs.
     resumed = train_fold(config, 0, run_root=tmp_path, device="cpu", resume=True)
-    assert len(resumed.history) == 2
+    assert len(resumed.history) == 1
     # Given more minutes, the resumed run plans again and goes on to train.epochs.
     more = load_experiment(
         write_config(dsb_small, "budget", epochs=5),
