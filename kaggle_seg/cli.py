@@ -258,9 +258,9 @@ def predict(
     assert options is not None  # given by prediction_options
     result = predict_folder(checkpoints, test_dir, save, dtype=dtype, **options.as_kwargs())  # type: ignore[arg-type]
     typer.echo(
-        f"predicted {result['images']} images with {result['models']} model(s) in "
-        f"{result['seconds']:.1f} s ({result['images_per_s']:.1f} images/s)"
-        + (f"; wrote {result['saved']}" if result["saved"] else "")
+        f"predicted {result['images']} images with {result['models']} model(s), "
+        f"{result['tta']} TTA, in {result['seconds']:.1f} s ({result['images_per_s']:.1f} "
+        "images/s)" + (f"; wrote {result['saved']}" if result["saved"] else "")
     )
     _echo_skipped(result["skipped"])
 
@@ -339,7 +339,7 @@ def submit(
         typer.echo(note)
     typer.echo(
         f"wrote {result.path}: {result.rows} rows for {result.images} images in "
-        f"{result.seconds:.1f} s (validated)"
+        f"{result.seconds:.1f} s ({result.tta} TTA; validated)"
     )
     _echo_skipped(result.skipped)
     if upload:

@@ -96,7 +96,7 @@ def kernel_build(
         typer.Option(help="docker_image_pinning_type: original (the first run's image) or latest."),
     ] = None,
     tta: Annotated[
-        str | None, typer.Option(help="Passed to kseg submit --tta (e.g. flip).")
+        str | None, typer.Option(help="Passed to kseg submit --tta (default: its own).")
     ] = None,
     batch_size: Annotated[
         int | None, typer.Option(help="Passed to kseg submit --batch-size.")

@@ -34,7 +34,7 @@ class PredictionOptions:
     """How a checkpoint ensemble predicts: the options `kseg predict` and `kseg submit` share."""
 
     weights: list[float] | None
-    tta: str
+    tta: str | None
     merge: str
     ensemble: str
     batch_size: int
@@ -58,8 +58,15 @@ _SHARED: dict[str, tuple[Any, Any]] = {
         None,
     ),
     "tta": (
-        Annotated[str, typer.Option(help="Test-time augmentation: none, hflip, flip or d4.")],
-        "flip",
+        Annotated[
+            str | None,
+            typer.Option(
+                help="Test-time augmentation: none, hflip, flip or d4 (default: the TTA the "
+                "checkpoints' OOF was predicted with, train.oof_tta, which their tuned "
+                "post-processing fits; else flip)."
+            ),
+        ],
+        None,
     ),
     "merge": (
         Annotated[str, typer.Option(help="How TTA views merge: mean, gmean, max, tsharpen.")],
@@ -116,6 +123,13 @@ def prediction_options(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(**kwargs: Any) -> Any:
         values = {name: kwargs.pop(name) for name in _SHARED}
         check_choice("--on-error", values["on_error"], ("fail", "skip"))
+        # Checked before any model loads or image is read, so a typo fails first and alone.
+        from kaggle_seg.tta import MERGE_MODES, TTA_MODES
+
+        if values["tta"] is not None:
+            check_choice("--tta", values["tta"], tuple(TTA_MODES))
+        check_choice("--merge", values["merge"], MERGE_MODES)
+        check_choice("--ensemble", values["ensemble"], ("mean", "logit"))
         values["weights"] = parse_weights(values["weights"])
         return command(options=PredictionOptions(**values), **kwargs)
 

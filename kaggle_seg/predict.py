@@ -376,6 +376,14 @@ def predict_probabilities(
             yield position, ids[position], result, classes
 
 
+def default_tta(members: Sequence[Any]) -> str:
+    """The TTA when none is asked for: the one every member's OOF was predicted with
+    (`train.oof_tta`), as `kseg tune` chose the post-processing on those probabilities; flip
+    for members with plain OOF or disagreeing ones."""
+    tuned_with = {m.config.train.oof_tta for m in members} - {"none"}
+    return tuned_with.pop() if len(tuned_with) == 1 else "flip"
+
+
 def predict_folder(
     checkpoints: Sequence[str | Path],
     test_dir: str | Path,
@@ -397,6 +405,8 @@ def predict_folder(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     members = load_ensemble(checkpoints, weights, device)
+    if options.get("tta") is None:
+        options["tta"] = default_tta(members)
     competition = competition_for(members[0].config.data)
     skipped: list[Skipped] | None = [] if options.get("on_error") == "skip" else None
     with explain_other_competition(competition.name, Path(test_dir)):
@@ -427,5 +437,6 @@ def predict_folder(
         "seconds": seconds,
         "images_per_s": n_images / seconds if seconds else float("inf"),
         "saved": str(save) if save else None,
+        "tta": options["tta"],
         "skipped": skipped or [],
     }

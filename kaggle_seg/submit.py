@@ -95,6 +95,7 @@ class SubmitResult:
     seconds: float
     notes: list[str]
     skipped: list[Skipped] = field(default_factory=list)  # --on-error skip: predicted empty
+    tta: str = "none"  # the TTA predicted with (the default follows train.oof_tta)
 
 
 def write_submission(
@@ -105,7 +106,7 @@ def write_submission(
     weights: Sequence[float] | None = None,
     test_dir: Path | None = None,
     postprocess: Path | None = None,
-    tta: str = "flip",
+    tta: str | None = None,
     merge: str = "mean",
     ensemble: str = "mean",
     batch_size: int = 8,
@@ -120,11 +121,12 @@ def write_submission(
     import torch
 
     from kaggle_seg.competitions import competition_for
-    from kaggle_seg.predict import load_ensemble
+    from kaggle_seg.predict import default_tta, load_ensemble
 
     started = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     members = load_ensemble(checkpoints, weights, device)
+    tta = tta or default_tta(members)
     competition = competition_for(members[0].config.data)
     if mismatch := oof_tta_mismatch(members, tta):
         log.warning(mismatch)
@@ -211,7 +213,9 @@ def _predict_and_write(
     )
     rows, images = competition.write_submission(stream, test, settings, out, skipped)
     seconds = time.perf_counter() - started
-    return SubmitResult(out, competition.name, rows, images, seconds, notes, list(skipped or []))
+    return SubmitResult(
+        out, competition.name, rows, images, seconds, notes, list(skipped or []), tta=options["tta"]
+    )
 
 
 def upload_submission(csv: Path, competition_name: str, message: str) -> str:

@@ -213,6 +213,32 @@ def test_submit_warns_when_its_tta_is_not_the_one_the_oof_was_tuned_on():
     assert warning is not None and "--tta flip" in warning and "--tta d4" in warning
 
 
+def test_default_tta_is_the_one_the_oof_was_predicted_with():
+    from types import SimpleNamespace
+
+    from kaggle_seg.predict import default_tta
+
+    def member(oof_tta: str) -> SimpleNamespace:
+        return SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(oof_tta=oof_tta)))
+
+    assert default_tta([member("d4")]) == "d4"  # the DSB recipe's: its thresholds fit d4
+    assert default_tta([member("d4"), member("none")]) == "d4"
+    assert default_tta([member("none")]) == "flip"
+    assert default_tta([member("d4"), member("flip")]) == "flip"  # members disagree
+
+
+def test_prediction_option_values_are_checked_before_anything_is_read(tmp_path: Path):
+    from test_cli import kseg
+
+    missing = str(tmp_path / "nowhere")
+    for command in ("submit", "predict"):
+        target = ["--data-dir", missing] if command == "submit" else ["--test-dir", missing]
+        for option, value in (("--tta", "d8"), ("--merge", "median"), ("--ensemble", "vote")):
+            result = kseg(command, "--checkpoints", missing, *target, option, value, check=False)
+            assert result.returncode == 1
+            assert f"error: {option} {value!r}: choose one of" in result.stderr, result.stderr
+
+
 def test_submit_warns_when_an_ensemble_takes_one_members_settings():
     from types import SimpleNamespace
 
