@@ -17,6 +17,8 @@ import io
 import pickle
 import random
 import re
+import warnings
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +29,14 @@ import torch
 
 from kaggle_seg.errors import KsegError
 from kaggle_seg.io import atomic_path
+
+
+def _cut_short(path: Path) -> bool:
+    """A zip archive (torch.save's format) whose end is missing: a copy or download cut short."""
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"PK\x03\x04":
+            return False
+    return not zipfile.is_zipfile(path)
 
 
 class UnsafeCheckpoint(KsegError):
@@ -161,8 +171,16 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise KsegError(f"{path}: checkpoint not found")
+    if _cut_short(path):
+        raise UnreadableCheckpoint(
+            path,
+            f"truncated or damaged: {path.stat().st_size:,} bytes and the zip archive torch.save "
+            "writes has no end; copy or download it again",
+        )
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch's note on a plain pickle's protocol: noise here
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         refused = _REFUSED_GLOBAL.search(str(exc))
         if refused is None:

@@ -5,9 +5,11 @@ failure is one line naming the file."""
 from __future__ import annotations
 
 import errno
+import pickle
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -175,9 +177,17 @@ def test_checkpoint_config_with_an_extra_key_is_one_line_naming_the_file(tmp_pat
 def test_truncated_and_foreign_files_are_named(tmp_path: Path):
     good = write_checkpoint(tmp_path / "good.pt")
     truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(good.read_bytes()[:1000])
-    with pytest.raises(KsegError, match=r"truncated\.pt: not a readable checkpoint"):
-        load_checkpoint(truncated)
+    for cut in (1000, len(good.read_bytes()) - 100):  # early, or only the archive's end
+        truncated.write_bytes(good.read_bytes()[:cut])
+        with pytest.raises(KsegError, match=r"truncated\.pt: not a readable checkpoint "
+                           rf"\(truncated or damaged: {cut:,} bytes"):  # fmt: skip
+            load_checkpoint(truncated)
+    pickled = tmp_path / "pickled.pt"
+    pickled.write_bytes(pickle.dumps({"model": 1}, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's protocol warning is not let through
+        with pytest.raises(KsegError, match=r"pickled\.pt: not a readable checkpoint"):
+            load_checkpoint(pickled)
     listing = tmp_path / "list.pt"
     torch.save([1, 2], listing)
     with pytest.raises(KsegError, match=r"list\.pt: not a kseg checkpoint"):
