@@ -7,6 +7,7 @@ any field. Unknown keys and wrong types are errors naming the key.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -259,17 +260,70 @@ class ExperimentConfig(StrictModel):
         return name
 
 
-def format_validation_error(source: str, exc: ValidationError) -> str:
-    parts = []
+def _section_fields(model: type[BaseModel] | None, path: tuple[Any, ...]) -> list[str]:
+    """The field names of the (nested) section of `model` at `path`; [] when unknown."""
+    for part in path:
+        if model is None or isinstance(part, int):  # a list index: stay on the item's model
+            continue
+        field = model.model_fields.get(str(part))
+        todo, model = [field.annotation] if field else [], None
+        while todo and model is None:  # find the model inside Optional[...], list[...]
+            kind = todo.pop()
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                model = kind
+            todo.extend(get_args(kind))
+    return list(model.model_fields) if model is not None else []
+
+
+def _unknown_key(key: str, loc: tuple[Any, ...], model: type[BaseModel] | None) -> str:
+    """`unknown key 'a.b'` (`key`, the full dotted `loc`), with the closest valid key of the
+    section (`model`'s fields at the end of `loc`) or else a short section's keys."""
+    names = _section_fields(model, loc[:-1])
+    section = key.removesuffix(str(loc[-1]))
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    if close:
+        return f"unknown key '{key}' (did you mean {section}{close[0]}?)"
+    if names and len(names) <= 12:
+        return f"unknown key '{key}' (valid keys: {', '.join(names)})"
+    return f"unknown key '{key}'"
+
+
+def _source_of(loc: tuple[Any, ...], overrides: list[str], default: str) -> str:
+    """The last `--set` override whose key path is or contains `loc`, else `default`."""
+    path = [str(p) for p in loc]
+    for text in reversed(overrides if path else []):  # checks across sections: the file
+        keys = parse_override(text)[0]
+        if keys[: len(path)] == path[: len(keys)]:
+            return f"--set {text}"
+    return default
+
+
+def format_validation_error(
+    source: str,
+    exc: ValidationError,
+    *,
+    model: type[BaseModel] | None = None,
+    prefix: tuple[str, ...] = (),
+    overrides: list[str] | None = None,
+) -> str:
+    """One line naming each bad key in full (`prefix` + pydantic's loc) and where it came
+    from: the `--set` override that set it, else `source`. With `model` (the validated class
+    under `prefix`), unknown keys get the closest valid key."""
+    groups: dict[str, list[str]] = {}
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
+        loc = (*prefix, *err["loc"])
+        key = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{key}'")
-        elif not key:  # a check across sections names its own options
-            parts.append(str(err["msg"]).removeprefix("Value error, "))
+            part = _unknown_key(key, tuple(err["loc"]), model)
+        elif not err["loc"]:  # a check across sections names its own options
+            part = str(err["msg"]).removeprefix("Value error, ")
         else:
-            parts.append(f"'{key}': {err['msg']}")
-    return f"{source}: invalid config: " + "; ".join(parts)
+            part = f"'{key}': {err['msg']}"
+        origin = _source_of(loc if err["loc"] else (), overrides or [], source)
+        groups.setdefault(origin, []).append(part)
+    (first, parts), *rest = groups.items()  # `file: invalid config: ...; --set a.b=1: ...`
+    text = f"{first}: invalid config: " + "; ".join(parts)
+    return text + "".join(f"; {origin}: " + "; ".join(more) for origin, more in rest)
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:
@@ -348,7 +402,10 @@ def build_data_config(
     try:
         return DataConfig.model_validate(raw["data"])
     except ValidationError as exc:
-        raise KsegError(format_validation_error(source, exc)) from None
+        message = format_validation_error(
+            source, exc, model=DataConfig, prefix=("data",), overrides=overrides
+        )
+        raise KsegError(message) from None
 
 
 def load_experiment(
@@ -366,7 +423,10 @@ def load_experiment(
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise KsegError(format_validation_error(str(config_path), exc)) from None
+        message = format_validation_error(
+            str(config_path), exc, model=ExperimentConfig, overrides=overrides
+        )
+        raise KsegError(message) from None
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> Path:

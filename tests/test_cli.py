@@ -116,8 +116,11 @@ def test_a_wrong_config_key_is_named(phantom_dir: Path, tmp_path: Path):
         str(config),
         check=False,
     )
-    assert "unknown key 'exclude_case_day'" in result.stderr
-    assert "'n_folds'" in result.stderr
+    assert f"{config}: invalid config" in result.stderr  # the file, not "defaults"
+    assert "unknown key 'data.exclude_case_day' (did you mean data.exclude_case_days?)" in (
+        result.stderr
+    )
+    assert "'data.n_folds'" in result.stderr
     assert not (tmp_path / "t.csv").exists()
 
 

@@ -54,6 +54,63 @@ def test_unknown_and_mistyped_keys_are_named(tmp_path: Path):
         load_experiment(path)
 
 
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("train.epoch=1", "unknown key 'train.epoch' (did you mean train.epochs?)"),
+        (
+            "train.optimizer.lrr=1",
+            "unknown key 'train.optimizer.lrr' (did you mean train.optimizer.lr?)",
+        ),
+        ("augment.heigth=64", "unknown key 'augment.heigth' (did you mean augment.height?)"),
+        ("trian.epochs=1", "unknown key 'trian' (did you mean train?)"),
+        (
+            "train.loss=[{name: dice, wieght: 1}]",
+            "'train.loss.0.wieght' (did you mean train.loss.0.weight?)",
+        ),
+        ("train.epochs=abc", "'train.epochs': Input should be a valid integer"),
+    ],
+)
+def test_override_errors_name_the_set_option_and_the_close_key(
+    tmp_path: Path, override: str, said: str
+):
+    path = tmp_path / "exp.yaml"
+    path.write_text("data: {competition: dsb2018}\ntrain: {epochs: 2}\n")
+    with pytest.raises(KsegError) as error:
+        load_experiment(path, ["train.batch_size=2", override])
+    assert str(error.value).startswith(f"--set {override}: invalid config: ")
+    assert said in str(error.value) and str(path) not in str(error.value)
+
+
+def test_data_override_errors_keep_the_section_and_blame_the_set_option():
+    with pytest.raises(KsegError) as error:
+        build_data_config("dsb2018", overrides=["data.fooo=1"])
+    message = str(error.value)
+    assert message.startswith("--set data.fooo=1: invalid config: unknown key 'data.fooo' (valid")
+    assert "competition, data_dir," in message and "defaults" not in message
+    with pytest.raises(
+        KsegError, match=r"^--set data\.n_fold=3: .*\(did you mean data\.n_folds\?\)"
+    ):
+        build_data_config("dsb2018", overrides=["data.n_fold=3"])
+
+
+def test_file_errors_name_the_file_beside_override_errors(tmp_path: Path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("data: {competition: dsb2018, n_fold: 3}\naugment: {heigth: 64}\n")
+    with pytest.raises(KsegError) as error:
+        build_data_config("dsb2018", path)
+    assert str(error.value) == (
+        f"{path}: invalid config: unknown key 'data.n_fold' (did you mean data.n_folds?)"
+    )
+    with pytest.raises(KsegError) as error:
+        load_experiment(path, ["train.epochs=abc"])
+    message = str(error.value)
+    assert message.startswith(f"{path}: invalid config: ") and "\n" not in message
+    assert "unknown key 'augment.heigth' (did you mean augment.height?)" in message
+    assert "unknown key 'data.n_fold' (did you mean data.n_folds?)" in message
+    assert "; --set train.epochs=abc: 'train.epochs': Input should be a valid integer" in message
+
+
 def test_freezing_a_random_encoder_is_refused_naming_the_option(tmp_path: Path):
     path = tmp_path / "frozen.yaml"
     path.write_text(
