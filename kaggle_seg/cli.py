@@ -106,13 +106,20 @@ def prepare(
 @app.command()
 def folds(
     competition: Competition,
-    table: Annotated[Path, typer.Option(help="Table written by `kseg prepare`.")],
-    out: Annotated[Path, typer.Option(help="Where to write folds.csv.")],
+    table: Annotated[
+        Path, typer.Option(help="Table written by `kseg prepare` for this competition.")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Where to write folds.csv (its seed goes to folds.csv.json).")
+    ],
     n_folds: Annotated[int, typer.Option(help="Number of folds.")] = 5,
     seed: Annotated[int, typer.Option(help="Random seed of the split.")] = 42,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing folds file.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Rewrite an existing folds file (another seed or fold count).")
+    ] = False,
 ) -> None:
-    """Split the table into grouped, stratified folds (written once, then reused)."""
+    """Split the table into grouped, stratified folds (written once, then reused; another
+    --seed or --n-folds than the file's is refused without --force)."""
     from kaggle_seg.prepare import folds_for_table
 
     result, reused = folds_for_table(competition, table, out, n_folds, seed, force)
@@ -269,8 +276,9 @@ def _echo_skipped(skipped: list) -> None:
     """`--on-error skip`: every skipped file and why, after the summary."""
     if skipped:
         typer.echo(f"skipped {len(skipped)} unreadable image(s), predicted empty:")
-        for item in skipped:
-            typer.echo(f"  {item.path}: {item.reason}")
+        for item in skipped:  # most reasons already begin with the file
+            named = item.reason.startswith(f"{item.path}: ")
+            typer.echo(f"  {item.reason}" if named else f"  {item.path}: {item.reason}")
 
 
 app.command()(tune)

@@ -25,7 +25,7 @@ class Skipped:
 def skip_or_raise(error: Exception, image_id: str, path: Any, skipped: list[Skipped] | None):
     """Record `error` in `skipped` (--on-error skip) or raise it (no list: fail)."""
     if skipped is None:
-        raise error
+        raise InputError(f"{error} (pass --on-error skip to predict it as empty)") from error
     skipped.append(Skipped(str(image_id), str(path), str(error)))
 
 
@@ -91,8 +91,11 @@ def image_size(path: str | Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             width, height = image.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"{path}: cannot read image header ({one_line(exc)})") from exc
+    except UnidentifiedImageError as exc:
+        raise InputError(f"{path}: cannot read image header (corrupt or not an image)") from exc
+    except OSError as exc:
+        reason = one_line(exc).replace(f" '{path}'", "").replace(str(path), "the file")
+        raise InputError(f"{path}: cannot read image header ({reason})") from exc
     return height, width
 
 
