@@ -74,8 +74,11 @@ def test_dsb_on_error_skip_skips_unreadable_headers_and_lists_them(
     root = copy_dsb_test(shared_data, dsb_ids[:5], tmp_path)
     broken = break_images(root, dsb_ids[:3])
     checkpoint = write_checkpoint(tmp_path / "best.pt")
-    with pytest.raises(InputError, match=str(broken["empty"])):
+    with pytest.raises(InputError, match=str(broken["empty"])) as failed:
         write_submission([checkpoint], root, tmp_path / "fail.csv", num_workers=0)
+    # The file once (PIL's own message names it again), and the way past it.
+    assert str(failed.value).count(str(broken["empty"])) == 1
+    assert str(failed.value).endswith("(pass --on-error skip to predict it as empty)")
 
     out = tmp_path / "skip.csv"
     result = write_submission([checkpoint], root, out, num_workers=0, on_error="skip")
