@@ -190,6 +190,9 @@ def test_score_dsb_solution_against_itself(shared_data: Path):
         ]
         == 0.0
     )
+    swapped = kseg("score", "-c", "dsb2018", str(sample), str(solution), check=False)
+    assert swapped.returncode == 1
+    assert "the truth comes first (kseg score TRUTH SUBMISSION)" in swapped.stderr
 
 
 @pytest.mark.parametrize("competition", ["uwmgi", "dsb2018"])

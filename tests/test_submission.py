@@ -73,7 +73,7 @@ def test_a_valid_dsb_submission_passes_with_empty_rows():
         ),
         (
             {"ImageId": ["img_a", "img_a", "img_b"], "EncodedPixels": ["1 4", "3 2", ""]},
-            "img_a: .*line 3.*overlaps.*line 2",
+            r"img_a: line 3 overlaps line 2 at pixel \(row 2, col 0\)",
         ),
         ({"ImageId": ["img_a", "img_b"], "EncodedPixels": ["1 2", "14 3"]}, "line 3 .*past"),
         ({"ImageId": ["img_a", "img_b"], "EncodedPixels": ["x 2", ""]}, "line 2 .*integer"),

@@ -9,6 +9,7 @@ column-major RLE, `<id>,` for an image without nuclei.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import tempfile
 import zipfile
@@ -179,8 +180,9 @@ def validate_submission(
                     RLE_ORDER,
                     labels=[f"line {csv_line(p)}" for p in positions],
                 )
-            except RLEError as exc:
-                raise InputError(f"{source}: {image_id}: {exc}") from None
+            except RLEError as exc:  # "row 3 (id=line 12)": the CSV line says it all
+                message = re.sub(r"row \d+ \(id=(line \d+)\)", r"\1", str(exc))
+                raise InputError(f"{source}: {image_id}: {message}") from None
     return frame
 
 
@@ -277,8 +279,13 @@ def score_submission(
     if any(modes.values()):
         raise KsegError("--merged-classes, --dice and --hausdorff apply to uwmgi only")
     truth = read_csv_checked(truth_csv, ["ImageId", "EncodedPixels"])
-    shapes = image_shapes(truth, images_dir, truth_csv)
     submission = read_csv_checked(submission_csv, ["ImageId", "EncodedPixels"])
+    if images_dir is None and {"Height", "Width"} <= set(submission.columns) - set(truth.columns):
+        raise KsegError(
+            f"{submission_csv} has the Height/Width columns of a solution file and {truth_csv} "
+            "has none: the truth comes first (kseg score TRUTH SUBMISSION)"
+        )
+    shapes = image_shapes(truth, images_dir, truth_csv)
     submission = validate_submission(submission, shapes, source=str(submission_csv))
     return dsb_score_frames(truth[["ImageId", "EncodedPixels"]], submission, shapes)
 
