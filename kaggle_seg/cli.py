@@ -109,9 +109,7 @@ def folds(
     table: Annotated[
         Path, typer.Option(help="Table written by `kseg prepare` for this competition.")
     ],
-    out: Annotated[
-        Path, typer.Option(help="Where to write folds.csv (its seed goes to folds.csv.json).")
-    ],
+    out: Annotated[Path, typer.Option(help="Where to write folds.csv.")],
     n_folds: Annotated[int, typer.Option(help="Number of folds.")] = 5,
     seed: Annotated[int, typer.Option(help="Random seed of the split.")] = 42,
     force: Annotated[

@@ -11,7 +11,7 @@ from kaggle_seg.competitions import competition_for, get_competition
 from kaggle_seg.competitions.base import summarize_table
 from kaggle_seg.config import build_data_config
 from kaggle_seg.data.folds import write_or_reuse_folds
-from kaggle_seg.errors import KsegError
+from kaggle_seg.errors import InputError, KsegError
 from kaggle_seg.io import read_csv_checked, write_csv_atomic
 from kaggle_seg.table_checks import (
     CHECKS,
@@ -54,9 +54,34 @@ def read_table(path: Path) -> pd.DataFrame:
     return check_table_columns(table, Path(path))
 
 
+def check_table_fits(competition: str, table: pd.DataFrame, path: Path) -> None:
+    """Refuse a table that lacks the columns `kseg prepare -c competition` writes (its
+    `table_columns`), naming them and the competition the table looks like it came from: folds
+    would split it grouped and stratified on the wrong columns, and training fail only later."""
+    from kaggle_seg.competitions import COMPETITIONS
+
+    columns = set(table.columns)
+    missing = [c for c in get_competition(competition).table_columns if c not in columns]
+    if not missing:
+        return
+    looks_like = [
+        plugin.name
+        for plugin in COMPETITIONS.values()
+        if plugin.table_columns and columns >= set(plugin.table_columns)
+    ]
+    hint = f"a `kseg prepare -c {looks_like[0]}` table, " if looks_like else ""
+    raise InputError(
+        f"{path}: {hint}not a {competition} one: no {', '.join(missing)} column(s); pass the "
+        f"competition it was prepared for, or prepare it with -c {competition}"
+    )
+
+
 def folds_for_table(
     competition: str, table_path: Path, out: Path, n_folds: int, seed: int, force: bool
 ) -> tuple[pd.DataFrame, bool]:
+    """Folds of the table at `table_path` (written once to `out`, then reused); see
+    `write_or_reuse_folds`. A table of another competition is refused before anything is written."""
     table = read_table(table_path)
+    check_table_fits(competition, table, Path(table_path))
     labels = get_competition(competition).stratify_labels(table)
     return write_or_reuse_folds(table, labels, out, n_folds, seed, force)

@@ -23,7 +23,7 @@ def test_lgg_table_summary_and_folds_reused(shared_data: Path, tmp_path: Path) -
     assert not reused and set(folds["fold"]) == {0, 1, 2}
     patients = table.merge(folds[["id", "fold"]], on="id").groupby("group")["fold"].nunique()
     assert (patients == 1).all()
-    again, reused = folds_for_table("lgg", table_csv, tmp_path / "folds.csv", 3, 1, False)
+    again, reused = folds_for_table("lgg", table_csv, tmp_path / "folds.csv", 3, 0, False)
     assert reused and again["fold"].tolist() == folds["fold"].tolist()  # written once
     with pytest.raises(KsegError):  # another fold count: refused without --force
         folds_for_table("lgg", table_csv, tmp_path / "folds.csv", 4, 0, False)

@@ -118,6 +118,9 @@ class Competition(Protocol):
     # Columns of the submission CSV; None: no submission format (`kseg predict --save` only).
     submission_columns: tuple[str, ...] | None
     submission_suffix: str  # the default submission file's suffix (".csv")
+    # Columns `read_table` writes beyond the common ones, which `kseg folds` and training need:
+    # a table of another competition is told apart by them. () takes any table (folder).
+    table_columns: tuple[str, ...]
     kernel: KernelTarget | None  # None: no Kaggle kernel for it
     demo: DemoRecipe | None  # None: `kseg demo` has no example for it
 
@@ -231,6 +234,7 @@ class BaseCompetition:
     instance_masks: bool = False
     submission_columns: tuple[str, ...] | None = None
     submission_suffix: str = ".csv"
+    table_columns: tuple[str, ...] = ()
     kernel: KernelTarget | None = None
     demo: DemoRecipe | None = None
 

@@ -69,6 +69,7 @@ class DSB2018(BaseCompetition):
     rgb = True
     instance_masks = True
     submission_columns = ("ImageId", "EncodedPixels")
+    table_columns = ("mask_dir", "labels_csv", "n_nuclei")
 
     @property
     def kernel(self) -> KernelTarget:  # type: ignore[override]

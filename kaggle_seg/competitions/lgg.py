@@ -42,6 +42,7 @@ class LGG(BaseCompetition):
     # The mean per-patient volume Dice (Buda et al.): the per-image mean counts each empty slice
     # predicted empty as a perfect 1, so a model that predicts nothing would look good.
     scoring = "groups"
+    table_columns = ("patient", "series", "slice_index", "mask_path")
 
     def read_table(self, data_dir: Path, config: DataConfig) -> pd.DataFrame:
         data_dir = Path(data_dir)

@@ -94,6 +94,7 @@ class UWMGI(BaseCompetition):
     slice_key = "slice_index"
     scoring = "volumes"  # 0.4 x Dice + 0.6 x (1 - 3D Hausdorff per case-day)
     submission_columns = ("id", "class", "predicted")
+    table_columns = ("case_id", "case_day", "slice_index", *RLE_COLUMNS)
 
     @property
     def kernel(self) -> KernelTarget:  # type: ignore[override]

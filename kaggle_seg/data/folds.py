@@ -54,22 +54,48 @@ def read_folds(path: str | Path) -> pd.DataFrame:
     return frame
 
 
+def _check_reusable(
+    existing: pd.DataFrame,
+    table: pd.DataFrame,
+    labels: pd.Series,
+    out: Path,
+    n_folds: int,
+    seed: int,
+) -> None:
+    """Refuse to reuse folds that are not what was asked for: reusing them silently would
+    report a split the user did not get."""
+    if set(existing["id"]) != set(table["id"]):
+        raise KsegError(f"{out} exists with different ids; pass --force to overwrite it")
+    held = int(existing["fold"].nunique())
+    if held != n_folds:
+        raise KsegError(
+            f"{out} holds {held} folds, not the --n-folds {n_folds} asked for: pass --n-folds "
+            f"{held} to reuse it, or --force to rewrite it"
+        )
+    # The CSV keeps no seed; the split is deterministic for a seed, so splitting again with the
+    # asked one and comparing says whether the file is what was asked for (another seed, or a
+    # table prepared again since, must not pass silently as the user's split).
+    fresh = make_folds(table["id"], table["group"], labels, n_folds, seed)
+    both = fresh.merge(existing[["id", "fold"]], on="id", suffixes=("", "_written"))
+    if len(both) != len(fresh) or (both["fold"] != both["fold_written"]).any():
+        raise KsegError(
+            f"{out} is not the split --seed {seed} gives (another seed wrote it, or the table "
+            "changed since): pass the --seed it was written with, or --force to rewrite it"
+        )
+
+
 def write_or_reuse_folds(
     table: pd.DataFrame, labels: pd.Series, out: str | Path, n_folds: int, seed: int, force: bool
 ) -> tuple[pd.DataFrame, bool]:
-    """Write the folds file, or reuse an existing one that covers the same ids and fold count.
+    """Write the folds file, or reuse an existing one of the same ids, fold count and seed.
 
     Returns (folds, reused). An existing file that disagrees is an error unless `force`.
     """
     out = Path(out)
     if out.exists() and not force:
         existing = read_folds(out)
-        same_ids = set(existing["id"]) == set(table["id"])
-        same_k = existing["fold"].nunique() == n_folds
-        if same_ids and same_k:
-            return existing, True
-        reason = "different ids" if not same_ids else f"{existing['fold'].nunique()} folds"
-        raise KsegError(f"{out} exists with {reason}; pass --force to overwrite it")
+        _check_reusable(existing, table, labels, out, n_folds, seed)
+        return existing, True
     folds = make_folds(table["id"], table["group"], labels, n_folds, seed)
     write_csv_atomic(folds, out)
     return folds, False
