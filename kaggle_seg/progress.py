@@ -129,6 +129,57 @@ class PlainProgress:
             self._write(self.clock())
 
 
+class IntervalProgress(PlainProgress):
+    """A plain line every `interval_s` seconds, with the total and ETA, and none at the end:
+    for a loop that prints its own summary when done (a training epoch), so a short one prints
+    nothing and a long one tells a log (a Kaggle notebook's) that it is moving."""
+
+    def __init__(
+        self,
+        total: int | None,
+        description: str,
+        unit: str,
+        stream: TextIO,
+        interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        super().__init__(total, description, unit, stream, clock)
+        self.interval_s = interval_s
+
+    def _advance(self, n: int) -> None:
+        self.done += n
+        now = self.clock()
+        unfinished = self.total is None or self.done < self.total
+        if unfinished and now - self._last_line >= self.interval_s:
+            self._last_line = now
+            self._write(now)
+
+    def close(self) -> None:
+        pass
+
+
+def every_interval(
+    iterable: Iterable[T],
+    total: int | None,
+    description: str,
+    unit: str = "batches",
+    *,
+    interval_s: float = PLAIN_INTERVAL_S,
+    stream: TextIO | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[T]:
+    """The items of `iterable`, with an `IntervalProgress` line every `interval_s` seconds
+    (none with KSEG_PROGRESS=off)."""
+    stream = sys.stderr if stream is None else stream
+    if progress_mode(stream) == "off":
+        yield from iterable
+        return
+    display = IntervalProgress(total, description, unit, stream, interval_s, clock)
+    for item in iterable:
+        yield item
+        display.advance()
+
+
 class BarProgress:
     """rich's bar: description, bar, done/total, rate, elapsed and ETA; removed when closed."""
 

@@ -350,8 +350,12 @@ class Trainer(TrainerState):
         )
 
     def _progress(self, iterable, description: str):
-        if not self.runtime.is_main or not sys.stderr.isatty():
+        if not self.runtime.is_main:
             return iterable
+        if not sys.stderr.isatty():  # a log (a Kaggle notebook, CI): a line a minute
+            from kaggle_seg.progress import every_interval
+
+            return every_interval(iterable, len(iterable), description)
         from tqdm.auto import tqdm
 
         return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)

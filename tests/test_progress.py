@@ -13,6 +13,7 @@ from kaggle_seg.progress import (
     BarProgress,
     NoProgress,
     PlainProgress,
+    every_interval,
     format_duration,
     make_progress,
     progress,
@@ -140,6 +141,22 @@ def test_work_that_ends_below_its_upper_bound_finishes_at_its_count() -> None:
     for display in (NoProgress(), make_progress(81, stream=io.StringIO())):
         display.finish()  # nothing done yet: no error, no line
         display.close()
+
+
+def test_interval_lines_tell_a_log_a_long_loop_is_moving(monkeypatch: pytest.MonkeyPatch):
+    def lines(n_items: int, seconds_per_item: float) -> list[str]:
+        stream, clock = io.StringIO(), FakeClock()
+        for _ in every_interval(range(n_items), n_items, "epoch 3/64", interval_s=60,
+                                stream=stream, clock=clock):  # fmt: skip
+            clock.now += seconds_per_item
+        return stream.getvalue().splitlines()
+
+    assert lines(50, 1.0) == []  # a short epoch: its own summary line is enough
+    long = lines(200, 1.0)
+    assert long[0] == "epoch 3/64: 60/200 batches (30%), 1.0 batches/s, ETA 2:20"
+    assert len(long) == 3 and all(PLAIN_LINE.match(line) for line in long)  # no "done" line
+    monkeypatch.setenv("KSEG_PROGRESS", "off")
+    assert lines(200, 1.0) == []
 
 
 def test_mode_from_the_stream_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
