@@ -30,6 +30,13 @@ def load_fold_tables(
             "config: data.table and data.folds must name the files of "
             "`kseg prepare` and `kseg folds` (or pass --set data.table=...)"
         )
+    if not Path(config.data.table).is_file():  # the config's path, likely not the user's
+        competition = config.data.competition
+        raise KsegError(
+            f"{config.data.table} (the config's data.table): file not found; write it with "
+            f"`kseg prepare -c {competition} --data-dir DIR --out {config.data.table}`, or "
+            "point to yours with --set data.table=PATH"
+        )
     table = read_table(config.data.table)
     folds = read_folds(config.data.folds)
     table = table.merge(folds[["id", "fold"]], on="id", how="left")

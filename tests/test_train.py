@@ -112,6 +112,16 @@ def test_missing_folds_file_is_named(dsb_small: Path, tmp_path: Path):
                              [f"data.folds={tmp_path / 'missing.csv'}"])  # fmt: skip
     with pytest.raises(KsegError, match=r"missing\.csv: folds file not found"):
         train_fold(config, 0, run_root=tmp_path, device="cpu")
+    # The table a shipped config names (runs/dsb2018/table.csv) is the user's to write: the
+    # error says it came from the config, and how to write it or point elsewhere.
+    config = load_experiment(write_config(dsb_small, "notable"),
+                             [f"data.table={tmp_path / 'table.csv'}"])  # fmt: skip
+    with pytest.raises(KsegError) as failed:
+        train_fold(config, 0, run_root=tmp_path, device="cpu")
+    assert str(failed.value).startswith(f"{tmp_path / 'table.csv'} (the config's data.table)")
+    assert "kseg prepare -c dsb2018" in str(failed.value) and "--set data.table=" in str(
+        failed.value
+    )
 
 
 @pytest.mark.slow
