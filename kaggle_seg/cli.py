@@ -18,7 +18,6 @@ from kaggle_seg.cli_insight import explain, report
 from kaggle_seg.cli_kernel import dataset_app, kernel_app, model_app
 from kaggle_seg.cli_options import (
     Checkpoints,
-    Device,
     PredictionOptions,
     check_choice,
     prediction_options,
@@ -428,7 +427,9 @@ def demo(
             )
         ),
     ] = None,
-    device: Device = "cpu",
+    device: Annotated[
+        str, typer.Option(help="cpu, or cuda for a GPU (the demo's timings are for 2 CPU cores).")
+    ] = "cpu",
     seed: Annotated[
         int, typer.Option(help="Training seed: another one shows how much the scores vary.")
     ] = 42,
