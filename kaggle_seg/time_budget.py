@@ -5,6 +5,9 @@ and would take 60 on another (benchmarks/README.md). With a budget, `epochs` is 
 run may do: after every epoch the run measures what an epoch and a validation cost and plans
 the most epochs whose projected time (the validations they bring, the last epoch's, and the
 out-of-fold pass) fits. The cosine schedule follows the plan, so a cut run still anneals.
+An epoch that leaves no time for another (and its validation) validates at once and ends the
+run (`TrainerState._out_of_time`), so a slow or loaded machine does not train past the budget
+only to reach a validation epoch.
 """
 
 from __future__ import annotations
@@ -74,8 +77,9 @@ def epochs_within_budget(
 
     `validates`: the run validates (not --full), so its validations and the final
     out-of-fold pass (`oof_validations` validations' time: more with TTA) count. A run whose
-    last finished epoch was not validated (or judged, for --full) does at least one more
-    epoch, which will be: a best checkpoint always exists."""
+    last finished epoch was not validated (or judged, for --full) plans at least one more
+    epoch, which will be: a best checkpoint always exists (the trainer validates an epoch
+    that leaves no time for another before planning, so this floor rarely adds one)."""
     floor = done if last_validated else done + 1
     epoch_s = clock.epoch_seconds()
     valid_s = clock.validation_seconds(validation_guess_s) if validates else 0.0
