@@ -36,6 +36,19 @@ def trainable_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNo
     ]
 
 
+def mirrored_trainable_batchnorms(
+    raw: nn.Module, copy: nn.Module
+) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BN layers of `copy` (an EMA twin of `raw`) whose twins in `raw` are trainable:
+    a layer frozen in the trained model stays frozen in its copy."""
+    trainable = {id(m) for m in trainable_batchnorms(raw)}
+    return [
+        copy_layer
+        for raw_layer, copy_layer in zip(raw.modules(), copy.modules(), strict=True)
+        if id(raw_layer) in trainable
+    ]
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(
     model: nn.Module,

