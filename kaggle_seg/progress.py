@@ -134,17 +134,7 @@ class IntervalProgress(PlainProgress):
     for a loop that prints its own summary when done (a training epoch), so a short one prints
     nothing and a long one tells a log (a Kaggle notebook's) that it is moving."""
 
-    def __init__(
-        self,
-        total: int | None,
-        description: str,
-        unit: str,
-        stream: TextIO,
-        interval_s: float,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        super().__init__(total, description, unit, stream, clock)
-        self.interval_s = interval_s
+    interval_s: float = PLAIN_INTERVAL_S  # set per display by every_interval
 
     def _advance(self, n: int) -> None:
         self.done += n
@@ -174,7 +164,8 @@ def every_interval(
     if progress_mode(stream) == "off":
         yield from iterable
         return
-    display = IntervalProgress(total, description, unit, stream, interval_s, clock)
+    display = IntervalProgress(total, description, unit, stream, clock)
+    display.interval_s = interval_s
     for item in iterable:
         yield item
         display.advance()
