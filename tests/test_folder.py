@@ -70,6 +70,66 @@ def test_binary_jpeg_and_multiclass_masks(tmp_path: Path) -> None:
         organs.read_table(tmp_path / "multi", DataConfig(competition="folder"))
 
 
+@pytest.mark.parametrize(
+    ("name", "stored"),
+    [
+        ("zero_one", lambda m: m.astype(np.uint8)),
+        ("zero_255", lambda m: m.astype(np.uint8) * 255),
+        ("value_100", lambda m: m.astype(np.uint8) * 100),
+        ("uint16_255", lambda m: m.astype(np.uint16) * 255),
+        ("uint16_full", lambda m: m.astype(np.uint16) * 65535),
+        # cv2 writes BGR: (0, 255, 0) is green, (0, 0, 255) red, as a user's colour mask.
+        ("green", lambda m: np.stack([m * 0, m * 255, m * 0], -1).astype(np.uint8)),
+        ("red", lambda m: np.stack([m * 0, m * 0, m * 255], -1).astype(np.uint8)),
+        ("white_rgba", lambda m: np.repeat(m[..., None] * 255, 4, -1).astype(np.uint8)),
+    ],
+)
+def test_one_class_masks_in_every_common_storage_read_alike(name: str, stored, tmp_path: Path):
+    """However a user's tool stored a one-class mask, the same pixels are foreground: a
+    mask misread as empty would train on nothing and tune to a perfect CV."""
+    truth = np.zeros((24, 30), bool)
+    truth[5:15, 8:22] = True
+    _write(tmp_path / "images/a", np.full((24, 30, 3), 80, np.uint8))
+    _write(tmp_path / "masks/a", stored(truth))
+    _write(tmp_path / "images/b", np.full((24, 30, 3), 80, np.uint8))
+    _write(tmp_path / "masks/b", stored(np.zeros_like(truth)))
+    polyps = get_competition("folder").configure({"classes": ["polyp"]})
+    table = polyps.read_table(tmp_path, DataConfig(competition="folder"))
+    assert (polyps.read_mask(table.iloc[0])[..., 0] == truth).all(), name
+    assert table["empty"].tolist() == [False, True]
+
+
+def test_every_mask_empty_or_a_colour_mask_of_several_classes_is_refused(tmp_path: Path):
+    image = np.full((16, 16, 3), 80, np.uint8)
+    _write(tmp_path / "empty/images/a", image)
+    _write(tmp_path / "empty/masks/a", np.zeros((16, 16), np.uint8))
+    polyps = get_competition("folder").configure({"classes": ["polyp"]})
+    with pytest.raises(InputError, match=r"empty/masks: every one of the 1 masks is empty"):
+        polyps.read_table(tmp_path / "empty", DataConfig(competition="folder"))
+
+    colour = np.zeros((16, 16, 3), np.uint8)
+    colour[2:6, 2:6] = (0, 255, 0)
+    colour[9:12, 9:12] = (0, 0, 255)
+    _write(tmp_path / "colour/images/c", image)
+    _write(tmp_path / "colour/masks/c", colour)
+    organs = get_competition("folder").configure({"classes": ["liver", "kidney"]})
+    with pytest.raises(InputError, match=r"c\.png: a colour mask"):
+        organs.read_table(tmp_path / "colour", DataConfig(competition="folder"))
+
+
+def test_score_reads_submitted_mask_pngs_as_0_1_or_0_255(tmp_path: Path) -> None:
+    truth = np.zeros((12, 14), np.uint8)
+    truth[3:9, 4:10] = 1
+    _write(tmp_path / "images/x", np.zeros((12, 14, 3), np.uint8))
+    _write(tmp_path / "masks/x", truth * 255)
+    polyps = get_competition("folder").configure({"classes": ["polyp"]})
+    for name, stored in (("zero_one", truth), ("zero_255", truth * 255)):
+        _write(tmp_path / name / "x", stored)
+        assert polyps.score_submission(tmp_path / "masks", tmp_path / name, None)["score"] == 1.0
+    _write(tmp_path / "shifted/x", np.roll(truth, 3, axis=1) * 255)
+    assert polyps.score_submission(tmp_path / "masks", tmp_path / "shifted", None)["score"] < 1
+
+
 def test_rle_submission_round_trip_in_either_order(tmp_path: Path) -> None:
     """The truth written as an RLE CSV, in the chosen order, scores 1; a mask of another class
     scores less."""

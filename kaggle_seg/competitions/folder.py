@@ -8,10 +8,12 @@ Layout (DIR is `--data-dir`)::
     DIR/test/[images/]<name>.<ext>             unlabelled images for `kseg submit` (optional)
 
 Set up by the config's `data.options` (`FolderOptions`): `classes` names the mask classes
-(required). A one-class mask is foreground where it is above half its type's range (255 for
-8-bit, so JPEG noise around 0 / 255 is harmless), or where it is 1 in a 0 / 1 mask; a mask of
-several classes holds the class number k = 1..K in each pixel (0 background), or the values
-`mask_values` lists in class order. Scored like the per-image Dice of training (`scoring`
+(required). A one-class mask is foreground where it is 1 in a 0 / 1 mask, else at or above
+half its own top value (0 / 255, 0 / 100, 16-bit alike; JPEG noise around 0 is no
+foreground), and a colour one wherever a channel is set; a mask of several classes holds the
+class number k = 1..K in each pixel (0 background), or the values `mask_values` lists in
+class order. A dataset whose every mask is empty is refused: its masks were misread or
+mislaid. Scored like the per-image Dice of training (`scoring`
 "images"); the submission is an `id,class,rle` CSV (`rle_order` C or F), or one mask PNG per
 image (`submission: png`, class numbers, 255 for one class).
 """
@@ -56,7 +58,7 @@ class FolderOptions(StrictModel):
 
     classes: list[str] = Field(min_length=1)
     # Pixel value of each class in the masks, in class order (default: 1..K, or for one class
-    # "foreground": above half the type's range, or 1 in a 0 / 1 mask).
+    # "foreground": 1 in a 0 / 1 mask, else at or above half the mask's top value).
     mask_values: list[int] | None = None
     submission: Literal["rle", "png"] = "rle"
     rle_order: Literal["C", "F"] = "C"
@@ -93,6 +95,57 @@ def _size(path: str | Path) -> tuple[int, int]:
 
 def _read(path: str | Path) -> np.ndarray:
     return read_tiff(path) if _is_tiff(path) else read_png(path)
+
+
+def mask_plane(mask: np.ndarray, path: str | Path, one_class: bool) -> np.ndarray:
+    """[H, W] from a mask file's array: alpha dropped, grey stored as RGB read once; a colour
+    mask (its channels differ) is one class wherever a channel is set, and is refused for
+    several classes, whose numbers a colour cannot carry."""
+    if mask.ndim == 2:
+        return mask
+    colour = mask[..., :3] if mask.shape[2] >= 3 else mask[..., :1]
+    if (colour == colour[..., :1]).all():
+        return colour[..., 0]
+    if one_class:
+        return colour.max(axis=-1)
+    raise InputError(
+        f"{path}: a colour mask (its channels differ); save each pixel's class number "
+        "(1..K, or data.options.mask_values) as a grey image"
+    )
+
+
+def foreground_threshold(plane: np.ndarray, path: str | Path) -> int:
+    """The lowest foreground value of a one-class mask plane: 1 in a 0 / 1 mask, else half
+    the mask's own top value (0 / 255, 0 / 100, 16-bit 0 / 255 or 0 / 65535 alike; soft
+    edges split at half). A JPEG's compression noise around 0 is no foreground: there the
+    top must be a clear 64 or more."""
+    top = int(plane.max())
+    if top <= 1:
+        return 1
+    if Path(path).suffix.lower() in (".jpg", ".jpeg") and top < 64:
+        return top + 1  # noise only: an empty mask
+    return (top + 1) // 2
+
+
+def mask_classes(
+    mask: np.ndarray, path: str | Path, classes: tuple[str, ...], values: list[int] | None
+) -> np.ndarray:
+    """uint8 0/1 [H, W, K] from a mask file's array (see the module docstring); a pixel value
+    that is no class is refused, naming the file."""
+    k = len(classes)
+    plane = mask_plane(mask, path, one_class=k == 1)
+    if values is None and k == 1:
+        return (plane >= foreground_threshold(plane, path)).astype(np.uint8)[..., None]
+    values = values or list(range(1, k + 1))
+    if len(values) != k:
+        raise KsegError(f"folder: mask_values has {len(values)} value(s) for {k} class(es)")
+    unknown = sorted(set(np.unique(plane).tolist()) - {0, *values})
+    if unknown:
+        raise InputError(
+            f"{path}: mask value {unknown[0]} is no class (values {values} for "
+            f"{', '.join(classes)}, 0 background)"
+        )
+    return np.stack([plane == v for v in values], axis=-1).astype(np.uint8)
 
 
 class Folder(BaseCompetition):
@@ -160,6 +213,12 @@ class Folder(BaseCompetition):
             )
         if not rows:
             raise InputError(f"{data_dir / 'images'}: no images")
+        if all(row["empty"] for row in rows):
+            # Nothing to learn, and a tuned CV of 1.0 for predicting nothing: refuse it.
+            raise InputError(
+                f"{data_dir / 'masks'}: every one of the {len(rows)} masks is empty (no pixel "
+                f"of {', '.join(self.classes)}); check the mask files and data.options.mask_values"
+            )
         return pd.DataFrame(rows)
 
     @staticmethod
@@ -192,24 +251,7 @@ class Folder(BaseCompetition):
         check_same_size(
             np.empty((int(row["height"]), int(row["width"]))), mask, row["image_path"], path
         )
-        if mask.ndim == 3:
-            mask = mask[..., 0]
-        k = len(self.classes)
-        values = settings.mask_values
-        if values is None and k == 1:
-            top = 1 if int(mask.max()) <= 1 else (np.iinfo(mask.dtype).max + 1) // 2
-            return (mask >= top).astype(np.uint8)[..., None]
-        values = values or list(range(1, k + 1))
-        if len(values) != k:
-            raise KsegError(f"folder: mask_values has {len(values)} value(s) for {k} class(es)")
-        found = np.unique(mask)
-        unknown = sorted(set(found.tolist()) - {0, *values})
-        if unknown:
-            raise InputError(
-                f"{path}: mask value {unknown[0]} is no class (values {values} for "
-                f"{', '.join(self.classes)}, 0 background)"
-            )
-        return np.stack([mask == v for v in values], axis=-1).astype(np.uint8)
+        return mask_classes(mask, path, self.classes, settings.mask_values)
 
     def stratify_labels(self, table: pd.DataFrame) -> pd.Series:
         # Which classes an image holds ("00" empty, "10" the first class only...).
@@ -416,15 +458,14 @@ class Folder(BaseCompetition):
         found = {}
         for image_id, shape in shapes.items():
             label = _read(files[image_id])
-            label = label[..., 0] if label.ndim == 3 else label
-            if label.shape != tuple(shape):
+            if label.shape[:2] != tuple(shape):
                 raise InputError(
                     f"{files[image_id]}: mask is {label.shape[1]}x{label.shape[0]}, "
                     f"the image {shape[1]}x{shape[0]} (W x H)"
                 )
-            # As `_write_pngs` writes them: 255 for one class, else class numbers 1..K.
-            values = [255] if len(self.classes) == 1 else range(1, len(self.classes) + 1)
-            found[image_id] = np.stack([label == v for v in values], axis=-1).astype(np.uint8)
+            # Read as the truth is: 0 / 255 (as `_write_pngs` writes one class) or 0 / 1 for
+            # one class, class numbers 1..K for several.
+            found[image_id] = mask_classes(label, files[image_id], self.classes, None)
         return found
 
     def _csv_masks(self, path: Path, shapes: Mapping[str, tuple[int, int]]) -> dict[str, Any]:
