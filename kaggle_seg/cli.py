@@ -24,7 +24,7 @@ from kaggle_seg.cli_options import (
 )
 from kaggle_seg.cli_tune import tune
 from kaggle_seg.cli_weights import weights_app
-from kaggle_seg.errors import KsegError, one_line
+from kaggle_seg.errors import KsegError, error_line
 
 app = typer.Typer(
     name="kseg",
@@ -470,7 +470,7 @@ def main() -> None:
         if debug:
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        typer.echo(f"error: {one_line(message)}", err=True)
+        typer.echo(f"error: {error_line(message)}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -478,8 +478,6 @@ def main() -> None:
     except Exception as exc:
         if debug:
             raise
-        typer.echo(
-            f"error: {type(exc).__name__}: {one_line(exc)} (rerun with --debug for the traceback)",
-            err=True,
-        )
+        hint = "rerun with --debug for the traceback"
+        typer.echo(f"error: {type(exc).__name__}: {error_line(exc)} ({hint})", err=True)
         sys.exit(1)

@@ -256,3 +256,32 @@ def test_competition_option_help_names_every_registered_competition():
     from kaggle_seg.competitions import COMPETITIONS
 
     assert set(_re.split(r",\s*|\s+or\s+", COMPETITION_NAMES)) == set(COMPETITIONS)
+
+
+class _CorruptAt:
+    """A dataset whose second image cannot be read, as a truncated PNG in a test folder."""
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, i: int):
+        from kaggle_seg.errors import InputError
+
+        if i == 1:
+            raise InputError("test/b.png: cannot decode image (corrupt or not an image)")
+        return i
+
+
+def test_an_error_in_a_loader_worker_prints_as_its_own_one_line_message():
+    """torch re-raises a worker's InputError with its whole traceback as the message; the
+    user sees the worker's one line, as with no workers."""
+    import torch
+
+    from kaggle_seg.errors import InputError, error_line
+
+    loader = torch.utils.data.DataLoader(_CorruptAt(), batch_size=1, num_workers=1)
+    with pytest.raises(InputError) as raised:
+        list(loader)
+    assert "Traceback" in str(raised.value)  # what torch hands back
+    assert error_line(raised.value) == "test/b.png: cannot decode image (corrupt or not an image)"
+    assert error_line("a: b\n c") == "a: b c"

@@ -233,3 +233,21 @@ def test_folder_end_to_end_on_exported_lgg(shared_data: Path, tmp_path: Path) ->
 
     pictures = show_experiment(experiment, tmp_path / "show", worst=2)
     assert len(pictures) == 4 and all(p.stat().st_size > 0 for p in pictures)
+
+
+def test_submit_without_a_test_folder_refuses_to_predict_the_training_images(tmp_path: Path):
+    from contextlib import ExitStack
+
+    polyps = get_competition("folder").configure({"classes": ["polyp"]})
+    _write(tmp_path / "data/images/a", np.zeros((8, 8, 3), np.uint8))
+    _write(tmp_path / "data/masks/a", np.full((8, 8), 255, np.uint8))
+    with ExitStack() as scratch, pytest.raises(InputError, match=r"data/test: not found"):
+        polyps.test_set(tmp_path / "data", None, scratch=scratch, skipped=None)
+    _write(tmp_path / "data/test/t", np.zeros((8, 8, 3), np.uint8))
+    _write(tmp_path / "loose/u", np.zeros((8, 8, 3), np.uint8))  # a plain folder of test images
+    with ExitStack() as scratch:
+        assert polyps.test_set(tmp_path / "data", None, scratch=scratch, skipped=None).table[
+            "id"
+        ].tolist() == ["t"]
+        loose = polyps.test_set(tmp_path / "loose", None, scratch=scratch, skipped=None)
+        assert loose.table["id"].tolist() == ["u"]

@@ -268,10 +268,16 @@ class Folder(BaseCompetition):
         skipped: list[Skipped] | None,
         fallback_volumes: int = 2,
     ) -> TestSet:
-        """`test_dir`, else DIR/test/ (or DIR itself when it holds image files)."""
+        """`test_dir`, else DIR/test/ (or DIR itself when it is a folder of test images, not
+        the training layout: its images/ beside masks/ are the training set)."""
         data_dir = Path(data_dir)
         folder = Path(test_dir) if test_dir else data_dir / "test"
         if test_dir is None and not folder.is_dir():
+            if (data_dir / "masks").is_dir():
+                raise InputError(
+                    f"{folder}: not found (a folder dataset's test images go in DIR/test/; "
+                    "or pass --test-dir)"
+                )
             folder = data_dir
         table = self.read_test_table(folder, skipped)
         if table.empty and not skipped:
