@@ -48,6 +48,11 @@ def tune(
         f"OOF of folds {','.join(map(str, result.folds))} ({result.n_images} images): "
         f"CV {result.before['score']:.4f} with defaults -> {result.after['score']:.4f} tuned"
     )
+    if result.empty_prediction_score is not None:
+        typer.echo(
+            f"predicting nothing would score {result.empty_prediction_score:.4f} (empty truth "
+            "counts 1): the floor this CV must clear"
+        )
     typer.echo(f"wrote {result.path}: {result.settings.model_dump_json()}")
     if len(experiment) > 1:
         members = " ".join(f"--checkpoints {e}" for e in experiment)

@@ -53,6 +53,9 @@ class TuneResult:
     folds: list[int]
     path: Path | None = field(default=None)  # where the settings were written
     search: SearchReport | None = None  # uwmgi / lgg: what the search scored
+    # What predicting nothing would score where the metric counts an empty match as 1 (per
+    # image or per group), the floor a CV must clear to mean anything; None elsewhere.
+    empty_prediction_score: float | None = None
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -246,6 +249,20 @@ TUNERS: dict[str, _Tuner] = {
 }
 
 
+def empty_prediction_score(rows: pd.DataFrame, scoring: str, group_column: str) -> float | None:
+    """The score of predicting nothing on `rows`: the share of images (scoring "images") or of
+    groups ("groups": a patient's volume) with empty truth, each scoring 1 while the rest score
+    0. None for the GI score and the nuclei mAP, where it is no simple share."""
+    if "empty" not in rows or not len(rows):
+        return None
+    empty = rows["empty"].astype(str).str.lower().isin(["true", "1"])
+    if scoring == "images":
+        return float(empty.mean())
+    if scoring == "groups":
+        return float(empty.groupby(rows[group_column]).all().mean())
+    return None
+
+
 def get_tuner(scoring: str) -> _Tuner:
     """The tuner of a scoring kind; a KeyError lists those there are."""
     try:
@@ -303,4 +320,5 @@ def tune_experiment(
         folds=[fold for fold, _ in folds],
         path=path,
         search=report,
+        empty_prediction_score=empty_prediction_score(rows, competition.scoring, group_column),
     )

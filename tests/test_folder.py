@@ -205,6 +205,8 @@ def test_folder_end_to_end_on_exported_lgg(shared_data: Path, tmp_path: Path) ->
     assert 0.0 <= result.best_value <= 1.0
     tuned = tune_experiment(experiment)
     assert tuned.after["score"] >= tuned.before["score"]
+    empty = by_group[by_group["fold"] == 0]["empty"].mean()
+    assert tuned.empty_prediction_score == pytest.approx(empty)  # the floor tune prints
 
     csv = write_submission(
         [experiment], data_dir, tmp_path / "sub.csv", tta="none", device="cpu", num_workers=0

@@ -636,3 +636,15 @@ def test_bench_tune_runs_and_the_previous_implementation_agrees(tmp_path: Path) 
         assert "same postprocess.json as the previous implementation on its slices: True" in (
             result.stdout
         )
+
+
+def test_empty_prediction_score_is_the_share_of_empty_images_or_groups() -> None:
+    from kaggle_seg.tune import empty_prediction_score
+
+    rows = pd.DataFrame(
+        {"group": ["p1", "p1", "p2", "p2", "p3"], "empty": [True, True, True, False, "False"]}
+    )
+    assert empty_prediction_score(rows, "images", "group") == pytest.approx(3 / 5)
+    assert empty_prediction_score(rows, "groups", "group") == pytest.approx(1 / 3)
+    assert empty_prediction_score(rows, "instances", "group") is None
+    assert empty_prediction_score(rows.drop(columns="empty"), "images", "group") is None
