@@ -376,10 +376,16 @@ def show(
         str | None,
         typer.Option("--competition", "-c", help="With --predictions and no --experiment."),
     ] = None,
-    threshold: Annotated[float, typer.Option(help="Probability threshold of the masks.")] = 0.5,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Probability threshold of the masks (default: the experiment's tuned "
+            "postprocess.json, else 0.5)."
+        ),
+    ] = None,
 ) -> None:
     """Write image | truth | prediction panels and overlays as PNG (no display needed)."""
-    from kaggle_seg.show import show_experiment
+    from kaggle_seg.show import describe_masking, show_experiment, show_masking
 
     if experiment is None and predictions is None:
         raise KsegError("pass --experiment runs/<experiment>, or --predictions with --table")
@@ -396,7 +402,8 @@ def show(
         competition=competition,
         threshold=threshold,
     )
-    typer.echo(f"wrote {len(written)} PNG(s) to {out}")
+    masking = describe_masking(show_masking(experiment, threshold))
+    typer.echo(f"wrote {len(written)} PNG(s) to {out} (masks by {masking})")
 
 
 def _format_result(result: dict, indent: str = "") -> list[str]:

@@ -14,10 +14,12 @@ from kaggle_seg.competitions.base import Competition
 from kaggle_seg.errors import KsegError
 from kaggle_seg.io import atomic_path
 from kaggle_seg.show_scores import (
+    Masking,
     as_competition,
     check_shape,
     class_masks,
     has_truth,
+    instance_map,
     output_channels,
     read_truth_masks,
     rows_by_id,
@@ -138,7 +140,7 @@ def write_panels(
     ids: Sequence[str],
     out_dir: Path,
     *,
-    threshold: float = 0.5,
+    masking: Masking = 0.5,
     outputs: Sequence[str] | None = None,
 ) -> list[Path]:
     """For each id, `<id>_panel.png` (image | truth | prediction; no truth column for a row without
@@ -149,8 +151,6 @@ def write_panels(
     nuclei (truth instances, predicted instances from `split_instances`). Returns the paths, two
     per id, in order. `outputs` names the probability channels (see `output_channels`).
     """
-    from kaggle_seg.postprocess import split_instances
-
     competition = as_competition(competition)
     out_dir = Path(out_dir)
     positions = rows_by_id(table)
@@ -168,14 +168,12 @@ def write_panels(
         check_shape(image_id, probability, height, width)
         image = _display_image(competition, competition.read_image(row))
         channels = output_channels(competition, probability, outputs)
-        masks = class_masks(competition, probability, channels, threshold)
-        predicted = (
-            split_instances(probability, threshold, channels=channels) if instances else None
-        )
+        masks = class_masks(competition, probability, channels, masking)
+        predicted = instance_map(probability, channels, masking) if instances else None
         truth = read_truth_masks(competition, row) if has_truth(competition, row) else None
         title = image_id
         if truth is not None:
-            score = score_image(competition, truth, probability, threshold, channels)["score"]
+            score = score_image(competition, truth, probability, masking, channels)["score"]
             title = f"{image_id}\n{score_name} {score:.3f}"
 
         pictures = [("image", image)]

@@ -101,7 +101,13 @@ def _panels(run: ExperimentRun) -> str:
     ):
         for pick, image_id in picks:
             written = write_panels(
-                run.plugin, table, probabilities, [image_id], Path(folder), outputs=outputs
+                run.plugin,
+                table,
+                probabilities,
+                [image_id],
+                Path(folder),
+                masking=0.5 if run.settings is None else run.settings,  # as the tables score
+                outputs=outputs,
             )
             panel = next(p for p in written if p.name.endswith("_panel.png"))
             parts.append(

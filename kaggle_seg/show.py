@@ -17,7 +17,7 @@ import pandas as pd
 from kaggle_seg import runs
 from kaggle_seg.competitions import competition_for, get_competition
 from kaggle_seg.errors import KsegError
-from kaggle_seg.show_scores import image_scores, listed, select_ids
+from kaggle_seg.show_scores import Masking, image_scores, listed, select_ids
 
 # ---- the run folder -----------------------------------------------------------------------------
 
@@ -29,6 +29,23 @@ def _read_table(path: Path, named_by: str) -> pd.DataFrame:
     if not path.is_file():
         raise KsegError(f"{path}: table not found (named by {named_by}; run `kseg prepare`)")
     return read_table(path)
+
+
+def show_masking(experiment_dir: Path | None, threshold: float | None) -> Masking:
+    """What `kseg show` makes masks with: the `threshold` given, else the experiment's tuned
+    settings (postprocess.json, as `kseg report` and `kseg submit` use them), else 0.5."""
+    if threshold is not None:
+        return threshold
+    settings = Path(experiment_dir) / runs.POSTPROCESS_FILE if experiment_dir else None
+    if settings is not None and settings.is_file():
+        from kaggle_seg.postprocess import load_postprocess
+
+        return load_postprocess(settings)
+    return 0.5
+
+
+def describe_masking(masking: Masking) -> str:
+    return f"threshold {masking}" if isinstance(masking, float | int) else "tuned postprocess.json"
 
 
 def show_experiment(
@@ -43,7 +60,7 @@ def show_experiment(
     predictions: Path | None = None,
     table: Path | None = None,
     competition: str | None = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
 ) -> list[Path]:
     """Panels and overlays (see `write_panels`) in `out_dir` for the chosen images of a run.
 
@@ -53,7 +70,9 @@ def show_experiment(
     when `experiment_dir` holds no fold config. Exactly one of ids / random / worst / typical
     chooses the images; worst and typical score every predicted image with truth
     (`image_scores`) first. Without
-    `experiment_dir`, `predictions`, `table` and `competition` say everything.
+    `experiment_dir`, `predictions`, `table` and `competition` say everything. Masks come
+    from `show_masking(experiment_dir, threshold)`: a `threshold` given, else the experiment's
+    tuned postprocess.json, else 0.5.
     """
     if experiment_dir is None:
         missing = [name for name, value in (("--predictions", predictions), ("--table", table),
@@ -107,6 +126,7 @@ def show_experiment(
     files = (
         [Path(predictions)] if predictions is not None else [p / runs.OOF_FILE for p in oof_dirs]
     )
+    masking = show_masking(experiment_dir, threshold)
     from kaggle_seg.panels import write_panels
     from kaggle_seg.probabilities import NpzProbabilities
 
@@ -122,7 +142,7 @@ def show_experiment(
         scores = None
         if worst is not None or typical is not None:
             scores = image_scores(
-                competition_plugin, frame, probabilities, threshold=threshold, outputs=outputs
+                competition_plugin, frame, probabilities, masking=masking, outputs=outputs
             )
         chosen = select_ids(
             scores, list(probabilities), ids=ids, random=random, worst=worst, typical=typical,
@@ -134,6 +154,6 @@ def show_experiment(
             probabilities,
             chosen,
             Path(out_dir),
-            threshold=threshold,
+            masking=masking,
             outputs=outputs,
         )

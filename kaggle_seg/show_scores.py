@@ -5,6 +5,7 @@ its truth read through the competition plug-in, its probability channels named b
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,9 @@ import pandas as pd
 from kaggle_seg.competitions import get_competition
 from kaggle_seg.competitions.base import Competition
 from kaggle_seg.errors import KsegError
+
+if TYPE_CHECKING:
+    from kaggle_seg.postprocess import PostprocessConfig
 
 _MAX_LISTED = 5
 
@@ -119,33 +123,51 @@ def output_channels(
     return [*classes, BORDER] if extra == 1 and competition.instance_masks else classes
 
 
+# How `kseg show` turns probabilities into masks: a plain threshold, or an experiment's tuned
+# post-processing settings (postprocess.json), so its pictures and scores match `kseg report`.
+Masking = Union[float, "PostprocessConfig"]
+
+
 def class_masks(
-    competition: Competition, probabilities: np.ndarray, channels: Sequence[str], threshold: float
+    competition: Competition, probabilities: np.ndarray, channels: Sequence[str], masking: Masking
 ) -> np.ndarray:
     """uint8 [K, H, W] masks of the competition's classes, taken from the channels by name."""
-    from kaggle_seg.postprocess import binarize
+    from kaggle_seg.postprocess import PostprocessConfig, binarize, postprocess_masks
     from kaggle_seg.spec import channel_indices
 
-    return binarize(probabilities[channel_indices(channels, competition.classes)], threshold)
+    if not isinstance(masking, PostprocessConfig):
+        return binarize(probabilities[channel_indices(channels, competition.classes)], masking)
+    tuned = postprocess_masks(probabilities[channel_indices(channels, masking.classes)], masking)
+    return tuned[channel_indices(masking.classes, competition.classes)]
+
+
+def instance_map(
+    probabilities: np.ndarray, channels: Sequence[str], masking: Masking
+) -> np.ndarray:
+    """dsb2018: int32 [H, W] nuclei labels by the threshold's split or the tuned settings."""
+    from kaggle_seg.postprocess import PostprocessConfig, postprocess_instances, split_instances
+    from kaggle_seg.spec import channel_indices
+
+    if not isinstance(masking, PostprocessConfig):
+        return split_instances(probabilities, masking, channels=channels)
+    return postprocess_instances(probabilities[channel_indices(channels, masking.classes)], masking)
 
 
 def score_image(
     competition: Competition,
     truth: np.ndarray,
     probabilities: np.ndarray,
-    threshold: float,
+    masking: Masking,
     channels: Sequence[str],
 ) -> dict[str, float]:
     """{"score", "dice"} of one image: instances (dsb2018) score = image mAP, else score =
     pooled Dice."""
     from kaggle_seg.metrics import dsb_image_score, pixel_metrics
-    from kaggle_seg.postprocess import split_instances
 
-    masks = class_masks(competition, probabilities, channels, threshold)
+    masks = class_masks(competition, probabilities, channels, masking)
     if competition.scoring == "instances":
         dice = pixel_metrics(truth > 0, masks[0])["dice"]
-        instances = split_instances(probabilities, threshold, channels=channels)
-        score = dsb_image_score(truth, instances)
+        score = dsb_image_score(truth, instance_map(probabilities, channels, masking))
         return {"score": score, "dice": dice}
     dice = pixel_metrics(truth, masks)["dice"]
     return {"score": dice, "dice": dice}
@@ -169,7 +191,7 @@ def image_scores(
     table: pd.DataFrame,
     probabilities: Mapping[str, np.ndarray],
     *,
-    threshold: float = 0.5,
+    masking: Masking = 0.5,
     outputs: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Per-image scores, columns id, score, dice (one row per id of `probabilities` whose table
@@ -189,6 +211,6 @@ def image_scores(
         check_shape(str(image_id), probability, int(row["height"]), int(row["width"]))
         truth = read_truth_masks(competition, row)
         channels = output_channels(competition, probability, outputs)
-        scores = score_image(competition, truth, probability, threshold, channels)
+        scores = score_image(competition, truth, probability, masking, channels)
         rows.append({"id": str(image_id), **scores})
     return pd.DataFrame(rows, columns=["id", "score", "dice"])

@@ -97,6 +97,30 @@ def test_worst_picks_the_bad_image_and_writes_both_pngs(dsb: dict, tmp_path: Pat
     assert red.any() and green.any()
 
 
+def test_show_masks_with_the_tuned_settings_unless_a_threshold_is_given(dsb: dict, tmp_path: Path):
+    """With postprocess.json beside the run, `kseg show` scores and draws what `kseg report`
+    and `kseg submit` would: here settings that drop every nucleus (min_nucleus huge)."""
+    import shutil
+
+    from kaggle_seg.postprocess import default_postprocess, save_postprocess
+    from kaggle_seg.show import show_masking
+
+    experiment = tmp_path / "fake"
+    shutil.copytree(dsb["experiment"], experiment)
+    assert show_masking(experiment, None) == 0.5
+    tuned = default_postprocess(["nuclei", "border"]).model_copy(update={"min_nucleus": 10**6})
+    save_postprocess(tuned, experiment / "postprocess.json")
+
+    masking = show_masking(experiment, None)
+    assert masking == tuned and show_masking(experiment, 0.3) == 0.3
+    by_tuned = image_scores("dsb2018", dsb["table"], dsb["oof"], masking=masking)
+    by_threshold = image_scores("dsb2018", dsb["table"], dsb["oof"], masking=0.5)
+    assert (by_tuned["score"] == 0).all()
+    assert (by_threshold.set_index("id").loc[dsb["ids"][:2], "score"] > 0.9).all()
+    written = show_experiment(experiment, tmp_path / "out", ids=[dsb["ids"][0]])
+    assert len(written) == 2
+
+
 def test_random_is_reproducible_with_a_seed(dsb: dict, tmp_path: Path):
     available = list(reversed(dsb["ids"]))
     first = select_ids(None, available, random=2, seed=7)
