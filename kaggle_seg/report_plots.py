@@ -124,8 +124,10 @@ def distribution(scoring: str, images: pd.DataFrame, volumes: pd.DataFrame | Non
         axes[0][2].set_xlabel("mAP")
         axes[0][0].set_ylabel("image mAP")
         return _png(figure)
-    figure, axes = _figure(10, 3.6, 1, 2)
-    if volumes is not None and len(volumes):
+    per_group = volumes is not None and len(volumes) > 0
+    # The folder competition scores images alone: one panel, no empty patient axes beside it.
+    figure, axes = _figure(10, 3.6, 1, 2) if per_group else _figure(5.5, 3.6)
+    if per_group:
         axes[0][0].bar(np.arange(len(volumes)), volumes["dice"])
         axes[0][0].set_xticks(
             np.arange(len(volumes)),
@@ -135,8 +137,11 @@ def distribution(scoring: str, images: pd.DataFrame, volumes: pd.DataFrame | Non
             fontsize=6,
         )
         axes[0][0].set_title("volume Dice per patient", fontsize=9)
-    axes[0][1].hist(images["score"].dropna(), bins=20)
-    axes[0][1].set_title("Dice per image (slices with truth or prediction)", fontsize=9)
+    both_empty = int(images["score"].isna().sum())
+    axes[0][-1].hist(images["score"].dropna(), bins=20)
+    axes[0][-1].set_title(
+        f"Dice per image with truth or prediction ({both_empty} both empty, not drawn)", fontsize=9
+    )
     return _png(figure)
 
 

@@ -109,6 +109,11 @@ def show_experiment(
         outputs = runs.read_run_spec(*configs[0]).outputs
     else:
         competition_plugin = get_competition(str(competition))
+        if not competition_plugin.classes:  # the folder competition, set up by a config
+            raise KsegError(
+                f"-c {competition}: its classes come from a run's config; pass --experiment "
+                "runs/<experiment> (the run that made the predictions) with --predictions"
+            )
 
     if table is not None:
         frame = _read_table(Path(table), "--table")

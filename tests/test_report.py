@@ -249,3 +249,17 @@ def test_report_renders_in_headless_chromium(runs: dict[str, Path], tmp_path: Pa
         pixels = np.asarray(shot.convert("L"))
     assert shot.height == 900 and shot.width > 1000
     assert pixels.std() > 10  # something drawn, not a blank page
+
+
+def test_folder_score_distribution_is_one_panel_and_counts_the_both_empty_images():
+    """The folder competition scores images alone: no empty per-patient axes beside them."""
+    import cv2
+
+    from kaggle_seg.report_plots import DPI, distribution
+
+    images = pd.DataFrame({"id": list("abcd"), "score": [0.9, 0.4, np.nan, np.nan]})
+    alone = cv2.imdecode(np.frombuffer(distribution("images", images, None), np.uint8), 1)
+    volumes = pd.DataFrame({"patient": ["p1", "p2"], "dice": [0.8, 0.7]})
+    grouped = cv2.imdecode(np.frombuffer(distribution("groups", images, volumes), np.uint8), 1)
+    assert alone.shape[1] == pytest.approx(5.5 * DPI, abs=2)
+    assert grouped.shape[1] == pytest.approx(10 * DPI, abs=2)

@@ -237,3 +237,15 @@ def test_uwmgi_test_rows_without_rle_columns_get_two_columns(uwmgi: dict, tmp_pa
     table = uwmgi["table"].drop(columns=["rle_large_bowel", "rle_small_bowel", "rle_stomach"])
     [panel, _] = write_panels("uwmgi", table, uwmgi["oof"], [uwmgi["bad"]], tmp_path)
     assert panel_columns(panel) == pytest.approx(2)
+
+
+def test_folder_predictions_without_their_run_say_to_pass_the_experiment(tmp_path: Path):
+    with pytest.raises(KsegError, match=r"-c folder: .*pass --experiment runs/<experiment>"):
+        show_experiment(
+            None,
+            tmp_path / "out",
+            worst=1,
+            predictions=tmp_path / "preds.npz",
+            table=tmp_path / "table.csv",
+            competition="folder",
+        )
