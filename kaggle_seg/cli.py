@@ -6,7 +6,6 @@ starts instantly. Known errors print one line; `kseg --debug ...` shows the trac
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -17,11 +16,14 @@ from kaggle_seg import __version__
 from kaggle_seg.cli_insight import explain, report
 from kaggle_seg.cli_kernel import dataset_app, kernel_app, model_app
 from kaggle_seg.cli_options import (
+    COMPETITION_NAMES,  # noqa: F401  (tests check it names every competition)
     Checkpoints,
+    Competition,
     PredictionOptions,
     check_choice,
     prediction_options,
 )
+from kaggle_seg.cli_score import score
 from kaggle_seg.cli_tune import tune
 from kaggle_seg.cli_weights import weights_app
 from kaggle_seg.errors import KsegError, error_line
@@ -40,13 +42,6 @@ app.add_typer(weights_app, name="weights")
 app.command()(explain)
 app.command()(report)
 
-# Written out, not read from competitions.COMPETITIONS, so `kseg --help` does not import pandas;
-# tests/test_cli.py checks it names every registered competition.
-COMPETITION_NAMES = "uwmgi, dsb2018, lgg or folder"
-Competition = Annotated[
-    str,
-    typer.Option("--competition", "-c", help=f"{COMPETITION_NAMES}.", show_default=False),
-]
 ConfigFile = Annotated[
     Path | None, typer.Option("--config", help="YAML config whose `data` section applies.")
 ]
@@ -125,64 +120,7 @@ def folds(
     typer.echo(f"{verb} {out}: " + ", ".join(f"fold {k}: {n}" for k, n in counts.items()))
 
 
-@app.command()
-def score(
-    competition: Competition,
-    truth: Annotated[Path, typer.Argument(help="Truth CSV (train.csv, stage1_solution.csv...).")],
-    submission: Annotated[Path, typer.Argument(help="Submission CSV to score.")],
-    images: Annotated[
-        Path | None, typer.Option(help="Image folder, for sizes when the truth lacks them.")
-    ] = None,
-    merged_classes: Annotated[
-        bool,
-        typer.Option(help="uwmgi: score the union of the organs as one class (both terms)."),
-    ] = False,
-    dice: Annotated[
-        str | None,
-        typer.Option(
-            help="uwmgi Dice term: per-class (the competition's) or merged (organs as one).",
-            show_default=False,
-        ),
-    ] = None,
-    hausdorff: Annotated[
-        str | None,
-        typer.Option(
-            help="uwmgi Hausdorff term: per-class or merged. MLE-bench grades with --dice "
-            "per-class --hausdorff merged (README, 'Metric modes').",
-            show_default=False,
-        ),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    config: Annotated[
-        Path | None,
-        typer.Option(help="A config whose data.options set the competition up (folder)."),
-    ] = None,
-) -> None:
-    """Validate a submission and score it with the competition's own metric."""
-    from kaggle_seg.scoring import score_submission
-
-    options = None
-    if config is not None:
-        from kaggle_seg.config import build_data_config
-
-        options = build_data_config(competition, config).options
-    result = score_submission(
-        competition,
-        truth,
-        submission,
-        images,
-        merged_classes=merged_classes,
-        dice=dice,
-        hausdorff=hausdorff,
-        options=options,
-    )
-    # Per-image / per-slice tables stay out of the printed summary.
-    printable = {k: v for k, v in result.items() if not hasattr(v, "to_csv")}
-    if as_json:
-        typer.echo(json.dumps(printable, default=float))
-        return
-    for line in _format_result(printable):
-        typer.echo(line)
+app.command()(score)  # after folds, as in the workflow
 
 
 @app.command()
@@ -404,19 +342,6 @@ def show(
     )
     masking = describe_masking(show_masking(experiment, threshold))
     typer.echo(f"wrote {len(written)} PNG(s) to {out} (masks by {masking})")
-
-
-def _format_result(result: dict, indent: str = "") -> list[str]:
-    """Nested score dicts as indented `key: value` lines, floats to 6 places."""
-    lines = []
-    for key, value in result.items():
-        if isinstance(value, dict):
-            lines.append(f"{indent}{key}:")
-            lines.extend(_format_result(value, indent + "  "))
-        else:
-            shown = f"{value:.6f}" if isinstance(value, float) else value
-            lines.append(f"{indent}{key}: {shown}")
-    return lines
 
 
 @app.command()

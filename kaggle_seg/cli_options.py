@@ -18,6 +18,13 @@ import typer
 from kaggle_seg.ensemble_weights import parse_weights
 from kaggle_seg.errors import KsegError
 
+# Written out, not read from competitions.COMPETITIONS, so `kseg --help` does not import pandas;
+# tests/test_cli.py checks it names every registered competition.
+COMPETITION_NAMES = "uwmgi, dsb2018, lgg or folder"
+Competition = Annotated[
+    str,
+    typer.Option("--competition", "-c", help=f"{COMPETITION_NAMES}.", show_default=False),
+]
 Checkpoints = Annotated[
     list[Path],
     typer.Option(

@@ -179,7 +179,7 @@ def test_score_rejects_a_broken_submission_by_line(phantom_dir: Path, tmp_path: 
 
 
 @pytest.mark.slow
-def test_score_dsb_solution_against_itself(shared_data: Path):
+def test_score_dsb_solution_against_itself(shared_data: Path, tmp_path: Path):
     solution = shared_data / "dsb2018" / "stage1_solution.csv"
     result = kseg("score", "-c", "dsb2018", str(solution), str(solution), "--json")
     assert json.loads(result.stdout)["score"] == pytest.approx(1.0)
@@ -190,6 +190,12 @@ def test_score_dsb_solution_against_itself(shared_data: Path):
         ]
         == 0.0
     )
+    tables = kseg(
+        "score", "-c", "dsb2018", str(solution), str(sample), "--tables", str(tmp_path / "t")
+    )
+    per_image = pd.read_csv(tmp_path / "t" / "per_image.csv")
+    assert f"wrote {tmp_path / 't' / 'per_image.csv'}" in tables.stdout
+    assert len(per_image) == 65 and (per_image["score"] == 0).all()
     swapped = kseg("score", "-c", "dsb2018", str(sample), str(solution), check=False)
     assert swapped.returncode == 1
     assert "the truth comes first (kseg score TRUTH SUBMISSION)" in swapped.stderr
