@@ -95,6 +95,8 @@ def prepare(
     typer.echo(f"sizes (W x H): {sizes}")
     if summary.get("excluded"):
         typer.echo(f"excluded by config: {', '.join(summary['excluded'])}")
+    for note in summary.get("notes", []):
+        typer.echo(f"note: {note}")
 
 
 @app.command()

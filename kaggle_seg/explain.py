@@ -333,6 +333,7 @@ def explain_checkpoint(
     from kaggle_seg.predict import PredictionDataset, load_member
     from kaggle_seg.prepare import read_table
     from kaggle_seg.runs import find_checkpoints, fold_number
+    from kaggle_seg.runtime import parse_device
     from kaggle_seg.show_scores import select_ids
 
     found = find_checkpoints(checkpoint)
@@ -340,7 +341,7 @@ def explain_checkpoint(
         raise KsegError(
             f"{checkpoint}: {len(found)} checkpoints; explain one (a fold folder or a .pt file)"
         )
-    member = load_member(found[0], 1.0, torch.device(device))
+    member = load_member(found[0], 1.0, parse_device(device))
     config = member.config
     competition = competition_for(config.data)
     frame = read_table(table) if table is not None else table_of(config, found[0].parent)
@@ -366,7 +367,7 @@ def explain_checkpoint(
     for image_id in chosen:
         position = positions[image_id]
         row = rows.iloc[position].to_dict()
-        inputs = dataset[position]["inputs"][0][None].to(torch.device(device))
+        inputs = dataset[position]["inputs"][0][None].to(parse_device(device))
         explanation = explain_image(member, inputs, row, stage=stage)
         path = out_dir / f"{_file_stem(image_id)}_explain.png"
         written.append(write_grid(competition, row, explanation, list(member.classes), path))

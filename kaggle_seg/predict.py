@@ -113,9 +113,9 @@ def load_ensemble(
     Members must agree on competition, classes and input channels: otherwise their
     probabilities cannot be averaged, and the error names both checkpoints.
     """
-    import torch
+    from kaggle_seg.runtime import parse_device
 
-    device = torch.device(device)
+    device = parse_device(device)
     shares = check_weights(weights, len(sources), "checkpoint source")
     members: list[Member] = []
     for k, source in enumerate(sources):

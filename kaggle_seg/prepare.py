@@ -43,6 +43,7 @@ def prepare_table(
     check_prepared_table(plugin, table, Path(data_dir), check)
     write_csv_atomic(table, out)
     summary = summarize_table(table)
+    summary["notes"] = list(table.attrs.get("notes", []))  # what the reader left out, and why
     if plugin.volume_key is not None:  # data.exclude_case_days names volumes left out
         summary["excluded"] = list(config.exclude_case_days)
     return summary

@@ -33,6 +33,16 @@ class Runtime:
         return self.world_size > 1
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """`--device` as a torch device; a name torch does not know is one line naming the option."""
+    if isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise KsegError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+
+
 def start_runtime(device: str | None = None) -> Runtime:
     """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on GPU, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -46,7 +56,7 @@ def start_runtime(device: str | None = None) -> Runtime:
         torch.cuda.set_device(local_rank)
         resolved = torch.device("cuda", local_rank)
     else:
-        resolved = torch.device(device)
+        resolved = parse_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
     return Runtime(rank=rank, world_size=world_size, device=resolved)

@@ -291,3 +291,14 @@ def test_an_error_in_a_loader_worker_prints_as_its_own_one_line_message():
     assert "Traceback" in str(raised.value)  # what torch hands back
     assert error_line(raised.value) == "test/b.png: cannot decode image (corrupt or not an image)"
     assert error_line("a: b\n c") == "a: b c"
+
+
+def test_a_device_torch_does_not_know_names_the_option():
+    from kaggle_seg.errors import KsegError
+    from kaggle_seg.runtime import parse_device, start_runtime
+
+    with pytest.raises(KsegError, match=r"^--device gpu: not a device; use cpu, cuda or cuda:N$"):
+        start_runtime("gpu")
+    with pytest.raises(KsegError, match=r"^--device gpu"):
+        parse_device("gpu")
+    assert parse_device("cpu").type == "cpu"

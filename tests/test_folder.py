@@ -253,3 +253,23 @@ def test_submit_without_a_test_folder_refuses_to_predict_the_training_images(tmp
         ].tolist() == ["t"]
         loose = polyps.test_set(tmp_path / "loose", None, scratch=scratch, skipped=None)
         assert loose.table["id"].tolist() == ["u"]
+
+
+def test_prepare_notes_masks_without_an_image(tmp_path: Path) -> None:
+    from kaggle_seg.prepare import prepare_table
+
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:5, 2:5] = 255
+    _write(tmp_path / "data/images/a", np.zeros((8, 8, 3), np.uint8))
+    _write(tmp_path / "data/masks/a", mask)
+    _write(tmp_path / "data/masks/a_copy", mask)  # renamed image, mask left behind
+    config = tmp_path / "exp.yaml"
+    config.write_text(
+        yaml.safe_dump({"data": {"competition": "folder", "options": {"classes": ["polyp"]}}})
+    )
+    summary = prepare_table("folder", tmp_path / "data", tmp_path / "t.csv", config)
+    assert summary["images"] == 1
+    masks = tmp_path / "data" / "masks"
+    assert summary["notes"] == [
+        f"1 mask(s) in {masks} without an image of that name, left out: a_copy.png"
+    ]

@@ -60,6 +60,9 @@ def test_too_few_groups_is_an_error():
     table = _table(n_groups=3)
     with pytest.raises(InputError, match="only 3 groups for 5 folds"):
         make_folds(table["id"], table["group"], table["label"], 5, seed=0)
+    one = _table(n_groups=1)
+    with pytest.raises(InputError, match=r"only 1 group: folds need at least 2 .*group_pattern"):
+        make_folds(one["id"], one["group"], one["label"], 2, seed=0)
 
 
 def test_existing_folds_are_reused_and_never_silently_overwritten(tmp_path: Path):

@@ -219,7 +219,15 @@ class Folder(BaseCompetition):
                 f"{data_dir / 'masks'}: every one of the {len(rows)} masks is empty (no pixel "
                 f"of {', '.join(self.classes)}); check the mask files and data.options.mask_values"
             )
-        return pd.DataFrame(rows)
+        table = pd.DataFrame(rows)
+        orphans = sorted(set(masks) - set(images))
+        if orphans:  # a naming mismatch shows here first
+            table.attrs["notes"] = [
+                f"{len(orphans)} mask(s) in {data_dir / 'masks'} without an image of that name, "
+                f"left out: {', '.join(masks[name].name for name in orphans[:3])}"
+                + (", ..." if len(orphans) > 3 else "")
+            ]
+        return table
 
     @staticmethod
     def _group(name: str, settings: FolderOptions) -> str:

@@ -28,6 +28,11 @@ def make_folds(
     n_groups = groups.nunique()
     if n_folds < 2:
         raise InputError(f"--n-folds must be at least 2, got {n_folds}")
+    if n_groups < 2:
+        raise InputError(
+            f"only {n_groups} group: folds need at least 2 (the table's group column; "
+            "folder: data.options.group_pattern groups images)"
+        )
     if n_groups < n_folds:
         raise InputError(f"only {n_groups} groups for {n_folds} folds: use --n-folds <= {n_groups}")
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
