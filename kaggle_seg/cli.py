@@ -258,6 +258,14 @@ def submit(
     wait: Annotated[
         bool, typer.Option(help="With --kernel: wait for the version to finish and the score.")
     ] = False,
+    submission_format: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="folder: rle (an id,class,rle CSV) or png (a mask PNG per image); default: "
+            "the checkpoints' data.options.submission.",
+        ),
+    ] = None,
     options: PredictionOptions | None = None,
 ) -> None:
     """Predict the test set and write a validated submission CSV in the competition's format;
@@ -278,6 +286,7 @@ def submit(
         out,
         test_dir=test_dir,
         postprocess=postprocess,
+        submission_format=submission_format,
         **options.as_kwargs(),
     )
     for note in result.notes:

@@ -115,9 +115,12 @@ def write_submission(
     on_error: str = "fail",
     fallback_case_days: int = 2,
     batched_tta: bool = True,
+    submission_format: str | None = None,
 ) -> SubmitResult:
     """Predict the test images with the checkpoints' ensemble and write the submission in the
-    competition's format (`Competition.test_set`, `Competition.write_submission`)."""
+    competition's format (`Competition.test_set`, `Competition.write_submission`);
+    `submission_format` (folder: rle or png) overrides the one the checkpoints were trained
+    with."""
     import torch
 
     from kaggle_seg.competitions import competition_for
@@ -128,6 +131,13 @@ def write_submission(
     members = load_ensemble(checkpoints, weights, device)
     tta = tta or default_tta(members)
     competition = competition_for(members[0].config.data)
+    if submission_format is not None:
+        if submission_format not in ("rle", "png"):
+            raise KsegError(f"--format {submission_format!r}: choose one of rle, png")
+        if competition.name != "folder":
+            raise KsegError(f"--format applies to the folder competition, not {competition.name}")
+        options = {**members[0].config.data.options, "submission": submission_format}
+        competition = competition.configure(options)
     if mismatch := oof_tta_mismatch(members, tta):
         log.warning(mismatch)
     if competition.submission_columns is None:

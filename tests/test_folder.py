@@ -159,7 +159,6 @@ def test_rle_submission_round_trip_in_either_order(tmp_path: Path) -> None:
 def test_folder_end_to_end_on_exported_lgg(shared_data: Path, tmp_path: Path) -> None:
     """LGG exported to images/ + masks/: prepare (grouped by patient), folds, train a small seed
     U-Net, tune, submit as RLE and as PNGs, score both, and show the worst images."""
-    from kaggle_seg.competitions import competition_for
     from kaggle_seg.config import load_experiment
     from kaggle_seg.prepare import folds_for_table, prepare_table
     from kaggle_seg.scoring import score_submission
@@ -215,20 +214,14 @@ def test_folder_end_to_end_on_exported_lgg(shared_data: Path, tmp_path: Path) ->
     rle_score = score_submission("folder", truth, csv.path, options=options)
     assert 0.0 <= rle_score["score"] <= 1.0 and rle_score["n_images"] == 12
 
-    png_config = load_experiment(config_path, ["data.options.submission=png"])
-    png_plugin = competition_for(png_config.data)
-    assert png_plugin.submission_suffix == ""
+    # The PNG format, chosen at submission (`kseg submit --format png`), scores as the CSV
+    # does (same post-processing, same masks).
     written = tmp_path / "pngs"
-    # The PNG format scores as the CSV does (same post-processing, same masks).
-    from contextlib import ExitStack
-
-    from kaggle_seg.predict import load_ensemble, predict_probabilities
-
-    members = load_ensemble([experiment], device="cpu")
-    with ExitStack() as scratch:
-        test = png_plugin.test_set(data_dir, None, scratch=scratch, skipped=None)
-        stream = predict_probabilities(members, png_plugin, test.table, num_workers=0)
-        png_plugin.write_submission(stream, test, tuned.settings, written, None)
+    pngs = write_submission(
+        [experiment], data_dir, written, tta="none", device="cpu", num_workers=0,
+        submission_format="png",
+    )  # fmt: skip
+    assert pngs.path == written
     assert len(list(written.glob("*.png"))) == 12
     png_score = score_submission("folder", truth, written, options={**options, "submission": "png"})
     assert png_score["score"] == pytest.approx(rle_score["score"])
