@@ -48,7 +48,7 @@ def tune(
         f"OOF of folds {','.join(map(str, result.folds))} ({result.n_images} images): "
         f"CV {result.before['score']:.4f} with defaults -> {result.after['score']:.4f} tuned"
     )
-    if result.empty_prediction_score is not None:
+    if result.empty_prediction_score:  # 0 (every group has truth) says nothing
         typer.echo(
             f"predicting nothing would score {result.empty_prediction_score:.4f} (empty truth "
             "counts 1): the floor this CV must clear"

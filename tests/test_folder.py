@@ -266,3 +266,31 @@ def test_prepare_notes_masks_without_an_image(tmp_path: Path) -> None:
     assert summary["notes"] == [
         f"1 mask(s) in {masks} without an image of that name, left out: a_copy.png"
     ]
+
+
+def test_score_by_group_pools_each_groups_pixels(tmp_path: Path) -> None:
+    """`score_by: group` scores as LGG scores patients: each group's Dice over its pooled
+    pixels, so a group's empty slices predicted empty do not count as perfect images."""
+    with pytest.raises(KsegError, match="score_by: group needs a group_pattern"):
+        get_competition("folder").configure({"classes": ["lesion"], "score_by": "group"})
+    options = {"classes": ["lesion"], "group_pattern": "^(p[0-9])_", "score_by": "group"}
+    lesions = get_competition("folder").configure(options)
+    assert lesions.scoring == "groups"
+    assert get_competition("folder").configure({"classes": ["lesion"]}).scoring == "images"
+
+    lesion = np.zeros((10, 10), np.uint8)
+    lesion[2:6, 2:6] = 255
+    empty = np.zeros_like(lesion)
+    for name, truth, predicted in [
+        ("p1_a", lesion, lesion),  # p1: found exactly
+        ("p1_b", empty, empty),
+        ("p2_a", lesion, empty),  # p2: its lesion missed, two empty slices right
+        ("p2_b", empty, empty),
+        ("p2_c", empty, empty),
+    ]:
+        _write(tmp_path / "masks" / name, truth)
+        _write(tmp_path / "pred" / name, predicted)
+    result = lesions.score_submission(tmp_path / "masks", tmp_path / "pred", None)
+    assert result["dice"] == pytest.approx(4 / 5)  # per image, empty pairs count 1
+    assert result["group_dice"] == result["score"] == pytest.approx((1 + 0) / 2)
+    assert result["per_group"]["group"].tolist() == ["p1", "p2"]

@@ -13,8 +13,9 @@ half its own top value (0 / 255, 0 / 100, 16-bit alike; JPEG noise around 0 is n
 foreground), and a colour one wherever a channel is set; a mask of several classes holds the
 class number k = 1..K in each pixel (0 background), or the values `mask_values` lists in
 class order. A dataset whose every mask is empty is refused: its masks were misread or
-mislaid. Scored like the per-image Dice of training (`scoring`
-"images"); the submission is an `id,class,rle` CSV (`rle_order` C or F), or one mask PNG per
+mislaid. Scored like the per-image Dice of training (`scoring` "images"), or with
+`score_by: group` by each group's Dice, its images' pixels pooled ("groups", as LGG scores
+patients); the submission is an `id,class,rle` CSV (`rle_order` C or F), or one mask PNG per
 image (`submission: png`, class numbers, 255 for one class).
 """
 
@@ -28,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from kaggle_seg.competitions.base import (
     BaseCompetition,
@@ -65,6 +66,16 @@ class FolderOptions(StrictModel):
     # A regular expression whose first group names what folds group by (a patient in the file
     # name, e.g. "^(TCGA_[A-Z0-9]+_[0-9]+)_"); default: every image is its own group.
     group_pattern: str | None = None
+    # What the CV, `kseg tune` and `kseg score` average: "image" (the per-image Dice, an empty
+    # image predicted empty scoring 1) or "group" (each group's Dice, its images' pixels
+    # pooled, as LGG scores a patient: slices of 3D scans, mostly empty; needs group_pattern).
+    score_by: Literal["image", "group"] = "image"
+
+    @model_validator(mode="after")
+    def _groups_to_score(self) -> FolderOptions:
+        if self.score_by == "group" and self.group_pattern is None:
+            raise ValueError("score_by: group needs a group_pattern naming the groups")
+        return self
 
     @field_validator("classes")
     @classmethod
@@ -160,6 +171,7 @@ class Folder(BaseCompetition):
         self.classes: tuple[str, ...] = tuple(options.classes) if options else ()
         self.rle_order = options.rle_order if options else "C"
         self.submission_suffix = ".csv" if options is None or options.submission == "rle" else ""
+        self.scoring = "groups" if options and options.score_by == "group" else "images"
 
     def configure(self, options: Mapping[str, Any]) -> Folder:
         try:
@@ -416,8 +428,14 @@ class Folder(BaseCompetition):
             ids, [truths[i] for i in ids], [predicted[i] for i in ids], self.classes
         )
         means = table.drop(columns="id").mean()
+        score = float(means["dice"]) if len(table) else float("nan")
+        grouped: dict[str, Any] = {}
+        if self.scoring == "groups" and len(table):  # each group's pixels pooled, as the CV
+            per_group = self._group_dice(ids, truths, predicted)
+            score = float(per_group["dice"].mean())
+            grouped = {"group_dice": score, "n_groups": len(per_group), "per_group": per_group}
         return {
-            "score": float(means["dice"]) if len(table) else float("nan"),
+            "score": score,
             "dice": float(means["dice"]) if len(table) else float("nan"),
             "iou": float(means["iou"]) if len(table) else float("nan"),
             "per_class": {
@@ -425,8 +443,24 @@ class Folder(BaseCompetition):
                 for name in self.classes
             },
             "n_images": len(table),
+            **grouped,
             "per_image": table,
         }
+
+    def _group_dice(
+        self, ids: list[str], truths: Mapping[str, np.ndarray], predicted: Mapping[str, Any]
+    ) -> pd.DataFrame:
+        """The Dice of each group (group_pattern), its images' pixels pooled."""
+        from kaggle_seg.metrics import pixel_counts, volume_dice
+
+        counts = pd.DataFrame(
+            [
+                {"group": self._group(i, self._settings()), **pixel_counts(truths[i], predicted[i])}
+                for i in ids
+            ]
+        )
+        dice = volume_dice(counts, "group")
+        return pd.DataFrame({"group": dice.index, "dice": dice.to_numpy()})
 
     def _truth_masks(self, truth: Path, images_dir: Path | None) -> dict[str, np.ndarray]:
         if truth.is_dir():
