@@ -118,12 +118,14 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 class _RecordingWriter(io.RawIOBase):
-    """A file that keeps the OSError of a failed write: torch.save reports it only as
-    `RuntimeError: [enforce fail at inline_container.cc]`, without the cause or the path."""
+    """A file that keeps what stopped a write: torch.save reports any exception from it only
+    as `RuntimeError: [enforce fail at inline_container.cc]`, without the cause or the path.
+    That hides an OSError's reason, and turns a Ctrl-C or SIGTERM arriving mid-save (the
+    handler runs inside write) into a write error instead of an interruption."""
 
     def __init__(self, handle: Any):
         self.handle = handle
-        self.error: OSError | None = None
+        self.error: BaseException | None = None
 
     def writable(self) -> bool:
         return True
@@ -131,12 +133,16 @@ class _RecordingWriter(io.RawIOBase):
     def write(self, data: Any) -> int:
         try:
             return self.handle.write(data)
-        except OSError as exc:
+        except BaseException as exc:  # OSError, KeyboardInterrupt
             self.error = exc
             raise
 
     def flush(self) -> None:
-        self.handle.flush()
+        try:
+            self.handle.flush()
+        except BaseException as exc:
+            self.error = exc
+            raise
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
@@ -151,6 +157,8 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
             torch.save(state, writer)
     except (OSError, RuntimeError) as exc:
         cause = writer.error if writer is not None and writer.error is not None else exc
+        if isinstance(cause, KeyboardInterrupt):  # interrupted, not broken: unwind as such
+            raise KeyboardInterrupt from None
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
         raise KsegError(f"{path}: cannot write the checkpoint ({_first_line(reason)})") from exc
     return path

@@ -236,6 +236,33 @@ def test_full_disk_names_the_checkpoint_and_leaves_no_partial_file(
     assert list(target.parent.iterdir()) == []
 
 
+class _InterruptedMidSave(_FullDisk):
+    """A SIGTERM / Ctrl-C whose handler runs inside one of torch.save's writes."""
+
+    def write(self, data):
+        self.written += len(data)
+        if self.written > self.budget:
+            raise KeyboardInterrupt
+        return self.handle.write(data)
+
+
+def test_an_interruption_mid_save_unwinds_as_one_and_leaves_the_old_checkpoint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """torch.save turns any exception from its writer into a RuntimeError; a kill during the
+    save of last.pt must still reach training as an interruption (which prints how to
+    resume), not as "cannot write the checkpoint"."""
+    import kaggle_seg.checkpoints as checkpoints
+
+    target = save_checkpoint({"epoch": 3}, tmp_path / "last.pt")
+    monkeypatch.setattr(checkpoints, "open", _InterruptedMidSave, raising=False)
+    monkeypatch.setattr(_InterruptedMidSave, "budget", 2000)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": {"w": torch.zeros(10_000)}, "epoch": 4}, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert torch.load(target, weights_only=True)["epoch"] == 3
+
+
 def test_full_disk_during_training_names_the_file(
     dsb_small: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
