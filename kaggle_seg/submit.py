@@ -132,12 +132,7 @@ def write_submission(
     tta = tta or default_tta(members)
     competition = competition_for(members[0].config.data)
     if submission_format is not None:
-        if submission_format not in ("rle", "png"):
-            raise KsegError(f"--format {submission_format!r}: choose one of rle, png")
-        if competition.name != "folder":
-            raise KsegError(f"--format applies to the folder competition, not {competition.name}")
-        options = {**members[0].config.data.options, "submission": submission_format}
-        competition = competition.configure(options)
+        competition = competition.with_submission_format(submission_format)
     if mismatch := oof_tta_mismatch(members, tta):
         log.warning(mismatch)
     if competition.submission_columns is None:

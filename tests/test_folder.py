@@ -294,3 +294,14 @@ def test_score_by_group_pools_each_groups_pixels(tmp_path: Path) -> None:
     assert result["dice"] == pytest.approx(4 / 5)  # per image, empty pairs count 1
     assert result["group_dice"] == result["score"] == pytest.approx((1 + 0) / 2)
     assert result["per_group"]["group"].tolist() == ["p1", "p2"]
+
+
+def test_submission_format_is_chosen_at_submission_for_the_folder_only() -> None:
+    polyps = get_competition("folder").configure({"classes": ["polyp"], "rle_order": "F"})
+    pngs = polyps.with_submission_format("png")
+    assert pngs.submission_suffix == "" and pngs.rle_order == "F"
+    assert polyps.submission_suffix == ".csv"  # the original is left as it was
+    with pytest.raises(KsegError, match=r"--format 'jpg': choose one of rle, png"):
+        polyps.with_submission_format("jpg")
+    with pytest.raises(KsegError, match=r"--format: dsb2018 has one submission format"):
+        get_competition("dsb2018").with_submission_format("png")

@@ -206,6 +206,10 @@ class Competition(Protocol):
         """`kseg score`: validate `submission` against `truth` and score it ({"score", ...})."""
         ...
 
+    def with_submission_format(self, submission_format: str) -> Competition:
+        """This competition writing `submission_format` (`kseg submit --format`; folder)."""
+        ...
+
     def stage_test(self, source: Path, dest: Path, holdout: int, scratch: Path) -> StagedTest:
         """Stage `source` at `dest` as Kaggle mounts it, `holdout` train items as the test."""
         ...
@@ -295,6 +299,10 @@ class BaseCompetition:
         self, truth: Path, submission: Path, images_dir: Path | None, **modes: Any
     ) -> dict[str, Any]:
         raise KsegError(f"{self.name!r} has no Kaggle submission format to score")
+
+    def with_submission_format(self, submission_format: str) -> BaseCompetition:
+        """This competition writing `submission_format` (`kseg submit --format`)."""
+        raise KsegError(f"--format: {self.name} has one submission format, its Kaggle one")
 
     def stage_test(self, source: Path, dest: Path, holdout: int, scratch: Path) -> StagedTest:
         raise KsegError(f"no Kaggle kernel for {self.name}")
