@@ -135,16 +135,30 @@ def experiment_folds(
         check_name(experiment, "--experiment", portable=True)
         run_dir = Path(runs_root) / experiment
         if not run_dir.is_dir():
-            raise KsegError(f"{run_dir}: experiment folder not found (train it with kseg train)")
+            raise KsegError(
+                f"{run_dir}: experiment folder not found (train it with kseg train; --runs-dir "
+                "names the folder that holds it)"
+            )
+        trained = [folder for _, folder in list_folds(run_dir, BEST_CHECKPOINT)]
         if folds is None:
-            fold_dirs = [folder for _, folder in list_folds(run_dir, BEST_CHECKPOINT)]
+            fold_dirs = trained
             if not fold_dirs:
-                raise KsegError(f"{run_dir}: no fold_<k>/{BEST_CHECKPOINT} checkpoints")
+                started = [folder.name for _, folder in list_folds(run_dir)]
+                hint = (
+                    f"{', '.join(started)} not finished: a best.pt is written at its first "
+                    "validation; `kseg train --resume` continues"
+                    if started
+                    else "train it with kseg train"
+                )
+                raise KsegError(f"{run_dir}: no fold_<k>/{BEST_CHECKPOINT} checkpoints ({hint})")
         else:
             fold_dirs = [run_dir / f"fold_{k}" for k in folds]
         for folder in fold_dirs:
             if not (folder / BEST_CHECKPOINT).is_file():
-                raise KsegError(f"{folder / BEST_CHECKPOINT}: checkpoint not found")
+                listed = ", ".join(f.name for f in trained) or "none"
+                raise KsegError(
+                    f"{folder / BEST_CHECKPOINT}: checkpoint not found (trained folds: {listed})"
+                )
         found[experiment] = fold_dirs
     return found
 

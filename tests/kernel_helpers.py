@@ -41,12 +41,34 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def fake_run(runs: Path, experiment: str, folds=(0, 1), postprocess: bool = True) -> Path:
-    """runs/<exp>/fold_<k>/ with stand-in files (build only copies them)."""
+def fake_checkpoint(path: Path, experiment: str, competition: str = "uwmgi", **extra) -> Path:
+    """A minimal kseg checkpoint (config, a one-tensor model, classes, channels): what build
+    opens to check, without training anything."""
+    import torch
+
+    from kaggle_seg.checkpoints import save_checkpoint
+    from kaggle_seg.competitions import get_competition
+    from kaggle_seg.config import DataConfig, ExperimentConfig
+
+    config = ExperimentConfig(name=experiment, data=DataConfig(competition=competition))
+    state = {
+        "config": config.model_dump(mode="json"),
+        "model": {"w": torch.zeros(2)},
+        "classes": list(get_competition(competition).classes),
+        "in_channels": 3,
+        **extra,
+    }
+    return save_checkpoint(state, path)
+
+
+def fake_run(
+    runs: Path, experiment: str, folds=(0, 1), postprocess: bool = True, competition: str = "uwmgi"
+) -> Path:
+    """runs/<exp>/fold_<k>/ with a minimal best.pt and stand-in files (build copies them)."""
     for k in folds:
         fold = runs / experiment / f"fold_{k}"
         fold.mkdir(parents=True)
-        (fold / "best.pt").write_bytes(b"best weights %d" % k)
+        fake_checkpoint(fold / "best.pt", experiment, competition, fold=k)
         (fold / "last.pt").write_bytes(b"optimizer state")
         (fold / "config.yaml").write_text(f"name: {experiment}\n")
         (fold / "history.csv").write_text("epoch,score\n1,0.5\n")

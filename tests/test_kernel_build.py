@@ -372,3 +372,48 @@ def test_an_ensemble_ships_its_own_tuned_settings(tmp_path: Path, built: Path):
         build_kernel("uwmgi", ["a", "b"], name="broken", postprocess=tmp_path / "broken.json",
                      **options)  # fmt: skip
     assert not (tmp_path / "kernels" / "broken").exists()
+
+
+def test_build_refuses_what_the_kernels_submit_would_refuse_on_kaggle(tmp_path: Path, built: Path):
+    """A build that passes must not fail on Kaggle for what could be seen here: checkpoints of
+    another competition, a damaged best.pt, an unknown TTA, an experiment given twice."""
+    from kaggle_seg.kernel.build import TTA_NAMES
+    from kaggle_seg.tta import TTA_MODES
+
+    assert tuple(TTA_MODES) == TTA_NAMES
+    runs = tmp_path / "runs"
+    fake_run(runs, "nuclei", folds=(0,), competition="dsb2018")
+    fake_run(runs, "gi", folds=(0, 2))
+    options = dict(
+        runs_root=runs, out_root=tmp_path / "kernels", username=USER, wheels_from=built / "wheels"
+    )
+    with pytest.raises(KsegError, match=r"fold_0/best.pt: trained for dsb2018, not -c uwmgi"):
+        build_kernel("uwmgi", ["nuclei"], **options)
+    with pytest.raises(KsegError, match=r"--tta 'bogus': choose one of none, hflip, flip, d4"):
+        build_kernel("uwmgi", ["gi"], submit=SubmitOptions(tta="bogus"), **options)
+    with pytest.raises(KsegError, match=r"--experiment gi given twice"):
+        build_kernel("uwmgi", ["gi", "gi"], **options)
+    with pytest.raises(KsegError, match=r"fold_1/best.pt: checkpoint not found \(trained folds: "
+                       r"fold_0, fold_2\)"):  # fmt: skip
+        build_kernel("uwmgi", ["gi"], folds=[1], **options)
+    best = runs / "gi" / "fold_2" / "best.pt"
+    best.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
+    with pytest.raises(KsegError, match=r"fold_2/best.pt: .*truncated or damaged"):
+        build_kernel("uwmgi", ["gi"], **options)
+    assert not (tmp_path / "kernels").exists() or list((tmp_path / "kernels").iterdir()) == []
+
+
+def test_an_untuned_experiment_builds_with_a_warning(tmp_path: Path, built: Path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "untuned", folds=(0,), postprocess=False)
+    build = build_kernel(
+        "uwmgi", ["untuned"], runs_root=runs, out_root=tmp_path / "kernels", username=USER,
+        wheels_from=built / "wheels",
+    )  # fmt: skip
+    assert any("untuned has no postprocess.json" in w and "kseg tune" in w for w in build.warnings)
+    fold = runs / "started" / "fold_0"
+    fold.mkdir(parents=True)
+    (fold / "last.pt").write_bytes(b"")
+    with pytest.raises(KsegError, match=r"no fold_<k>/best.pt checkpoints \(fold_0 not finished"):
+        build_kernel("uwmgi", ["started"], runs_root=runs, out_root=tmp_path / "k2",
+                     username=USER, wheels_from=built / "wheels")  # fmt: skip

@@ -10,7 +10,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from kernel_helpers import SENTINEL_JSON_KEY, SENTINEL_KEY, USER, all_bytes, fake_run
+from kernel_helpers import (
+    SENTINEL_JSON_KEY,
+    SENTINEL_KEY,
+    USER,
+    all_bytes,
+    fake_checkpoint,
+    fake_run,
+)
 
 from kaggle_seg.errors import KsegError
 from kaggle_seg.kernel import build_kernel, check_no_credentials, find_credentials
@@ -91,21 +98,18 @@ def test_what_only_looks_alike_is_no_alarm(tmp_path: Path, text: str):
 
 
 def test_a_checkpoint_carrying_someone_elses_key_is_refused(tmp_path: Path, built: Path):
-    """A best.pt whose stored config holds another user's Kaggle key is never shipped."""
-    import torch
-
+    """A best.pt that holds another user's Kaggle key is never shipped."""
     runs = tmp_path / "runs"
     fake_run(runs, "shared", folds=(0,), postprocess=False)
-    config = {"name": "shared", "kaggle": {"username": "someone", "key": someone_elses_key()}}
-    torch.save({"state_dict": {"w": torch.zeros(3)}, "config": config},
-               runs / "shared" / "fold_0" / "best.pt")  # fmt: skip
+    config = {"username": "someone", "key": someone_elses_key()}
+    fake_checkpoint(runs / "shared" / "fold_0" / "best.pt", "shared", notes={"kaggle": config})
     with pytest.raises(KsegError) as error:
         build_kernel("uwmgi", ["shared"], runs_root=runs, out_root=tmp_path / "kernels",
                      username=USER, wheels_from=built / "wheels")  # fmt: skip
     message = str(error.value)
     assert "\n" not in message
     assert "weights/shared/fold_0/best.pt!" in message and "data.pkl: holds a Kaggle key" in message
-    assert config["kaggle"]["key"] not in message
+    assert config["key"] not in message
     assert list((tmp_path / "kernels").iterdir()) == []  # no kernel, no staging folder
 
 

@@ -182,7 +182,13 @@ def build_kernel(
     kernel_dir = inside(out_root, Path(out_root) / name)
     if kernel_dir.exists() and not force:
         raise KsegError(f"{kernel_dir} exists; pass --force to rebuild it")
+    if len(set(experiments)) != len(experiments):
+        twice = next(e for e in experiments if experiments.count(e) > 1)
+        raise KsegError(f"--experiment {twice} given twice: the kernel would predict it twice")
+    if submit.tta is not None and submit.tta not in TTA_NAMES:
+        raise KsegError(f"--tta {submit.tta!r}: choose one of {', '.join(TTA_NAMES)}")
     checkpoints = experiment_folds(runs_root, experiments, folds)
+    check_shipped_checkpoints(checkpoints, competition)
     wheels_slug = source_slug(wheels_dataset, slug, "wheels")
     weights_slug = source_slug(weights_dataset, slug, "weights")
     handle = model_handle(model, user, weights_slug) if weights_as == "model" else None
@@ -231,6 +237,12 @@ def build_kernel(
             shutil.copy2(postprocess, weights_dir / ENSEMBLE_POSTPROCESS)
             manifest["postprocess"] = ENSEMBLE_POSTPROCESS
             submit = replace(submit, postprocess=ENSEMBLE_POSTPROCESS)
+        elif len(experiments) == 1 and not manifest["experiments"][experiments[0]]["postprocess"]:
+            warnings.append(
+                f"{experiments[0]} has no postprocess.json: the kernel predicts with untuned "
+                f"defaults (threshold 0.5); `kseg tune --experiment {runs_root}/{experiments[0]}` "
+                "first"
+            )
         elif len(experiments) > 1:
             warnings.append(
                 "an ensemble without --postprocess: the kernel's kseg submit takes the first "
@@ -324,6 +336,25 @@ def build_kernel(
         seconds=time.perf_counter() - start,
         warnings=warnings,
     )
+
+
+# `kseg submit --tta` choices (kaggle_seg.tta.TTA_MODES; written out so a build imports no torch
+# before it needs to; tests/test_kernel_build.py checks they agree).
+TTA_NAMES = ("none", "hflip", "flip", "d4")
+
+
+def check_shipped_checkpoints(checkpoints: dict[str, list[Path]], competition: str) -> None:
+    """Each best.pt opens through kseg's safe loader and was trained for `competition`: what
+    the kernel's `kseg submit` would refuse on Kaggle, refused here in one line."""
+    from kaggle_seg.checkpoints import checkpoint_config, load_checkpoint
+    from kaggle_seg.runs import BEST_CHECKPOINT
+
+    for fold_dirs in checkpoints.values():
+        for fold_dir in fold_dirs:
+            path = fold_dir / BEST_CHECKPOINT
+            trained_for = checkpoint_config(load_checkpoint(path, mmap=True), path).data.competition
+            if trained_for != competition:
+                raise KsegError(f"{path}: trained for {trained_for}, not -c {competition}")
 
 
 def write_json(path: Path, data: Any) -> None:
