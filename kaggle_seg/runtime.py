@@ -88,17 +88,26 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 in hardware (Ampere, compute capability 8.0, and later).
+    `torch.cuda.is_bf16_supported()` also says yes on a T4 or P100 (Kaggle's GPUs), where
+    bf16 is emulated: slow, and some cuDNN convolutions have no bf16 kernel there."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
 def autocast_settings(amp: str, device: torch.device) -> tuple[bool, torch.dtype]:
     """(enabled, dtype) for `train.amp` on `device`.
 
-    CUDA: "auto" is bf16 where the GPU has it, else fp16 (with a grad scaler). CPU: "auto" is
+    CUDA: "auto" is bf16 where the GPU computes it natively (Ampere on), else fp16 (with a
+    grad scaler: a T4's or P100's "auto" is fp16). CPU: "auto" is
     bf16 where the CPU computes it natively, "bf16" forces it, and "fp16" is off (CPU fp16 is
     emulated, and slower than float32).
     """
     if amp == "off":
         return False, torch.float32
     if device.type == "cuda":
-        if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        if amp == "bf16" or (amp == "auto" and cuda_has_native_bf16(device)):
             return True, torch.bfloat16
         return True, torch.float16
     if device.type == "cpu" and (amp == "bf16" or (amp == "auto" and cpu_has_fast_bf16())):

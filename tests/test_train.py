@@ -272,9 +272,15 @@ def test_autocast_follows_train_amp_and_the_device(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
     assert runtime.autocast_settings("auto", cpu) == (False, torch.float32)
     assert runtime.autocast_settings("bf16", cpu) == (True, torch.bfloat16)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    # A T4 (Kaggle's default GPU) emulates bf16, though torch.cuda.is_bf16_supported() says
+    # yes: "auto" is fp16 there, bf16 from Ampere (8.0) on.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
     assert runtime.autocast_settings("auto", gpu) == (True, torch.float16)
+    assert runtime.autocast_settings("bf16", gpu) == (True, torch.bfloat16)  # asked for
     assert runtime.autocast_settings("off", gpu) == (False, torch.float32)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0))
+    assert runtime.autocast_settings("auto", gpu) == (True, torch.bfloat16)
 
 
 def test_bf16_training_on_cpu_runs_the_model_in_bf16_and_learns(dsb_small: Path, tmp_path: Path):
