@@ -211,13 +211,15 @@ def test_diagnose_names_the_cause():
     assert diagnose(kseg_error) == "error: postprocess.json: invalid"
 
 
-def test_estimate_splits_start_up_from_time_per_item():
+def test_estimate_is_an_upper_bound_with_the_fitted_line_beside_it():
     def run(items: int, seconds: float) -> RehearsalRun:
         return RehearsalRun("r", items, True, seconds + 5, 5.0, seconds, 3 * items, items, None, "")
 
     estimate, basis = estimate_run_time([run(10, 12.0), run(30, 16.0)], 1000, "slices")
-    assert estimate == pytest.approx(5 + 10 + 0.2 * 1000)
-    assert "fitted" in basis
+    assert estimate == pytest.approx(5 + 16.0 / 30 * 1000)  # the larger run's pace: a bound
+    assert "upper bound" in basis
+    fitted = (5 + 10 + 0.2 * 1000) / 3600
+    assert f"a line fitted to both runs says {fitted:.2f} h (start-up 10 s + 200 ms" in basis
     estimate, basis = estimate_run_time([run(10, 12.0)], 1000, "slices")
     assert estimate == pytest.approx(5 + 1.2 * 1000)
     assert "upper bound" in basis
@@ -263,7 +265,8 @@ def test_rehearse_end_to_end(trained: Path, phantom_dir: Path, tmp_path: Path, w
     lines = result.stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("isolation: "))
     assert lines[start + 1].startswith("ok    empty test (public re-run): 0 test slices (")
-    assert lines[start + 2].startswith("ok    held-back test (1 train cases): 12 test slices")
+    held_back = "ok    held-back test (1 train cases, seen in training): 12 test slices"
+    assert lines[start + 2].startswith(held_back)
     assert "score" in lines[start + 2]
     assert "of the 9 h limit" in lines[start + 3]
     report = load(kernel / "rehearsal" / "report.json")

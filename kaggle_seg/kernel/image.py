@@ -254,9 +254,10 @@ def _versions_seen(python: Path, names: Sequence[str]) -> dict[str, str]:
 
 
 def version_table(env: ImageEnv) -> list[str]:
-    """Printable lines: every pin whose rehearsal or local version differs from Kaggle's, then
-    a count of those that match."""
-    differ = [r for r in env.rows if r.kaggle and (r.rehearsal != r.kaggle or r.local != r.kaggle)]
+    """Printable lines: every pin whose rehearsal version differs from Kaggle's (what the
+    kernel was not tested against), then a count of those that match, here and in the
+    rehearsal; this machine's own differences do not reach the kernel, so only their count."""
+    differ = [r for r in env.rows if r.kaggle and r.rehearsal != r.kaggle]
     header = ("package", "Kaggle image", "rehearsal", "this machine", "rehearsal's from")
     table = [header] + [
         (r.name, r.kaggle or "-", r.rehearsal or "-", r.local or "-", r.source) for r in differ

@@ -219,7 +219,10 @@ def rehearse_kernel(
                 "versions, not Kaggle's; a pass here does not show it runs on Kaggle"
             )
         plans = [("empty test (public re-run)", 0)] if target.code_competition else []
-        plans.append((f"held-back test ({holdout} train {target.holdout_unit})", holdout))
+        # The held-back cases come from train/, which the shipped folds trained on: its score
+        # checks the kernel end to end, it is no validation score.
+        seen = f"{holdout} train {target.holdout_unit}, seen in training"
+        plans.append((f"held-back test ({seen})", holdout))
         runs = []
         for number, (label, n_held) in enumerate(plans, 1):
             runs.append(
@@ -414,8 +417,11 @@ def estimate_run_time(
 ) -> tuple[float | None, str | None]:
     """Seconds the kernel would take on the hidden test here, and how that was reckoned.
 
-    With two passing runs of different sizes, a line through (items, predict seconds) splits
-    start-up from the time per item; else the start-up is charged per item (an upper bound).
+    The figure charges each run's start-up to its items (an upper bound: on the hidden test
+    the start-up is shared by many more). With two passing runs of different sizes, a line
+    through (items, predict seconds) splits start-up from the time per item and is reported
+    beside it; it is not the figure, since two small, noisy runs can make its slope ten times
+    too low on a busy machine, and a kernel past the limit scores nothing.
     """
     timed = sorted(
         (r.predicted_items, r.predict_seconds or r.seconds)
@@ -427,21 +433,22 @@ def estimate_run_time(
     install = max(r.install_seconds or 0.0 for r in runs if r.ok)
     item = unit.rstrip("s")
     (n_small, t_small), (n_large, t_large) = timed[0], timed[-1]
-    if n_large > n_small:
-        per_item = (t_large - t_small) / (n_large - n_small)
-        start_up = t_small - per_item * n_small
-        if per_item > 0 and start_up >= 0:
-            basis = (
-                f"install {install:.0f} s + start-up {start_up:.0f} s + {per_item * 1000:.0f} ms "
-                f"per {item}, fitted to both runs"
-            )
-            return install + start_up + per_item * hidden_items, basis
     per_item = t_large / n_large
+    bound = install + per_item * hidden_items
     basis = (
         f"install {install:.0f} s + {per_item * 1000:.0f} ms per {item} with start-up included: "
-        "an upper bound (hold back more cases for a closer one)"
+        "an upper bound"
     )
-    return install + per_item * hidden_items, basis
+    if n_large > n_small:
+        slope = (t_large - t_small) / (n_large - n_small)
+        start_up = t_small - slope * n_small
+        if slope > 0 and start_up >= 0:
+            fitted = install + start_up + slope * hidden_items
+            return bound, (
+                f"{basis}; a line fitted to both runs says {fitted / 3600:.2f} h (start-up "
+                f"{start_up:.0f} s + {slope * 1000:.0f} ms per {item})"
+            )
+    return bound, f"{basis} (hold back more cases for a closer one)"
 
 
 def summarize_rehearsal(rehearsal: Rehearsal) -> Iterator[str]:
