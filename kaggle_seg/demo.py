@@ -171,3 +171,8 @@ def run_demo(
         f"CV {tuned.after['score']:.4f}, test score {scored['score']:.4f}; "
         f"done in {(time.perf_counter() - started) / 60:.1f} min"
     )
+    if COMPETITIONS[competition].kernel is not None:  # a Kaggle kernel is one command away
+        yield (
+            f"next: kseg kernel build -c {competition} -e {experiment.name} --runs-dir "
+            f"{experiment.parent}, then kseg kernel rehearse <kernel> --data-dir {root}"
+        )

@@ -222,6 +222,8 @@ def test_demo_runs_the_whole_path(tmp_path: Path, competition: str):
     worst = {p.name for p in (tmp_path / "show" / "worst").glob("*_panel.png")}
     assert len(typical) == 3 and len(worst) == 3
     assert f"kseg report: {tmp_path / 'report.html'}" in out
+    build = f"kseg kernel build -c {competition} -e demo_{competition} --runs-dir {tmp_path}/runs"
+    assert f"next: {build}" in out
     assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
     # Epochs asked for are trained in full, with no time budget cutting them.
     assert len(pd.read_csv(experiment / "fold_0" / "history.csv")) == 2
