@@ -417,3 +417,15 @@ def test_an_untuned_experiment_builds_with_a_warning(tmp_path: Path, built: Path
     with pytest.raises(KsegError, match=r"no fold_<k>/best.pt checkpoints \(fold_0 not finished"):
         build_kernel("uwmgi", ["started"], runs_root=runs, out_root=tmp_path / "k2",
                      username=USER, wheels_from=built / "wheels")  # fmt: skip
+
+
+def test_a_kernel_named_wrongly_is_one_line_for_the_argument_or_the_option():
+    """`kseg kernel status foo` (an argument) and `kseg submit --kernel foo` (an option) share
+    the message, so it names neither spelling."""
+    from kaggle_seg.kernel.publish import resolve_kernel
+
+    with pytest.raises(KsegError, match=r"^kernel 'foo': expected a built kernel folder or "):
+        resolve_kernel("foo")
+    with pytest.raises(KsegError, match=r"^kernel 'me/k/3' names version 3, --version 4$"):
+        resolve_kernel("me/k/3", 4)
+    assert resolve_kernel("me/k/3").version == 3

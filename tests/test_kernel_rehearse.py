@@ -287,3 +287,17 @@ def test_an_unreachable_registry_says_to_rehearse_offline(tmp_path: Path):
     message = str(error.value)
     assert "registry cannot be reached" in message and "--image-versions local" in message
     assert "\n" not in message
+
+
+def test_a_kernel_whose_script_was_renamed_is_refused_before_anything_runs(
+    built: Path, tmp_path: Path
+):
+    from kaggle_seg.errors import KsegError
+    from kaggle_seg.kernel import rehearse_kernel
+
+    kernel = shutil.copytree(built, tmp_path / built.name)
+    script = kernel / load(kernel / "kernel-metadata.json")["code_file"]
+    script.rename(kernel / "renamed.py")
+    with pytest.raises(KsegError, match=rf"metadata.json: code_file {script.name} is not in"):
+        rehearse_kernel(kernel, data_dir=tmp_path / "nowhere")
+    assert not (kernel / "rehearsal").exists()

@@ -75,9 +75,11 @@ def kaggle_username(explicit: str | None = None) -> str:
             break
         name = str(read_json_object(path).get("username") or "")
     if not name:
+        from kaggle_seg.kaggle_client import kaggle_config_dir
+
         raise KsegError(
             "no Kaggle user name: pass --username, set KAGGLE_USERNAME, or keep a kaggle.json "
-            "in ~/.kaggle"
+            f"in {kaggle_config_dir()} (where the kaggle client will look for it too)"
         )
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
         raise KsegError(f"Kaggle user name {name!r}: letters, digits, '-' and '_' only")

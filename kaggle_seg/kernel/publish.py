@@ -227,9 +227,9 @@ def resolve_kernel(name: str, version: int | None = None) -> KernelRef:
         return KernelRef(str(meta["id"]), version or pushed, competition, folder)
     match = re.fullmatch(r"([A-Za-z0-9_-]+/[A-Za-z0-9_-]+)(?:/(\d+))?", name)
     if match is None:
-        raise KsegError(f"--kernel {name!r}: expected a built kernel folder or owner/kernel-slug")
+        raise KsegError(f"kernel {name!r}: expected a built kernel folder or owner/kernel-slug")
     if match.group(2) and version and int(match.group(2)) != version:
-        raise KsegError(f"--kernel {name!r} names version {match.group(2)}, --version {version}")
+        raise KsegError(f"kernel {name!r} names version {match.group(2)}, --version {version}")
     return KernelRef(match.group(1), version or _int(match.group(2)), None, None)
 
 

@@ -182,7 +182,14 @@ def rehearse_kernel(
     record = read_build_record(kernel_dir)
     competition = record["competition"]
     target = get_target(competition)
-    check_kernel_metadata(json.loads((kernel_dir / KERNEL_METADATA).read_text()), competition)
+    metadata = json.loads((kernel_dir / KERNEL_METADATA).read_text())
+    check_kernel_metadata(metadata, competition)
+    code_file = metadata.get("code_file") or record["code_file"]
+    if not (kernel_dir / code_file).is_file():  # renamed by hand: Kaggle would find no script
+        raise KsegError(
+            f"{kernel_dir / KERNEL_METADATA}: code_file {code_file} is not in {kernel_dir}"
+        )
+    record = {**record, "code_file": code_file}  # the script Kaggle runs is the metadata's
     check_no_credentials(kernel_dir, skip=REHEARSAL_DIR)
     mode = resolve_isolation(isolation)
     holdout = target.default_holdout if holdout is None else holdout
