@@ -338,6 +338,7 @@ def show(
 
     if experiment is None and predictions is None:
         raise KsegError("pass --experiment runs/<experiment>, or --predictions with --table")
+    masking = show_masking(experiment, threshold)  # read once: drawn with, and said
     written = show_experiment(
         experiment,
         out,
@@ -349,10 +350,9 @@ def show(
         predictions=predictions,
         table=table,
         competition=competition,
-        threshold=threshold,
+        masking=masking,
     )
-    masking = describe_masking(show_masking(experiment, threshold))
-    typer.echo(f"wrote {len(written)} PNG(s) to {out} (masks by {masking})")
+    typer.echo(f"wrote {len(written)} PNG(s) to {out} (masks by {describe_masking(masking)})")
 
 
 @app.command()

@@ -341,7 +341,8 @@ def explain_checkpoint(
         raise KsegError(
             f"{checkpoint}: {len(found)} checkpoints; explain one (a fold folder or a .pt file)"
         )
-    member = load_member(found[0], 1.0, parse_device(device))
+    torch_device = parse_device(device)
+    member = load_member(found[0], 1.0, torch_device)
     config = member.config
     competition = competition_for(config.data)
     frame = read_table(table) if table is not None else table_of(config, found[0].parent)
@@ -367,7 +368,7 @@ def explain_checkpoint(
     for image_id in chosen:
         position = positions[image_id]
         row = rows.iloc[position].to_dict()
-        inputs = dataset[position]["inputs"][0][None].to(parse_device(device))
+        inputs = dataset[position]["inputs"][0][None].to(torch_device)
         explanation = explain_image(member, inputs, row, stage=stage)
         path = out_dir / f"{_file_stem(image_id)}_explain.png"
         written.append(write_grid(competition, row, explanation, list(member.classes), path))

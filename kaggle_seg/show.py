@@ -60,7 +60,7 @@ def show_experiment(
     predictions: Path | None = None,
     table: Path | None = None,
     competition: str | None = None,
-    threshold: float | None = None,
+    masking: Masking | None = None,
 ) -> list[Path]:
     """Panels and overlays (see `write_panels`) in `out_dir` for the chosen images of a run.
 
@@ -71,8 +71,8 @@ def show_experiment(
     chooses the images; worst and typical score every predicted image with truth
     (`image_scores`) first. Without
     `experiment_dir`, `predictions`, `table` and `competition` say everything. Masks come
-    from `show_masking(experiment_dir, threshold)`: a `threshold` given, else the experiment's
-    tuned postprocess.json, else 0.5.
+    from `masking` (a threshold or settings), by default `show_masking(experiment_dir, None)`:
+    the experiment's tuned postprocess.json, else 0.5.
     """
     if experiment_dir is None:
         missing = [name for name, value in (("--predictions", predictions), ("--table", table),
@@ -131,7 +131,8 @@ def show_experiment(
     files = (
         [Path(predictions)] if predictions is not None else [p / runs.OOF_FILE for p in oof_dirs]
     )
-    masking = show_masking(experiment_dir, threshold)
+    if masking is None:
+        masking = show_masking(experiment_dir, None)
     from kaggle_seg.panels import write_panels
     from kaggle_seg.probabilities import NpzProbabilities
 

@@ -408,12 +408,12 @@ class Folder(BaseCompetition):
         """The Dice of each group (group_pattern), its images' pixels pooled."""
         from kaggle_seg.metrics import pixel_counts, volume_dice
 
-        counts = pd.DataFrame(
-            [
-                {"group": self._group(i, self._settings()), **pixel_counts(truths[i], predicted[i])}
-                for i in ids
-            ]
-        )
+        settings = self._settings()
+        rows = [
+            {"group": self._group(i, settings), **pixel_counts(truths[i], predicted[i])}
+            for i in ids
+        ]
+        counts = pd.DataFrame(rows)
         dice = volume_dice(counts, "group")
         return pd.DataFrame({"group": dice.index, "dice": dice.to_numpy()})
 
