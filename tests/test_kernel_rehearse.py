@@ -302,3 +302,21 @@ def test_a_kernel_whose_script_was_renamed_is_refused_before_anything_runs(
     with pytest.raises(KsegError, match=rf"metadata.json: code_file {script.name} is not in"):
         rehearse_kernel(kernel, data_dir=tmp_path / "nowhere")
     assert not (kernel / "rehearsal").exists()
+
+
+def test_a_holdout_larger_than_the_data_is_refused_before_any_run(
+    built: Path, phantom_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """--holdout is checked against the data when the inputs are staged, before the image's
+    packages are installed or the first (empty-test) run starts."""
+    from kaggle_seg.errors import KsegError
+    from kaggle_seg.kernel import rehearse
+
+    def no_install(*args, **kwargs):
+        raise AssertionError("the image environment was prepared before --holdout was checked")
+
+    monkeypatch.setattr(rehearse, "prepare_image_env", no_install)
+    kernel = shutil.copytree(built, tmp_path / built.name)
+    with pytest.raises(KsegError, match=r": 5 case\(s\); --holdout 9 is too many \(1 to 4\)$"):
+        rehearse.rehearse_kernel(kernel, data_dir=phantom_dir, holdout=9, work_root=tmp_path)
+    assert not list(tmp_path.glob("kseg-rehearse-*"))  # the staged inputs were cleaned up

@@ -296,7 +296,10 @@ def stage_test(source: Path, dest: Path, holdout: int, scratch: Path) -> StagedT
     slices = scan_slices(source / "train")
     cases = sorted(slices["case_id"].unique(), key=_case_number)
     if holdout >= len(cases):
-        raise KsegError(f"{source}: {len(cases)} case(s); cannot hold back {holdout}")
+        raise KsegError(
+            f"{source}: {len(cases)} case(s); --holdout {holdout} is too many "
+            f"(1 to {len(cases) - 1})"
+        )
     held = set(cases[len(cases) - holdout :]) if holdout else set()
     for case in cases:
         link_tree(source / "train" / case, dest / ("test" if case in held else "train") / case)

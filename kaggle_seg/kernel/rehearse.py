@@ -43,7 +43,6 @@ from kaggle_seg.kernel.targets import (
     KERNEL_METADATA,
     REHEARSAL_DIR,
     ROOT_ENV,
-    KernelTarget,
     get_target,
 )
 
@@ -200,14 +199,25 @@ def rehearse_kernel(
     out_dir.mkdir()
     work = Path(tempfile.mkdtemp(prefix="kseg-rehearse-", dir=work_root))
     try:
-        if data_dir is None:
-            from kaggle_seg.competitions import get_competition
+        from kaggle_seg.competitions import get_competition
 
+        if data_dir is None:
             data_dir = get_competition(competition).rehearsal_data(work / "phantom")
             if data_dir is None:
                 raise KsegError(f"{competition}: pass --data-dir (the competition folder)")
         elif not Path(data_dir).is_dir():
             raise KsegError(f"--data-dir {data_dir}: folder not found")
+        plans = [("empty test (public re-run)", 0)] if target.code_competition else []
+        # The held-back cases come from train/, which the shipped folds trained on: its score
+        # checks the kernel end to end, it is no validation score.
+        seen = f"{holdout} train {target.holdout_unit}, seen in training"
+        plans.append((f"held-back test ({seen})", holdout))
+        # Staged before anything runs, so a --holdout too large fails now, not after a run.
+        stage = get_competition(competition).stage_test
+        staged = [
+            stage(Path(data_dir), work / f"run{n}/input" / target.source, held, work / f"run{n}")
+            for n, (_, held) in enumerate(plans, 1)
+        ]
         image = prepare_image_env(
             record["image_packages"],
             work,
@@ -225,21 +235,14 @@ def rehearse_kernel(
                 "warning: --image-versions local: the kernel runs against this machine's "
                 "versions, not Kaggle's; a pass here does not show it runs on Kaggle"
             )
-        plans = [("empty test (public re-run)", 0)] if target.code_competition else []
-        # The held-back cases come from train/, which the shipped folds trained on: its score
-        # checks the kernel end to end, it is no validation score.
-        seen = f"{holdout} train {target.holdout_unit}, seen in training"
-        plans.append((f"held-back test ({seen})", holdout))
         runs = []
-        for number, (label, n_held) in enumerate(plans, 1):
+        for number, (label, _) in enumerate(plans, 1):
             runs.append(
                 _rehearse_once(
                     kernel_dir,
                     record,
-                    target,
-                    Path(data_dir),
+                    staged[number - 1],
                     work / f"run{number}",
-                    n_held,
                     label,
                     mode,
                     image,
@@ -327,10 +330,8 @@ def _run_logged(
 def _rehearse_once(
     kernel_dir: Path,
     record: dict[str, Any],
-    target: KernelTarget,
-    data_dir: Path,
+    staged: StagedTest,
     root: Path,
-    holdout: int,
     label: str,
     mode: str,
     image: ImageEnv,
@@ -340,10 +341,6 @@ def _rehearse_once(
     inputs, working = root / "input", root / "working"
     for folder in (working, root / "tmp", root / "home"):
         folder.mkdir(parents=True)
-    from kaggle_seg.competitions import get_competition
-
-    stage = get_competition(target.competition).stage_test
-    staged = stage(data_dir, inputs / target.source, holdout, root)
     for part in ("wheels", "weights"):
         mount = inputs / input_path(record[part])
         link_tree(kernel_dir / record[part]["dir"], mount, skip=(DATASET_METADATA,))
@@ -407,7 +404,7 @@ def _rehearse_once(
     submission = working / "submission.csv"
     try:
         run.rows, run.predicted_items, run.score = _check_submission(
-            target.competition, submission, staged
+            record["competition"], submission, staged
         )
     except (KsegError, ValueError) as exc:
         run.problem = f"submission.csv: {exc}"
