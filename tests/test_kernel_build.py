@@ -30,6 +30,7 @@ from kaggle_seg.kernel import (
     get_accelerator,
     slugify,
 )
+from kaggle_seg.kernel.build import update_build_record
 from kaggle_seg.kernel.metadata import submit_arguments
 from kaggle_seg.kernel.wheels import plan_dependency_wheels, read_kaggle_image, repack_installed
 
@@ -290,7 +291,16 @@ def test_build_needs_force_to_replace_and_names_missing_checkpoints(tmp_path: Pa
     assert [w.source for w in first.wheels] == ["wheelhouse"] * len(first.wheels)
     with pytest.raises(KsegError, match="--force"):
         build_kernel("uwmgi", ["tiny_unet"], **options)
+    # What was pushed and submitted from the first build stays on record after a rebuild.
+    kernel_dir = first.kernel_dir
+    pushed = {"version": 3, "url": "https://www.kaggle.com/code/x", "time": "t"}
+    update_build_record(kernel_dir, pushed=pushed, submissions=[{"version": 3}])
     build_kernel("uwmgi", ["tiny_unet"], force=True, **options)
+    record = load(kernel_dir / "kseg-kernel.json")
+    assert "pushed" not in record and "submissions" not in record  # the new build is unpushed
+    (earlier,) = record["earlier_builds"]
+    assert earlier["pushed"] == pushed and earlier["submissions"] == [{"version": 3}]
+    assert earlier["experiments"] == ["tiny_unet"] and earlier["built"]
     with pytest.raises(KsegError, match=r"fold_3/best.pt"):
         build_kernel("uwmgi", ["tiny_unet"], folds=[3], force=True, **options)
     with pytest.raises(KsegError, match="no wheel of segmentation-models-pytorch"):

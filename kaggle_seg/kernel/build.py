@@ -309,6 +309,8 @@ def build_kernel(
             "dependency_wheels": [asdict(w) for w in fetched],
             "image_packages": image,
         }
+        if kernel_dir.exists():  # --force: what was pushed and submitted before stays on record
+            record["earlier_builds"] = earlier_builds(kernel_dir)
         write_json(staging / BUILD_RECORD, record)
 
         problems = find_credentials(staging)
@@ -370,6 +372,21 @@ def read_build_record(kernel_dir: Path) -> dict[str, Any]:
             f"{kernel_dir}: not a built kernel ({BUILD_RECORD} missing; kseg kernel build)"
         )
     return json.loads(path.read_text())
+
+
+def earlier_builds(kernel_dir: Path) -> list[dict[str, Any]]:
+    """The history a rebuild keeps from the build it replaces: each earlier build's date,
+    experiments, pushed version and submissions (kseg kernel submit reads only the current
+    build's `pushed`, so an old version is never submitted for a new build by mistake)."""
+    path = Path(kernel_dir) / BUILD_RECORD
+    if not path.is_file():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []  # a damaged record is replaced, as the rest of the folder is
+    keep = ("built", "kernel", "experiments", "pushed", "submissions")
+    return [*old.get("earlier_builds", []), {k: old[k] for k in keep if k in old}]
 
 
 def update_build_record(kernel_dir: Path, **changes: Any) -> dict[str, Any]:
