@@ -188,7 +188,13 @@ def plot(
 @prediction_options
 def predict(
     checkpoints: Checkpoints,
-    test_dir: Annotated[Path, typer.Option(help="Folder of test images (Kaggle layout).")],
+    test_dir: Annotated[
+        Path | None, typer.Option(help="Folder of test images (Kaggle layout).")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Or the competition folder: its usual test images, as kseg submit."),
+    ] = None,
     save: Annotated[
         Path | None, typer.Option(help="Write probabilities here (.npz, one array per image).")
     ] = None,
@@ -200,7 +206,11 @@ def predict(
 
     check_choice("--dtype", dtype, ("float16", "uint8"))
     assert options is not None  # given by prediction_options
-    result = predict_folder(checkpoints, test_dir, save, dtype=dtype, **options.as_kwargs())  # type: ignore[arg-type]
+    result = predict_folder(
+        checkpoints, test_dir, save, data_dir=data_dir, dtype=dtype, **options.as_kwargs()
+    )  # type: ignore[arg-type]
+    for note in result["notes"]:
+        typer.echo(f"note: {note}")
     typer.echo(
         f"predicted {result['images']} images with {result['models']} model(s), "
         f"{result['tta']} TTA, in {result['seconds']:.1f} s ({result['images_per_s']:.1f} "

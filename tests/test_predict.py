@@ -327,3 +327,16 @@ def test_cli_predict_writes_probabilities(dsb_test: Path, tmp_path: Path):
     bad = kseg("predict", "--checkpoints", str(tmp_path / "nothing"), "--test-dir",
                str(dsb_test), check=False)  # fmt: skip
     assert bad.returncode == 1 and "no such checkpoint" in bad.stderr
+    # The competition folder as --data-dir: its stage1_test/, found as kseg submit finds it,
+    # gives the same probabilities; as --test-dir it is refused, pointing at --data-dir.
+    again = tmp_path / "again.npz"
+    out = kseg("predict", "--checkpoints", str(experiment), "--data-dir", str(dsb_test.parent),
+               "--save", str(again), "--dtype", "uint8", "--num-workers", "1").stdout  # fmt: skip
+    assert "predicted 6 images with 2 model(s)" in out
+    for image_id, probabilities in load_oof(again).items():
+        np.testing.assert_array_equal(probabilities, loaded[image_id])
+    root = kseg("predict", "--checkpoints", str(experiment), "--test-dir", str(dsb_test.parent),
+                check=False)  # fmt: skip
+    assert root.returncode == 1 and "competition folder goes to --data-dir" in root.stderr
+    neither = kseg("predict", "--checkpoints", str(experiment), check=False)
+    assert neither.returncode == 1 and "--test-dir" in neither.stderr
