@@ -473,12 +473,16 @@ def train_fold(
         run_dir = runs.full_dir(config.name, Path(run_root))
     else:
         run_dir = runs.fold_dir(config.name, fold, Path(run_root))
-    moved = runs.claim_run_dir(run_dir, resume=resume, force=force, move=runtime.is_main)
-    if moved is not None:
-        print(f"moved the previous run to {moved}", flush=True)
+    # Refused now, before the setup; an old run is moved aside only once the new one is built
+    # (model, weights, loss, data, monitor), so a config error leaves it where it was.
+    runs.claim_run_dir(run_dir, resume=resume, force=force, move=False)
     if runtime.device.type == "cpu":
         # Activation buffers are mmapped and faulted in afresh every step otherwise: on CPU
         # that was ~1/3 of the step (benchmarks/README.md, "Training-step overhead").
         keep_freed_memory(heap_only=True)
     trainer = Trainer(config, fold, Path(run_root), runtime, full=full)
+    trainer._check_monitor()
+    moved = runs.claim_run_dir(run_dir, resume=resume, force=force, move=runtime.is_main)
+    if moved is not None:
+        print(f"moved the previous run to {moved}", flush=True)
     return trainer.fit(resume=resume)

@@ -50,6 +50,24 @@ def test_training_over_a_run_is_refused_and_force_moves_it_aside(dsb_small: Path
     assert experiment_folds(tmp_path, ["guarded"], None) == {"guarded": [run]}
 
 
+def test_force_with_a_config_error_leaves_the_old_run_in_place(dsb_small: Path, tmp_path: Path):
+    """--force moves the old run aside only once the new one is built: a typo in the model
+    or the monitor fails first, and the old run stays in fold_0."""
+    path = write_config(dsb_small, "typo", epochs=1)
+    train_fold(load_experiment(path), 0, run_root=tmp_path, device="cpu")
+    run = tmp_path / "typo" / "fold_0"
+    before = snapshot(run)
+    for override, error in [
+        ("model.architecture=Unett", KeyError),
+        ("train.monitor=valid_dice", KsegError),
+    ]:
+        with pytest.raises(error):
+            train_fold(load_experiment(path, [override]), 0, run_root=tmp_path, device="cpu",
+                       force=True)  # fmt: skip
+        assert snapshot(run) == before
+        assert not list((tmp_path / "typo").glob("fold_0.old-*"))
+
+
 @pytest.mark.slow
 def test_cli_refusal_is_one_line(dsb_small: Path, tmp_path: Path):
     run = tmp_path / "cli_guard" / "fold_0"
