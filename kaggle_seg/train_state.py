@@ -19,6 +19,27 @@ from kaggle_seg.optim import set_schedule_epochs
 from kaggle_seg.time_budget import EpochClock, epochs_within_budget, oof_pass_validations
 from kaggle_seg.tta import get_tta
 
+# What a last.pt holds beyond best.pt's weights and config: without them there is nothing to
+# continue from (a best.pt, or another tool's checkpoint).
+_TRAINING_KEYS = ("train_model", "optimizer", "scaler", "epoch", "best_value", "best_epoch")
+
+
+def check_training_state(state: dict[str, Any], path: Path) -> None:
+    """Refuse, in one line naming `path`, a checkpoint that is not a kseg last.pt: compared as
+    one, every config key would read as changed, or a missing key as another optimizer."""
+    if not isinstance(state.get("config"), dict):
+        raise KsegError(
+            f"--resume: {path} is not a kseg checkpoint (no config inside): --resume continues "
+            "the last.pt that kseg train wrote in this fold; to start again, pass --force"
+        )
+    missing = [key for key in _TRAINING_KEYS if key not in state]
+    if missing:
+        raise KsegError(
+            f"--resume: {path} holds weights but no training state (no {', '.join(missing)}; a "
+            "best.pt is like that): resume from the fold's last.pt, or start again with --force "
+            "(model.weights_path can start from these weights)"
+        )
+
 
 class TrainerState:
     """The record-keeping half of `Trainer` (a mixin: it reads the trainer's model, optimizer,
@@ -70,7 +91,8 @@ class TrainerState:
         if not path.is_file():
             raise KsegError(f"--resume: no checkpoint at {path}")
         state = load_checkpoint(path, map_location=self.runtime.device)
-        saved, config = state.get("config") or {}, self.config.model_dump(mode="json")
+        check_training_state(state, path)
+        saved, config = state["config"], self.config.model_dump(mode="json")
         if runs.changed_keys(saved, config):
             raise KsegError(runs.resume_mismatch(path, saved, config))
         try:

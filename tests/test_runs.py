@@ -3,6 +3,7 @@ writes nothing, Ctrl-C then --resume does exactly the configured epochs (real DS
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,29 @@ def test_failed_resume_changes_nothing_on_disk(dsb_small: Path, tmp_path: Path):
     assert "\n" not in message and "last.pt" in message
     assert "model.params" in message and "--force" in message
     assert snapshot(run) == before  # config.yaml not rewritten, nothing else touched
+
+
+def test_resume_from_a_best_pt_or_a_foreign_checkpoint_says_what_it_is(
+    dsb_small: Path, tmp_path: Path
+):
+    """A last.pt replaced by the best.pt, or by another tool's state dict, is named for what
+    it is, not as a config whose every key changed."""
+    config = load_experiment(write_config(dsb_small, "swapped", epochs=1))
+    train_fold(config, 0, run_root=tmp_path, device="cpu")
+    run = tmp_path / "swapped" / "fold_0"
+    shutil.copy(run / "best.pt", run / "last.pt")
+    before = snapshot(run)
+    with pytest.raises(KsegError) as caught:
+        train_fold(config, 0, run_root=tmp_path, device="cpu", resume=True)
+    message = str(caught.value)
+    assert "no training state" in message and "train_model" in message
+    assert "\n" not in message and "last.pt" in message and "--force" in message
+    torch.save({"state_dict": {"conv.weight": torch.zeros(3)}, "epoch": 3}, run / "last.pt")
+    with pytest.raises(KsegError, match=r"last\.pt is not a kseg checkpoint \(no config"):
+        train_fold(config, 0, run_root=tmp_path, device="cpu", resume=True)
+    assert {k: v for k, v in snapshot(run).items() if k != "last.pt"} == {
+        k: v for k, v in before.items() if k != "last.pt"
+    }
 
 
 def test_resume_without_a_checkpoint_says_so(dsb_small: Path, tmp_path: Path):
