@@ -186,3 +186,22 @@ def test_unknown_check_level_is_refused(dsb_dir: Path):
     with pytest.raises(KsegError, match=r"--check 'deep'"):
         prepare("dsb2018", dsb_dir, "deep")
     assert not (dsb_dir.parent / "table.csv").exists()
+
+
+def test_lgg_truncated_tiffs_are_one_line_naming_file_and_cause(shared_data: Path, tmp_path: Path):
+    # The LGG TIFFs keep their header at the end: a cut file loses it, and tifffile says why only
+    # in a log warning, which reached stderr as a second line beside kseg's error.
+    folder = shared_data / "lgg" / "kaggle_3m" / "TCGA_CS_4942_19970222"
+    copy = tmp_path / "kaggle_3m" / folder.name
+    shutil.copytree(folder, copy)
+    args = [sys.executable, "-m", "kaggle_seg", "prepare", "-c", "lgg", "--data-dir",
+            str(tmp_path), "--out", str(tmp_path / "table.csv")]  # fmt: skip
+    for name, says in ((f"{folder.name}_7.tif", "cannot read TIFF header ("),
+                       (f"{folder.name}_7_mask.tif", "cannot decode TIFF (")):  # fmt: skip
+        damaged = copy / name
+        damaged.write_bytes((folder / name).read_bytes()[:30000])
+        failed = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert failed.returncode == 1
+        assert failed.stderr.startswith(f"error: {damaged}: {says}")
+        assert failed.stderr.count("\n") == 1, failed.stderr
+        shutil.copy(folder / name, damaged)

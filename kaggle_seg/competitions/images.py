@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,38 @@ def read_png(path: str | Path, *, unchanged: bool = True) -> np.ndarray:
     return image
 
 
+@contextmanager
+def _tifffile_warnings() -> Iterator[list[str]]:
+    """tifffile's log warnings about this thread's file, collected instead of printed: left to
+    logging they reach stderr as a line of their own beside kseg's error, and for a truncated
+    file they are the only words for what is wrong (its exception then says 'index 0 out of
+    range'). Other threads' reads (prepare checks files on several) collect their own."""
+    messages: list[str] = []
+    thread = threading.get_ident()
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.thread == thread:
+                # "<tifffile.TiffPages @202760> invalid offset..." -> "invalid offset..."
+                messages.append(re.sub(r"^<[^>]*>\s*", "", one_line(record.getMessage())))
+
+    handler = _Collect(logging.WARNING)
+    log = logging.getLogger("tifffile")
+    log.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        log.removeHandler(handler)
+
+
+def _tiff_reason(warnings: list[str], exc: Exception | None = None) -> str:
+    """tifffile's warnings and exception as one reason, nothing left out."""
+    parts = [*dict.fromkeys(warnings)]
+    if exc is not None:
+        parts.append(f"{type(exc).__name__}: {one_line(exc)}")
+    return "; ".join(parts)
+
+
 def read_tiff(path: str | Path) -> np.ndarray:
     """A TIFF as stored: [H, W] or [H, W, C]."""
     import tifffile
@@ -57,11 +93,17 @@ def read_tiff(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: image file not found")
-    try:
-        return tifffile.imread(path)
-    except Exception as exc:  # tifffile raises many types for a broken file
-        reason = f"{type(exc).__name__}: {one_line(exc)}"
-        raise InputError(f"{path}: cannot decode TIFF ({reason})") from exc
+    with _tifffile_warnings() as warnings:
+        try:
+            image = tifffile.imread(path)
+        except Exception as exc:  # tifffile raises many types for a broken file
+            raise InputError(f"{path}: cannot decode TIFF ({_tiff_reason(warnings, exc)})") from exc
+    # A truncated file can decode to no pixels with only a warning; a decoded image's warnings
+    # are tifffile's notes on a file it read, and are dropped.
+    if image.size == 0:
+        reason = _tiff_reason(warnings) or "no image data"
+        raise InputError(f"{path}: cannot decode TIFF ({reason})")
+    return image
 
 
 def tiff_size(path: str | Path) -> tuple[int, int]:
@@ -71,11 +113,13 @@ def tiff_size(path: str | Path) -> tuple[int, int]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: image file not found")
-    try:
-        with tifffile.TiffFile(path) as tiff:
-            shape = tiff.pages[0].shape
-    except Exception as exc:  # tifffile raises many types for a broken file
-        raise InputError(f"{path}: cannot read TIFF header ({one_line(exc)})") from exc
+    with _tifffile_warnings() as warnings:
+        try:
+            with tifffile.TiffFile(path) as tiff:
+                shape = tiff.pages[0].shape
+        except Exception as exc:  # tifffile raises many types for a broken file
+            reason = _tiff_reason(warnings, exc)
+            raise InputError(f"{path}: cannot read TIFF header ({reason})") from exc
     if len(shape) < 2:
         raise InputError(f"{path}: not an image (TIFF page of shape {shape})")
     return int(shape[0]), int(shape[1])
