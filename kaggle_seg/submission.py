@@ -60,7 +60,7 @@ def check_rles(
         if rle:
             height, width = shapes[image_id]
             try:
-                validate_rle(rle, height * width)
+                validate_rle(rle, (height, width))
             except RLEError as exc:
                 raise InputError(f"{source}: line {csv_line(i)} ({image_id}): {exc}") from None
 

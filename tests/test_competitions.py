@@ -155,6 +155,11 @@ def test_uwmgi_malformed_rle_names_slice_and_class(phantom_dir: Path, tmp_path: 
     with pytest.raises(InputError, match=rf"train\.csv: line {line} \(case12_day0_slice_0002, "
                        r"stomach\): .*overlap"):  # fmt: skip
         get_competition("uwmgi").read_table(copy, build_data_config("uwmgi"))
+    # case12 is the 360 x 310 scan: a run past its end gives its size as W x H, not "n_pixels".
+    labels.loc[line - 2, "segmentation"] = "111600 2"
+    labels.to_csv(copy / "train.csv", index=False)
+    with pytest.raises(InputError, match=rf"line {line} .*111600 pixels \(360x310, W x H\)"):
+        get_competition("uwmgi").read_table(copy, build_data_config("uwmgi"))
 
 
 def test_uwmgi_scan_reads_sizes_without_decoding(phantom_dir: Path):

@@ -425,6 +425,19 @@ def test_decode_errors(rle: str, message: str) -> None:
         validate_rle(rle, 11)
 
 
+def test_run_past_the_end_names_the_image_width_by_height() -> None:
+    # 310 rows x 360 columns, the non-square uwmgi scan: its size reads as kseg writes sizes
+    # elsewhere (W x H), whether the caller knows the shape (validate) or decodes it.
+    says = r"the image has 111600 pixels \(360x310, W x H\)"
+    with pytest.raises(RLEError, match=says):
+        validate_rle("111600 2", (310, 360))
+    with pytest.raises(RLEError, match=says):
+        decode_rle("111600 2", (310, 360), "C")
+    with pytest.raises(RLEError, match=rf"row 1 \(id=b\): .*{says}"):
+        decode_rles(["", "111600 2"], (310, 360), "C", labels=["a", "b"])
+    validate_rle("111599 2", (310, 360))
+
+
 def test_rle_error_is_a_value_error() -> None:
     with pytest.raises(ValueError):
         decode_rle("1", (2, 2), "C")

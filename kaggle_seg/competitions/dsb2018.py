@@ -223,7 +223,7 @@ class DSB2018(BaseCompetition):
         if row.get("labels_csv"):
             from kaggle_seg.data.rle import validate_rle
 
-            size = int(row["height"]) * int(row["width"])
+            size = (int(row["height"]), int(row["width"]))
             for line, rle in _rles_by_image(row["labels_csv"]).get(row["id"], []):
                 try:
                     validate_rle(rle, size)

@@ -63,12 +63,12 @@ def check_label_rles(table: pd.DataFrame, source: Path) -> None:
     """Every RLE of the table decodes inside its slice; the error names the slice and class."""
     from kaggle_seg.data.rle import validate_rle
 
-    n_pixels = (table["height"] * table["width"]).to_numpy()
+    sizes = list(zip(table["height"].astype(int), table["width"].astype(int), strict=True))
     for column in RLE_COLUMNS:
-        for slice_name, rle, n in zip(table["id"], table[column], n_pixels, strict=True):
+        for slice_name, rle, size in zip(table["id"], table[column], sizes, strict=True):
             if rle:
                 try:
-                    validate_rle(rle, int(n))
+                    validate_rle(rle, size)
                 except ValueError as exc:
                     line = _csv_line(source, slice_name, column[4:])
                     raise InputError(

@@ -805,6 +805,12 @@ def _raise_decode_error(rle: str, result: int, n_pixels: int, image: str) -> Non
     raise AssertionError(f"unknown RLE kernel result {result}")  # pragma: no cover
 
 
+def _size_words(height: int, width: int) -> str:
+    """An image's size as kseg's other messages give it: "360x310, W x H" (a bare "310 x 360"
+    read as W x H, the way sizes are written elsewhere, swaps the sides of a non-square scan)."""
+    return f"{width}x{height}, W x H"
+
+
 def _as_uint8(mask: np.ndarray) -> np.ndarray:
     """mask [H, W] as uint8 with the same zero / nonzero pixels, a view where possible."""
     if mask.dtype.itemsize == 1 and mask.dtype.kind in "biu":
@@ -905,7 +911,7 @@ def decode_rle(
         write_gaps = False
     result = _decode_kernel(_padded(rle), target, column_major, write_gaps)
     if result != _OK:
-        _raise_decode_error(rle, result, height * width, f"{height} x {width}")
+        _raise_decode_error(rle, result, height * width, _size_words(height, width))
     return target if out is None else out
 
 
@@ -1012,7 +1018,7 @@ def decode_rles(
     if row >= 0:
         h, w = int(heights[row]), int(widths[row])
         try:
-            _raise_decode_error(rles[row], result, h * w, f"{h} x {w}")
+            _raise_decode_error(rles[row], result, h * w, _size_words(h, w))
         except RLEError as error:
             raise RLEError(f"{_row_name(row, labels)}: {error}") from None
     if _single_shape(shapes):
@@ -1059,7 +1065,7 @@ def decode_rles_to_labels(
     row, result = _decode_labels_kernel(text, bounds, target, column_major)
     if row >= 0 and result & 7 != _INSTANCE_OVERLAP:
         try:
-            _raise_decode_error(rles[row], result, height * width, f"{height} x {width}")
+            _raise_decode_error(rles[row], result, height * width, _size_words(height, width))
         except RLEError as error:
             raise RLEError(f"{_row_name(row, labels)}: {error}") from None
     if row >= 0:
@@ -1072,14 +1078,20 @@ def decode_rles_to_labels(
     return target if out is None else out
 
 
-def validate_rle(rle: str | float | None, n_pixels: int) -> None:
-    """Raise RLEError if rle would not decode into an image of n_pixels (= H * W) pixels.
+def validate_rle(rle: str | float | None, size: int | tuple[int, int]) -> None:
+    """Raise RLEError if rle would not decode into an image of `size`: its (H, W), or its
+    pixel count H * W (an error then cannot say the image's sides).
 
     "", None and NaN are valid (empty). Checks everything decode_rle checks, without decoding.
     """
+    if isinstance(size, tuple):
+        height, width = _check_shape(size)
+        n_pixels, words = height * width, _size_words(height, width)
+    else:
+        n_pixels, words = int(size), "H x W not given"
     result, _ = _scan_kernel(_padded(rle), n_pixels)
     if result != _OK:
-        _raise_decode_error(rle, result, n_pixels, "given n_pixels")
+        _raise_decode_error(rle, result, n_pixels, words)
 
 
 def rle_area(rle: str | float | None) -> int:
