@@ -162,6 +162,17 @@ def test_uwmgi_malformed_rle_names_slice_and_class(phantom_dir: Path, tmp_path: 
         get_competition("uwmgi").read_table(copy, build_data_config("uwmgi"))
 
 
+def test_uwmgi_slice_missing_a_class_row_is_named(phantom_dir: Path, tmp_path: Path):
+    copy = tmp_path / "uwmgi"
+    shutil.copytree(phantom_dir, copy)
+    labels = pd.read_csv(copy / "train.csv", keep_default_na=False)
+    labels.iloc[:-1].to_csv(copy / "train.csv", index=False)  # cut before the last stomach row
+    last = labels["id"].iloc[-1]
+    with pytest.raises(InputError, match=rf"line {len(labels) - 1}: {last} has rows for "
+                       r"large_bowel, small_bowel only"):  # fmt: skip
+        get_competition("uwmgi").read_table(copy, build_data_config("uwmgi"))
+
+
 def test_uwmgi_scan_reads_sizes_without_decoding(phantom_dir: Path):
     slices = scan_slices(phantom_dir / "train")
     assert len(slices) == 7 * 12

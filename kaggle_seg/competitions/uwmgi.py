@@ -53,6 +53,16 @@ def read_train_csv(path: str | Path) -> pd.DataFrame:
     if duplicated.any():
         row = int(np.flatnonzero(duplicated)[0]) + 2
         raise InputError(f"{path}: line {row}: second row for {labels.loc[row - 2, 'id']}")
+    # Kaggle's train.csv has a row per (slice, class), empty ones included: a slice with fewer
+    # (a cut download) would otherwise read as organs absent, wrong truth without a word.
+    counts = labels.groupby("id", sort=False)["class"].transform("size")
+    if (counts < len(CLASSES)).any():
+        row = int(np.flatnonzero(counts < len(CLASSES))[0])
+        have = sorted(labels.loc[labels["id"] == labels.loc[row, "id"], "class"])
+        raise InputError(
+            f"{path}: line {row + 2}: {labels.loc[row, 'id']} has rows for {', '.join(have)} "
+            f"only; every slice needs one per class {CLASSES} (empty segmentation: no organ)"
+        )
     wide = labels.pivot(index="id", columns="class", values="segmentation")
     wide = wide.reindex(columns=list(CLASSES)).fillna("")
     wide.columns = list(RLE_COLUMNS)
