@@ -71,6 +71,20 @@ def gather(obj: Any, runtime: Runtime) -> list[Any]:
     return gathered
 
 
+def merge_epoch_totals(
+    totals: dict[str, float], n_images: int, seconds: float, runtime: Runtime
+) -> tuple[dict[str, float], int, float]:
+    """All ranks' per-image sums and image counts, and the slowest rank's seconds: every rank
+    then records and judges the same epoch (a train_* monitor picks best.pt, early stopping
+    and a plateau schedule on each rank; ranks that part ways wait on each other for ever)."""
+    if not runtime.distributed:
+        return totals, n_images, seconds
+    parts = gather((totals, n_images, seconds), runtime)
+    keys = sorted({key for part, _, _ in parts for key in part})
+    merged = {key: sum(part.get(key, 0.0) for part, _, _ in parts) for key in keys}
+    return merged, sum(n for _, n, _ in parts), max(s for _, _, s in parts)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -230,6 +230,8 @@ class Trainer(TrainerState):
         return torch.autocast(self.runtime.device.type, dtype=self.amp_dtype)
 
     def train_one_epoch(self) -> dict[str, float]:
+        from kaggle_seg.runtime import merge_epoch_totals
+
         cfg, runtime = self.config.train, self.runtime
         self.ddp_model.train()
         # A frozen encoder's BatchNorm statistics stay frozen too.
@@ -294,9 +296,10 @@ class Trainer(TrainerState):
             if hasattr(batches, "set_postfix"):
                 batches.set_postfix(loss=f"{totals['train_loss'] / n_images:.4f}")
         seconds = time.perf_counter() - start
+        totals, n_images, seconds = merge_epoch_totals(totals, n_images, seconds, runtime)
         result = {k: v / max(1, n_images) for k, v in totals.items()}
         result["train_seconds"] = seconds
-        result["images_per_s"] = n_images * runtime.world_size / seconds
+        result["images_per_s"] = n_images / seconds
         return result
 
     @torch.inference_mode()

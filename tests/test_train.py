@@ -147,6 +147,45 @@ def test_ddp_on_cpu_with_gloo_and_two_processes(dsb_small: Path, tmp_path: Path)
     assert len(oof) == 16 and next(iter(oof.values())).shape[0] == 2
 
 
+RANK_HISTORY = """
+import json, os, sys
+from kaggle_seg.config import load_experiment
+from kaggle_seg.train import train_fold
+config = load_experiment(sys.argv[1], ["train.monitor=train_loss", "train.monitor_mode=min"])
+result = train_fold(config, 0, run_root=sys.argv[2], device="cpu", full=True)
+out = os.path.join(sys.argv[2], "rank_" + os.environ["RANK"] + ".json")
+with open(out, "w") as handle:
+    json.dump(result.history.drop(columns=["weights"]).to_dict("list"), handle)
+"""
+
+
+def test_ddp_ranks_record_and_judge_the_same_training_metrics(dsb_small: Path, tmp_path: Path):
+    """Each rank trains on its shard; the epoch's train_loss (a --full run's monitor, which
+    picks best.pt, early stopping and a plateau schedule on every rank) must be all ranks'
+    mean, or the ranks' decisions part and one waits on the other for ever."""
+    import json
+
+    config = write_config(dsb_small, "ddp_full", epochs=2)
+    script = tmp_path / "rank_history.py"
+    script.write_text(RANK_HISTORY)
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(config),
+         str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    for key in ("train_loss", "train_bce", "train_dice", "train_seconds", "images_per_s"):
+        assert ranks[0][key] == ranks[1][key], key
+    assert (
+        ranks[0]["train_loss"]
+        == pd.read_csv(tmp_path / "ddp_full" / "full" / "history.csv")["train_loss"].tolist()
+    )
+
+
 @pytest.mark.slow
 def test_cli_train_two_folds_then_plot(dsb_small: Path, tmp_path: Path):
     config = write_config(dsb_small, "cli", epochs=1)
