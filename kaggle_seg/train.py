@@ -357,7 +357,7 @@ class Trainer(TrainerState):
         self._check_monitor()
         if resume:  # before anything is written: a resume that fails leaves the folder as it was
             self.load(self.run_dir / runs.LAST_CHECKPOINT)
-            self._log(f"resumed {self.run_dir} at epoch {self.epoch + 1}")
+            self._log(f"resumed {self.run_dir} {self._resumed_at()}")
         if self.runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / runs.CONFIG_FILE)
@@ -390,20 +390,12 @@ class Trainer(TrainerState):
                     # past this one: let the kept probabilities go now.
                     self.final_oof = None
         except KeyboardInterrupt:
-            # last.pt stays the end of the last finished epoch: resuming repeats the interrupted
-            # epoch from there, so the run does exactly the configured epochs.
-            last = self.run_dir / runs.LAST_CHECKPOINT
-            if not last.is_file():
-                raise KsegError(
-                    f"interrupted in epoch {self.epoch + 1}, before any epoch finished: nothing "
-                    "to resume; run the same command again"
-                ) from None
-            raise KsegError(
-                f"interrupted in epoch {self.epoch + 1}: {last} holds the end of the last "
-                "finished epoch; continue with --resume (the interrupted epoch runs again)"
-            ) from None
+            raise self._interruption(oof=False) from None
         if not self.full:
-            self._write_oof()
+            try:
+                self._write_oof()
+            except KeyboardInterrupt:
+                raise self._interruption(oof=True) from None
         minutes = (time.perf_counter() - started) / 60
         self._log(
             f"fold {self.fold}: best {cfg.monitor} {self.best_value:.4f} at epoch "

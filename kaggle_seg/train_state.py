@@ -115,6 +115,32 @@ class TrainerState:
         set_rng_state(state["rng"])
         self._plan_epochs(self.epoch, last_validated=self.best_epoch >= 0)
 
+    def _resumed_at(self) -> str:
+        if self.epoch < self.planned_epochs and not self._should_stop_early():
+            return f"at epoch {self.epoch + 1}"
+        return f"after its last epoch ({self.epoch}): the OOF is still to write"
+
+    def _interruption(self, oof: bool) -> KsegError:
+        """The one line for a Ctrl-C / SIGTERM: what is kept and how to go on. `oof`: it came
+        in the pass that writes oof.npz, after the last epoch (training is done)."""
+        last = self.run_dir / runs.LAST_CHECKPOINT
+        if oof:
+            return KsegError(
+                f"interrupted while writing the OOF, after the last epoch: training is done "
+                f"({last}); --resume writes {runs.OOF_FILE} without training again"
+            )
+        if not last.is_file():
+            return KsegError(
+                f"interrupted in epoch {self.epoch + 1}, before any epoch finished: nothing "
+                "to resume; run the same command again"
+            )
+        # last.pt stays the end of the last finished epoch: resuming repeats the interrupted
+        # epoch from there, so the run does exactly the configured epochs.
+        return KsegError(
+            f"interrupted in epoch {self.epoch + 1}: {last} holds the end of the last "
+            "finished epoch; continue with --resume (the interrupted epoch runs again)"
+        )
+
     def _validated_weights(self) -> dict[str, Any]:
         """history.csv columns saying which weights this epoch's validation (and best.pt) used:
         `weights` "ema" or "raw", and the EMA's decay at the last step (0 for raw)."""

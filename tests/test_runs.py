@@ -166,6 +166,29 @@ def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(dsb_small: Pat
     assert steps == {12.0}
 
 
+def test_interrupt_in_the_oof_pass_says_resume_writes_it_without_training(
+    dsb_small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A Ctrl-C in the pass over best.pt after the last epoch is named as such, and --resume
+    then writes oof.npz without another epoch."""
+    config = load_experiment(write_config(dsb_small, "oof_cut", epochs=1), ["train.oof_tta=flip"])
+    predict_valid = Trainer.predict_valid
+
+    def interrupted_in_the_oof_pass(self: Trainer, keep: bool = False, tta: str = "none"):
+        if tta != "none":
+            raise KeyboardInterrupt
+        return predict_valid(self, keep=keep, tta=tta)
+
+    monkeypatch.setattr(Trainer, "predict_valid", interrupted_in_the_oof_pass)
+    with pytest.raises(KsegError, match=r"interrupted while writing the OOF.*--resume writes"):
+        train_fold(config, 0, run_root=tmp_path, device="cpu")
+    run = tmp_path / "oof_cut" / "fold_0"
+    assert not (run / "oof.npz").exists()
+    monkeypatch.setattr(Trainer, "predict_valid", predict_valid)
+    result = train_fold(config, 0, run_root=tmp_path, device="cpu", resume=True)
+    assert len(result.history) == 1 and (run / "oof.npz").is_file()
+
+
 def test_interrupt_before_any_epoch_leaves_nothing_to_resume(dsb_small: Path, tmp_path: Path):
     config = load_experiment(write_config(dsb_small, "early", epochs=1))
     trainer = Trainer(config, 0, tmp_path, start_runtime("cpu"))
