@@ -4,6 +4,7 @@ with the `ModelSpec` and config), the resume that restores it, and the end of ea
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -68,6 +69,7 @@ class TrainerState:
             "best_step": self.best_step,
             "bad_epochs": self.bad_epochs,
             "history": self.history,
+            "valid_ids_sha256": self._valid_ids_digest(),
             "rng": rng_state(),
             **self.metadata(),
         }
@@ -105,6 +107,14 @@ class TrainerState:
                 self.ema.load_state_dict(state["ema"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise KsegError(runs.resume_mismatch(path, saved, config)) from exc
+        # A last.pt of an older kseg has no digest: its fold cannot be checked.
+        if state.get("valid_ids_sha256", self._valid_ids_digest()) != self._valid_ids_digest():
+            raise KsegError(
+                f"--resume: {path} was validated on other images than fold {self.fold} of "
+                f"data.folds ({self.config.data.folds}) and data.table now give (a changed "
+                "split would validate on images it trained on, and compare its scores with "
+                "another fold's); restore those files, or start again with --force"
+            )
         self.epoch = state["epoch"]
         self.planned_epochs = state.get("planned_epochs", self.config.train.epochs)
         self.clock.load_state_dict(state.get("clock", {}))
@@ -114,6 +124,10 @@ class TrainerState:
         self.best_step = state.get("best_step", 0)
         set_rng_state(state["rng"])
         self._plan_epochs(self.epoch, last_validated=self.best_epoch >= 0)
+
+    def _valid_ids_digest(self) -> str:
+        ids = sorted(map(str, self.valid_table["id"]))
+        return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
     def _resumed_at(self) -> str:
         if self.epoch < self.planned_epochs and not self._should_stop_early():

@@ -102,6 +102,28 @@ def test_failed_resume_changes_nothing_on_disk(dsb_small: Path, tmp_path: Path):
     assert snapshot(run) == before  # config.yaml not rewritten, nothing else touched
 
 
+def test_resume_with_another_split_is_refused_and_a_moved_folds_file_is_not(
+    dsb_small: Path, tmp_path: Path
+):
+    """last.pt remembers its validation images: a folds file of another split (another
+    --seed, say) would validate on images the run trained on."""
+    path = write_config(dsb_small, "split", epochs=2)
+    train_fold(load_experiment(path, ["train.epochs=1"]), 0, run_root=tmp_path, device="cpu")
+    run = tmp_path / "split" / "fold_0"
+    before = snapshot(run)
+    folds = pd.read_csv(dsb_small / "folds.csv")
+    moved, other = tmp_path / "moved_folds.csv", tmp_path / "other_folds.csv"
+    folds.to_csv(moved, index=False)
+    folds.assign(fold=1 - folds["fold"]).to_csv(other, index=False)
+    with pytest.raises(KsegError, match=r"--resume: .*last\.pt was validated on other images"):
+        train_fold(load_experiment(path, [f"data.folds={other}"]), 0, run_root=tmp_path,
+                   device="cpu", resume=True)  # fmt: skip
+    assert snapshot(run) == before
+    result = train_fold(load_experiment(path, [f"data.folds={moved}"]), 0, run_root=tmp_path,
+                        device="cpu", resume=True)  # fmt: skip
+    assert len(result.history) == 2
+
+
 def test_resume_from_a_best_pt_or_a_foreign_checkpoint_says_what_it_is(
     dsb_small: Path, tmp_path: Path
 ):
