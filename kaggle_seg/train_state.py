@@ -204,7 +204,9 @@ class TrainerState:
             )
         value = metrics.get(cfg.monitor, math.nan)
         lr = self.optimizer.param_groups[-1]["lr"]
-        row = {"epoch": self.epoch + 1, **metrics, "lr": lr, **self._validated_weights()}
+        # An epoch without a validation validated no weights: its columns stay empty.
+        validated = self._validated_weights() if judged else {}
+        row = {"epoch": self.epoch + 1, **metrics, "lr": lr, **validated}
         self.history.append(row)
         if self.scheduler_steps == "epoch":
             self.scheduler.step()

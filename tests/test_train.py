@@ -415,6 +415,9 @@ def test_validate_every_and_early_stopping_counted_in_steps(dsb_small: Path, tmp
     config = load_experiment(write_config(dsb_small, "every", epochs=4), ["train.validate_every=2"])
     history = train_fold(config, 0, run_root=tmp_path, device="cpu").history
     assert history["score"].isna().tolist() == [True, False, True, False]
+    # Which weights were validated (and with how many BN batches): only where one ran.
+    for column in ("weights", "ema_decay", "bn_batches"):
+        assert history[column].isna().tolist() == [True, False, True, False], column
     # "valid_loss" watched for a rise never improves after epoch 1: patience 1 stops at once,
     # unless fewer optimizer steps than early_stopping_min_steps have passed since the best.
     watch = ["train.monitor=valid_loss", "train.monitor_mode=max",
