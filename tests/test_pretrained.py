@@ -97,6 +97,14 @@ def test_imagenet_offline_fails_fast_with_one_line(monkeypatch, tmp_path: Path) 
     assert "kseg weights fetch tu-resnet18" in message
 
 
+@pytest.mark.parametrize("name", ["imagenett", "in21k"])
+def test_a_tu_encoder_refuses_a_weight_name_other_than_imagenet(name: str) -> None:
+    """smp gives a tu- encoder timm's default weights whatever the name: a typo or another
+    tag would train from weights other than the ones asked for."""
+    with pytest.raises(KsegError, match=rf"encoder_weights '{name}': .*tu-<model>\.<tag>"):
+        build_model(ModelConfig(encoder="tu-resnet18", encoder_weights=name), 3, 1)
+
+
 def test_weights_on_a_seed_model_and_in_params_are_refused() -> None:
     with pytest.raises(KsegError, match="seed model 'seed_unet' has no published weights"):
         build_model(ModelConfig(architecture="seed_unet", encoder_weights="imagenet"), 3, 1)

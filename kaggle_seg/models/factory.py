@@ -76,6 +76,13 @@ def build_model(config: ModelConfig, in_channels: int, classes: int) -> nn.Modul
     weights: Any = config.encoder_weights or config.encoder_weights_path
     download: str | None = None
     if weights is not None and not is_weights_file(weights):
+        if config.encoder.startswith("tu-") and weights != "imagenet":
+            # smp only warns, then downloads timm's default weights whatever the name says.
+            raise KsegError(
+                f"model.encoder_weights {weights!r}: a tu- encoder takes imagenet (timm's "
+                f"default weights of {config.encoder}; another tag goes in the name, "
+                "tu-<model>.<tag>), a weights file, or null"
+            )
         packaged = packaged_weights_file(config.encoder) if weights == "imagenet" else None
         weights, download = (packaged, None) if packaged else (None, str(weights))
     if arch in MODELS:
