@@ -280,6 +280,10 @@ def test_weighted_sampler_balances_empty_slices(lgg_table):
     assert 0.46 < drawn.mean() < 0.54
     again = weighted_sampler(lgg_table, "empty", num_samples=4000, seed=0)
     assert list(again) == list(weighted_sampler(lgg_table, "empty", num_samples=4000, seed=0))
+    # Each epoch draws anew, and an epoch's draws depend on (seed, epoch) alone (resume).
+    again.set_epoch(1)
+    epoch_1 = list(again)
+    assert epoch_1 != list(sampler) and list(again) == epoch_1
 
 
 def test_weighted_sampler_unknown_column_lists_columns(lgg_table):

@@ -155,8 +155,12 @@ def test_resume_without_a_checkpoint_says_so(dsb_small: Path, tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(dsb_small: Path, tmp_path: Path):
-    config = load_experiment(write_config(dsb_small, "sigint", epochs=3))
+@pytest.mark.parametrize("sampler", [[], ["train.sampler_weight_column=empty"]])
+def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(
+    dsb_small: Path, tmp_path: Path, sampler: list[str]
+):
+    """Also with the weighted sampler, whose draws must go on from the interrupted run's."""
+    config = load_experiment(write_config(dsb_small, "sigint", epochs=3), sampler)
     straight = train_fold(config, 0, run_root=tmp_path / "straight", device="cpu")
 
     trainer = Trainer(config, 0, tmp_path / "stopped", start_runtime("cpu"))

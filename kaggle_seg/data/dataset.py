@@ -335,9 +335,24 @@ def write_chw(array: np.ndarray, out: torch.Tensor) -> None:
         planes[k] = plane
 
 
+class EpochWeightedSampler(WeightedRandomSampler):
+    """A WeightedRandomSampler whose draws depend on (seed, epoch) alone, as DistributedSampler's
+    do through `set_epoch`: a resumed run draws what the uninterrupted run drew, where one
+    generator carried across epochs would start again from epoch 0's draws."""
+
+    def __init__(self, weights: torch.Tensor, num_samples: int, *, seed: int):
+        super().__init__(weights, num_samples, replacement=True, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        state = np.random.SeedSequence([self.seed, epoch]).generate_state(1, dtype=np.uint64)
+        self.generator.manual_seed(int(state[0]))
+
+
 def weighted_sampler(
     table: pd.DataFrame, column: str, *, num_samples: int | None = None, seed: int
-) -> WeightedRandomSampler:
+) -> EpochWeightedSampler:
     """Draw rows with replacement, each value of `column` as often as any other.
 
     Row weight = 1 / (number of rows sharing its value), so e.g. "empty" gives ~50 % empty and
@@ -353,7 +368,4 @@ def weighted_sampler(
     codes, _ = pd.factorize(table[column], use_na_sentinel=False)
     counts = np.bincount(codes)
     weights = torch.as_tensor(1.0 / counts[codes], dtype=torch.double)
-    generator = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(
-        weights, num_samples or len(table), replacement=True, generator=generator
-    )
+    return EpochWeightedSampler(weights, num_samples or len(table), seed=seed)
