@@ -283,6 +283,7 @@ def test_weighted_sampler_balances_empty_slices(lgg_table):
     # Each epoch draws anew, and an epoch's draws depend on (seed, epoch) alone (resume).
     again.set_epoch(1)
     epoch_1 = list(again)
+    again.set_epoch(1)
     assert epoch_1 != list(sampler) and list(again) == epoch_1
 
 
