@@ -132,7 +132,7 @@ class TrainerState:
     def _resumed_at(self) -> str:
         if self.epoch < self.planned_epochs and not self._should_stop_early():
             return f"at epoch {self.epoch + 1}"
-        return f"after its last epoch ({self.epoch}): the OOF is still to write"
+        return f"after its last epoch ({self.epoch}): no epoch left, only the OOF pass"
 
     def _interruption(self, oof: bool) -> KsegError:
         """The one line for a Ctrl-C / SIGTERM: what is kept and how to go on. `oof`: it came
