@@ -189,6 +189,7 @@ class TrainConfig(StrictModel):
     # Validate every N epochs (and after the last): whole-image validation is dear on CPU.
     validate_every: int = Field(1, ge=1)
     monitor: str = "score"  # a history.csv column: score, dice, valid_loss, ...
+    # Unset: "min" for a loss (valid_loss, train_loss and its train_* terms, *_bce), else "max".
     monitor_mode: Literal["max", "min"] = "max"
     # Two-phase training: encoder frozen for N epochs, then unfrozen with its own LR.
     freeze_encoder_epochs: int = Field(0, ge=0)
@@ -204,6 +205,17 @@ class TrainConfig(StrictModel):
     # Models with a classification head (model.params.aux_params): weight of the head's BCE on
     # "does mask channel k have any foreground" added to the segmentation loss.
     class_loss_weight: float = Field(0.4, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _monitor_direction(cls, data: Any) -> Any:
+        # A fixed default of "max" made `--set train.monitor=valid_loss` keep the epoch of the
+        # highest loss as best.pt (and stop early while the loss fell).
+        if isinstance(data, dict) and data.get("monitor_mode") is None:
+            monitor = str(data.get("monitor", "score"))
+            falls = monitor.startswith("train_") or monitor.endswith(("_loss", "_bce"))
+            data = {**data, "monitor_mode": "min" if falls else "max"}
+        return data
 
     @field_validator("amp", mode="before")
     @classmethod

@@ -42,6 +42,28 @@ def test_amp_off_reads_as_off_in_yaml_and_in_overrides(tmp_path: Path):
         load_experiment(path, ["train.amp=on"])
 
 
+def test_an_unset_monitor_mode_follows_the_monitor(tmp_path: Path):
+    """`--set train.monitor=valid_loss` alone must keep the lowest loss, not the highest."""
+    path = tmp_path / "monitor.yaml"
+    path.write_text("data: {competition: dsb2018}\n")
+    modes = {
+        monitor: load_experiment(path, [f"train.monitor={monitor}"]).train.monitor_mode
+        for monitor in (
+            "score",
+            "dice",
+            "valid_loss",
+            "train_loss",
+            "train_dice",
+            "valid_class_bce",
+        )
+    }
+    assert modes == {"score": "max", "dice": "max", "valid_loss": "min", "train_loss": "min",
+                     "train_dice": "min", "valid_class_bce": "min"}  # fmt: skip
+    explicit = ["train.monitor=valid_loss", "train.monitor_mode=max"]
+    assert load_experiment(path, explicit).train.monitor_mode == "max"
+    assert load_experiment(path).train.monitor_mode == "max"
+
+
 def test_unknown_and_mistyped_keys_are_named(tmp_path: Path):
     path = tmp_path / "bad.yaml"
     path.write_text("data: {competition: lgg}\ntrain: {epochz: 3, batch_size: big}\n")
