@@ -80,7 +80,7 @@ def merge_epoch_totals(
     if not runtime.distributed:
         return totals, n_images, seconds
     parts = gather((totals, n_images, seconds), runtime)
-    keys = sorted({key for part, _, _ in parts for key in part})
+    keys = list(dict.fromkeys(key for part, _, _ in parts for key in part))  # history's order
     merged = {key: sum(part.get(key, 0.0) for part, _, _ in parts) for key in keys}
     return merged, sum(n for _, n, _ in parts), max(s for _, _, s in parts)
 

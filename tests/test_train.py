@@ -178,6 +178,7 @@ def test_ddp_ranks_record_and_judge_the_same_training_metrics(dsb_small: Path, t
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    assert list(ranks[0])[:4] == ["epoch", "train_loss", "train_bce", "train_dice"]
     for key in ("train_loss", "train_bce", "train_dice", "train_seconds", "images_per_s"):
         assert ranks[0][key] == ranks[1][key], key
     assert (
