@@ -250,7 +250,7 @@ def build_loss(terms: Sequence[LossTerm], mode: LossMode) -> WeightedLoss:
     modules, weights, labels, per_class = [], [], [], []
     for term in terms:
         if term.name not in LOSSES:
-            raise KeyError(f"unknown loss '{term.name}'; valid: {', '.join(LOSSES)}")
+            raise KeyError(f"train.loss: unknown loss '{term.name}'; valid: {', '.join(LOSSES)}")
         label = term.name
         repeat = 2
         while label in labels:

@@ -52,19 +52,27 @@ def test_training_over_a_run_is_refused_and_force_moves_it_aside(dsb_small: Path
 
 
 def test_force_with_a_config_error_leaves_the_old_run_in_place(dsb_small: Path, tmp_path: Path):
-    """--force moves the old run aside only once the new one is built: a typo in the model
-    or the monitor fails first, and the old run stays in fold_0."""
+    """--force moves the old run aside only once the new one is built: a typo in the model,
+    loss, augmentation or monitor fails first, naming its option, and the old run stays."""
     path = write_config(dsb_small, "typo", epochs=1)
     train_fold(load_experiment(path), 0, run_root=tmp_path, device="cpu")
     run = tmp_path / "typo" / "fold_0"
     before = snapshot(run)
-    for override, error in [
-        ("model.architecture=Unett", KeyError),
-        ("train.monitor=valid_dice", KsegError),
+    smp = "model.architecture=Unet"
+    for overrides in [
+        ["model.architecture=Unett"],
+        [smp, "model.encoder=resnet35"],
+        [smp, "model.encoder=tu-resnet35"],
+        ["train.loss=[{name: dicee}]"],
+        ["augment.preset=heavyy"],
+        ["train.monitor=valid_dice"],
     ]:
-        with pytest.raises(error):
-            train_fold(load_experiment(path, [override]), 0, run_root=tmp_path, device="cpu",
+        with pytest.raises((KeyError, KsegError)) as caught:
+            train_fold(load_experiment(path, overrides), 0, run_root=tmp_path, device="cpu",
                        force=True)  # fmt: skip
+        error = caught.value
+        message = error.args[0] if isinstance(error, KeyError) else str(error)
+        assert message.startswith(overrides[-1].split("=")[0] + ": "), message
         assert snapshot(run) == before
         assert not list((tmp_path / "typo").glob("fold_0.old-*"))
 

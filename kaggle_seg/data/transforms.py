@@ -223,7 +223,8 @@ def get_preset(name: str) -> Callable[[int, int], list[A.BasicTransform]]:
         return PRESETS[name]
     except KeyError:
         raise KeyError(
-            f"unknown augmentation preset {name!r}; choose one of {', '.join(PRESETS)}"
+            f"augment.preset: unknown augmentation preset {name!r}; "
+            f"choose one of {', '.join(PRESETS)}"
         ) from None
 
 

@@ -136,7 +136,8 @@ def build_model(config: ModelConfig, in_channels: int, classes: int) -> nn.Modul
             raise download_failed(download, config.encoder, exc) from exc
     else:
         raise KeyError(
-            f"unknown model architecture '{config.architecture}'; valid: seed models "
+            f"model.architecture: unknown model architecture '{config.architecture}'; "
+            "valid: seed models "
             + ", ".join(MODELS)
             + "; smp: "
             + ", ".join(smp_architectures())
@@ -192,13 +193,14 @@ def _check_encoder_name(encoder: str) -> None:
     if encoder.startswith("tu-"):
         if not timm.is_model(encoder[3:]):
             raise KeyError(
-                f"unknown timm encoder '{encoder}': '{encoder[3:]}' is not a timm model "
+                f"model.encoder: unknown timm encoder '{encoder}': '{encoder[3:]}' is not a "
+                "timm model "
                 "(see timm.list_models(); e.g. tu-resnet50, tu-efficientnet_b3, tu-convnext_tiny)"
             )
         return
     names = smp.encoders.get_encoder_names()
     if encoder not in names:
         raise KeyError(
-            f"unknown encoder '{encoder}'; use 'tu-<timm model>' or one of smp's: "
+            f"model.encoder: unknown encoder '{encoder}'; use 'tu-<timm model>' or one of smp's: "
             + ", ".join(sorted(names))
         )
