@@ -223,6 +223,9 @@ _SHAPE_KEYS = (
     ("data", "options"),
     ("data", "targets"),
     ("data", "stack_depth"),
+    # The input the weights learnt on: another normalisation or preprocessing starts over.
+    ("data", "preprocess"),
+    ("augment", "normalize"),
     ("model", "architecture"),
     ("model", "encoder"),
     ("model", "params"),
@@ -281,7 +284,7 @@ def changed_keys(saved: Mapping[str, Any], config: Mapping[str, Any]) -> list[st
         if keys == ("model", "architecture") and isinstance(old, str) and isinstance(new, str):
             old, new = canonical_architecture(old), canonical_architecture(new)
         # A key that a run of an older kseg did not write (data.options) is its empty default.
-        if old != new and not (old in (None, {}) and new in (None, {})):
+        if old != new and not (old in (None, {}, []) and new in (None, {}, [])):
             changes.append(f"{'.'.join(keys)} ({old!r} -> {new!r})")
     return changes
 

@@ -108,6 +108,19 @@ def test_failed_resume_changes_nothing_on_disk(dsb_small: Path, tmp_path: Path):
     assert "\n" not in message and "last.pt" in message
     assert "model.params" in message and "--force" in message
     assert snapshot(run) == before  # config.yaml not rewritten, nothing else touched
+    # The weights' input: another normalisation or preprocessing is another model's.
+    for override, key in [("augment.normalize=imagenet", "augment.normalize"),
+                          ("data.preprocess=[grey_dark]", "data.preprocess")]:  # fmt: skip
+        other = load_experiment(write_config(dsb_small, "changed", epochs=2), [override])
+        with pytest.raises(KsegError, match=rf"--resume: .*{key}"):
+            train_fold(other, 0, run_root=tmp_path, device="cpu", resume=True)
+        assert snapshot(run) == before
+    # A last.pt of a kseg that wrote no data.preprocess had none.
+    from kaggle_seg.runs import changed_keys
+
+    saved = config.model_dump(mode="json")
+    del saved["data"]["preprocess"]
+    assert changed_keys(saved, config.model_dump(mode="json")) == []
 
 
 def test_resume_with_another_split_is_refused_and_a_moved_folds_file_is_not(
