@@ -6,6 +6,7 @@ starts instantly. Known errors print one line; `kseg --debug ...` shows the trac
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -417,20 +418,41 @@ def main() -> None:
 
     debug = "--debug" in sys.argv[1:]
     signal.signal(signal.SIGTERM, _terminated)
+    rank = _rank_label()
     try:
         app()
     except (KsegError, KeyError, FileNotFoundError, PermissionError) as exc:
         if debug:
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        typer.echo(f"error: {error_line(message)}", err=True)
+        typer.echo(f"{rank}error: {error_line(message)}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo(f"{rank}interrupted", err=True)
         sys.exit(130)
     except Exception as exc:
         if debug:
             raise
+        if rank and _lost_a_peer(exc):  # the rank that failed has said why; this one only stops
+            typer.echo(f"{rank}stopped: another rank ended; its own line says why", err=True)
+            sys.exit(1)
         hint = "rerun with --debug for the traceback"
-        typer.echo(f"error: {type(exc).__name__}: {error_line(exc)} ({hint})", err=True)
+        typer.echo(f"{rank}error: {type(exc).__name__}: {error_line(exc)} ({hint})", err=True)
         sys.exit(1)
+
+
+def _rank_label() -> str:
+    """'rank N: ' under torchrun with several processes, so each of their lines says whose it
+    is (every rank reports its own error; one rank's bad file is not another's)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f"rank {os.environ.get('RANK', '?')}: " if world.isdigit() and int(world) > 1 else ""
+
+
+def _lost_a_peer(exc: BaseException) -> bool:
+    """A collective that failed because another rank exited (gloo: connection closed or reset
+    by peer; NCCL: a remote process exited or the communicator was aborted)."""
+    text = str(exc).lower()
+    signs = ("closed by peer", "reset by peer", "connection closed", "remote process", "abort")
+    return type(exc).__name__ in ("DistBackendError", "DistNetworkError", "RuntimeError") and any(
+        sign in text for sign in signs
+    )

@@ -518,3 +518,42 @@ def test_no_budget_runs_every_epoch(dsb_small: Path, tmp_path: Path):
     config = load_experiment(write_config(dsb_small, "nobudget", epochs=2))
     assert config.train.time_budget_minutes is None
     assert len(train_fold(config, 0, run_root=tmp_path, device="cpu").history) == 2
+
+
+RANK_FAILS = """
+import os
+import torch.distributed as dist
+import kaggle_seg.cli as cli
+from kaggle_seg.errors import KsegError
+
+def command():
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 1:
+        raise KsegError("broken.png: cannot decode")  # one rank's own bad input
+    dist.barrier()  # rank 0 waits on a rank that has gone
+
+cli.app = command
+cli.main()
+"""
+
+
+@pytest.mark.slow
+def test_under_torchrun_each_rank_labels_its_lines_and_a_lost_peer_is_no_second_error(
+    tmp_path: Path,
+):
+    """The rank that failed says why, labelled; the rank left waiting in a collective says
+    it stopped because another rank ended, not an error of its own."""
+    script = tmp_path / "rank_fails.py"
+    script.write_text(RANK_FAILS)
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(script)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert "rank 1: error: broken.png: cannot decode" in lines
+    stopped = [line for line in lines if line.startswith("rank 0: ")]
+    assert len(stopped) == 1 and stopped[0].startswith("rank 0: stopped: another rank ended")
