@@ -4,6 +4,7 @@ mixed precision and seeds."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ import torch
 import torch.distributed as dist
 
 from kaggle_seg.errors import KsegError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -126,4 +129,15 @@ def autocast_settings(amp: str, device: torch.device) -> tuple[bool, torch.dtype
         return True, torch.float16
     if device.type == "cpu" and (amp == "bf16" or (amp == "auto" and cpu_has_fast_bf16())):
         return True, torch.bfloat16
+    if device.type == "cpu" and amp == "fp16":
+        _warn_cpu_fp16()
     return False, torch.float32
+
+
+@functools.cache
+def _warn_cpu_fp16() -> None:
+    # Said once: prediction asks again for every ensemble member.
+    log.warning(
+        "train.amp: fp16 runs in float32 on CPU (fp16 is emulated there, slower than float32); "
+        "bf16 or auto use bfloat16 where the CPU computes it"
+    )

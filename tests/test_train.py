@@ -301,13 +301,20 @@ def test_lgg_bunet_with_weighted_loss_and_sampler(shared_data: Path, tmp_path: P
     assert row["score"] == row["patient_dice"]  # LGG is scored per patient volume
 
 
-def test_autocast_follows_train_amp_and_the_device(monkeypatch: pytest.MonkeyPatch):
+def test_autocast_follows_train_amp_and_the_device(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
     from kaggle_seg import runtime
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
     assert runtime.autocast_settings("auto", cpu) == (True, torch.bfloat16)
-    assert runtime.autocast_settings("fp16", cpu) == (False, torch.float32)  # emulated: slower
+    runtime._warn_cpu_fp16.cache_clear()
+    with caplog.at_level("WARNING", logger="kaggle_seg.runtime"):
+        assert runtime.autocast_settings("fp16", cpu) == (False, torch.float32)  # emulated
+        runtime.autocast_settings("fp16", cpu)
+    said = [r.getMessage() for r in caplog.records if "fp16 runs in float32" in r.getMessage()]
+    assert len(said) == 1  # said, and once, not per ensemble member
     assert runtime.autocast_settings("off", cpu) == (False, torch.float32)
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
     assert runtime.autocast_settings("auto", cpu) == (False, torch.float32)
