@@ -81,9 +81,14 @@ def test_uwmgi_public_rerun_predicts_train_slices(
     result = write_submission([uwmgi_experiment], root, tmp_path / "s.csv", num_workers=0,
                               fallback_case_days=1)  # fmt: skip
     assert "public re-run" in result.notes[0] and "case1_day0" in result.notes[0]
+    assert f"{root / 'test'} is empty" in result.notes[0]
     frame = pd.read_csv(tmp_path / "s.csv", dtype=str, keep_default_na=False)
     assert frame["id"].str.startswith("case1_day0_slice_").all()
     assert len(frame) == 6 * 3
+    (root / "test").rmdir()  # no test/ at all: the note says so rather than "empty"
+    result = write_submission([uwmgi_experiment], root, tmp_path / "s.csv", num_workers=0,
+                              fallback_case_days=1)  # fmt: skip
+    assert f"{root / 'test'} does not exist (Kaggle's public re-run)" in result.notes[0]
 
 
 def test_uwmgi_sample_mismatch_and_missing_test_are_named(

@@ -78,7 +78,8 @@ def test_set(data_dir: Path, test_dir: Path | None = None, fallback_case_days: i
         kept = list(dict.fromkeys(train["case_day"]))[:fallback_case_days]
         table = train[train["case_day"].isin(kept)].reset_index(drop=True)
         notes.append(
-            f"{test_dir} is empty (Kaggle's public re-run): predicting {len(table)} train "
+            f"{test_dir} {'is empty' if test_dir.is_dir() else 'does not exist'} (Kaggle's "
+            f"public re-run): predicting {len(table)} train "
             f"slices of {', '.join(kept)} instead"
         )
     elif sample is not None:
