@@ -427,11 +427,11 @@ def predict_folder(
             notes = []
             with explain_other_competition(competition.name, Path(test_dir)):
                 table = competition.read_test_table(Path(test_dir), skipped)
-            if table.empty and not skipped:
-                raise InputError(
-                    f"{test_dir}: no test images to predict (a competition folder goes to "
-                    "--data-dir)"
-                )
+                if table.empty and not skipped:
+                    raise InputError(
+                        f"{test_dir}: no test images to predict (a competition folder goes to "
+                        "--data-dir)"
+                    )
         result = _predict_table(members, competition, table, save, dtype, skipped, options)
     return {**result, "notes": notes}
 
