@@ -124,17 +124,22 @@ def test_missing_folds_file_is_named(dsb_small: Path, tmp_path: Path):
     )
 
 
-@pytest.mark.slow
-def test_ddp_on_cpu_with_gloo_and_two_processes(dsb_small: Path, tmp_path: Path):
-    config = write_config(dsb_small, "ddp", epochs=1, targets="mask_border")
+def run_torchrun(*args: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 ARGS` on CPU (gloo), one thread a rank."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun is not None
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kaggle_seg", "train",
-         "--config", str(config), "--fold", "0", "--device", "cpu", "--runs-dir", str(tmp_path)],
+    return subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", *args],
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_with_gloo_and_two_processes(dsb_small: Path, tmp_path: Path):
+    config = write_config(dsb_small, "ddp", epochs=1, targets="mask_border")
+    result = run_torchrun("-m", "kaggle_seg", "train", "--config", str(config), "--fold", "0",
+                          "--device", "cpu", "--runs-dir", str(tmp_path))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "ddp" / "fold_0"
     history = pd.read_csv(run / "history.csv")
@@ -168,14 +173,7 @@ def test_ddp_ranks_record_and_judge_the_same_training_metrics(dsb_small: Path, t
     config = write_config(dsb_small, "ddp_full", epochs=2)
     script = tmp_path / "rank_history.py"
     script.write_text(RANK_HISTORY)
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    assert torchrun is not None
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(config),
-         str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+    result = run_torchrun(str(script), str(config), str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1)]
     assert list(ranks[0])[:4] == ["epoch", "train_loss", "train_bce", "train_dice"]
@@ -552,13 +550,7 @@ def test_under_torchrun_each_rank_labels_its_lines_and_a_lost_peer_is_no_second_
     it stopped because another rank ended, not an error of its own."""
     script = tmp_path / "rank_fails.py"
     script.write_text(RANK_FAILS)
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    assert torchrun is not None
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", str(script)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+    result = run_torchrun(str(script))
     assert result.returncode != 0
     lines = result.stderr.splitlines()
     assert "rank 1: error: broken.png: cannot decode" in lines
