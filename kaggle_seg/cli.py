@@ -453,6 +453,5 @@ def _lost_a_peer(exc: BaseException) -> bool:
     by peer; NCCL: a remote process exited or the communicator was aborted)."""
     text = str(exc).lower()
     signs = ("closed by peer", "reset by peer", "connection closed", "remote process", "abort")
-    return type(exc).__name__ in ("DistBackendError", "DistNetworkError", "RuntimeError") and any(
-        sign in text for sign in signs
-    )
+    # torch.distributed's DistBackendError and DistNetworkError are RuntimeErrors too.
+    return isinstance(exc, RuntimeError) and any(sign in text for sign in signs)

@@ -413,8 +413,8 @@ def predict_folder(
         options["tta"] = default_tta(members)
     competition = competition_for(members[0].config.data)
     skipped: list[Skipped] | None = [] if options.get("on_error") == "skip" else None
-    scratch = ExitStack()  # a zipped DSB test folder is extracted for the run, then removed
-    with scratch:
+    # `scratch`: a zipped DSB test folder is extracted for the run, then removed.
+    with ExitStack() as scratch:
         if data_dir is not None:
             if competition.submission_columns is None:
                 raise KsegError(

@@ -108,7 +108,8 @@ class TrainerState:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise KsegError(runs.resume_mismatch(path, saved, config)) from exc
         # A last.pt of an older kseg has no digest: its fold cannot be checked.
-        if state.get("valid_ids_sha256", self._valid_ids_digest()) != self._valid_ids_digest():
+        saved_ids = state.get("valid_ids_sha256")
+        if saved_ids is not None and saved_ids != self._valid_ids_digest():
             raise KsegError(
                 f"--resume: {path} was validated on other images than fold {self.fold} of "
                 f"data.folds ({self.config.data.folds}) and data.table now give (a changed "
