@@ -167,11 +167,24 @@ def train(
         return
     if (fold is None) == (folds_list is None):
         raise KsegError("pass exactly one of --fold K or --folds 0,1,2 (or --full)")
+    from kaggle_seg import runs
     from kaggle_seg.runs import parse_folds
 
     to_train = [fold] if fold is not None else parse_folds(folds_list) or []
     for k in to_train:
-        train_fold(experiment, k, run_root=runs_dir, resume=resume, force=force, device=device)
+        # Rerunning an interrupted `--folds ... --resume` job: a fold it never reached has
+        # nothing to resume, and starts (a lone --fold K --resume still says so and stops).
+        starts = (
+            resume
+            and len(to_train) > 1
+            and not runs.holds_run(runs.fold_dir(experiment.name, k, runs_dir))
+        )
+        if starts and os.environ.get("RANK", "0") == "0":
+            typer.echo(f"fold {k}: no run to resume yet, training it from the start")
+        train_fold(
+            experiment, k, run_root=runs_dir, resume=resume and not starts, force=force,
+            device=device,
+        )  # fmt: skip
 
 
 @app.command()

@@ -357,6 +357,9 @@ class Trainer(TrainerState):
         self._check_monitor()
         if resume:  # before anything is written: a resume that fails leaves the folder as it was
             self.load(self.run_dir / runs.LAST_CHECKPOINT)
+            if self._finished_with_oof():
+                self._log(f"fold {self.fold}: finished, with its {runs.OOF_FILE}; nothing to do")
+                return self._result()
             self._log(f"resumed {self.run_dir} {self._resumed_at()}")
         if self.runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -401,6 +404,9 @@ class Trainer(TrainerState):
             f"fold {self.fold}: best {cfg.monitor} {self.best_value:.4f} at epoch "
             f"{self.best_epoch + 1} in {minutes:.1f} min; {self.run_dir}"
         )
+        return self._result()
+
+    def _result(self) -> FoldResult:
         return FoldResult(
             self.run_dir, self.best_value, self.best_epoch, pd.DataFrame(self.history)
         )

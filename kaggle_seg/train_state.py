@@ -130,6 +130,14 @@ class TrainerState:
         ids = sorted(map(str, self.valid_table["id"]))
         return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
+    def _finished_with_oof(self) -> bool:
+        """No epoch left and oof.npz written from the current best.pt: a resume (a rerun
+        `--folds ... --resume` job) has nothing to do, not even the OOF pass."""
+        if self.full or (self.epoch < self.planned_epochs and not self._should_stop_early()):
+            return False
+        oof, best = self.run_dir / runs.OOF_FILE, self.run_dir / runs.BEST_CHECKPOINT
+        return oof.is_file() and best.is_file() and oof.stat().st_mtime >= best.stat().st_mtime
+
     def _resumed_at(self) -> str:
         if self.epoch < self.planned_epochs and not self._should_stop_early():
             return f"at epoch {self.epoch + 1}"

@@ -209,6 +209,34 @@ def test_cli_train_two_folds_then_plot(dsb_small: Path, tmp_path: Path):
 
 
 @pytest.mark.slow
+def test_rerun_folds_job_with_resume_skips_finished_folds_and_starts_unreached_ones(
+    dsb_small: Path, tmp_path: Path
+):
+    """The usual rescue of an interrupted 5-fold job: the same command again with --resume."""
+    config = write_config(dsb_small, "rerun", epochs=1)
+    train_fold(load_experiment(config), 0, run_root=tmp_path, device="cpu")
+    oof_0 = tmp_path / "rerun" / "fold_0" / "oof.npz"
+    written = oof_0.stat().st_mtime_ns
+    result = subprocess.run(
+        [sys.executable, "-m", "kaggle_seg", "train", "--config", str(config), "--folds", "0,1",
+         "--resume", "--device", "cpu", "--runs-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fold 0: finished, with its oof.npz; nothing to do" in result.stdout
+    assert "fold 1: no run to resume yet, training it from the start" in result.stdout
+    assert oof_0.stat().st_mtime_ns == written  # no second OOF pass over a finished fold
+    assert (tmp_path / "rerun" / "fold_1" / "oof.npz").is_file()
+    # A lone fold still says there is nothing to resume, rather than starting quietly.
+    lone = subprocess.run(
+        [sys.executable, "-m", "kaggle_seg", "train", "--config", str(config), "--fold", "1",
+         "--resume", "--device", "cpu", "--runs-dir", str(tmp_path / "empty")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert lone.returncode == 1 and "--resume: no checkpoint at" in lone.stderr
+
+
+@pytest.mark.slow
 def test_cli_train_needs_exactly_one_fold_option(dsb_small: Path):
     config = write_config(dsb_small, "cli_bad", epochs=1)
     result = subprocess.run(
