@@ -50,9 +50,11 @@ def check_rles(
     rle_column: str,
     shapes: Mapping[str, tuple[int, int]],
     source: str,
+    class_column: str | None = None,
 ) -> None:
     """Every non-empty RLE of `frame` valid for its image's (H, W); the first that is not is
-    named by its line and id. `frame`: cells as str (empty = no mask)."""
+    named by its line and id (and class, where rows are per class). `frame`: cells as str
+    (empty = no mask)."""
     from kaggle_seg.data.rle import validate_rle
     from kaggle_seg.errors import RLEError
 
@@ -62,7 +64,8 @@ def check_rles(
             try:
                 validate_rle(rle, (height, width))
             except RLEError as exc:
-                raise InputError(f"{source}: line {csv_line(i)} ({image_id}): {exc}") from None
+                row = image_id if class_column is None else f"{image_id}, {frame[class_column][i]}"
+                raise InputError(f"{source}: line {csv_line(i)} ({row}): {exc}") from None
 
 
 def non_empty_rles(rles: pd.Series) -> np.ndarray:

@@ -43,8 +43,14 @@ def test_a_valid_uwmgi_submission_passes():
             "line 5: id 'case9_day0_slice_0002' is not expected",
         ),
         (lambda f: f.assign(predicted=["1 3 5"] + [""] * 5), "line 2 .*odd"),
-        (lambda f: f.assign(predicted=["", "", "", "", "", "19 3"]), "line 7 .*past"),
-        (lambda f: f.assign(predicted=["", "5 3 6 2", "", "", "", ""]), "line 3 .*overlap"),
+        (
+            lambda f: f.assign(predicted=["", "", "", "", "", "19 3"]),
+            r"line 7 \(case1_day0_slice_0002, stomach\): .*past",
+        ),
+        (
+            lambda f: f.assign(predicted=["", "5 3 6 2", "", "", "", ""]),
+            r"line 3 \(case1_day0_slice_0001, small_bowel\): .*overlap",
+        ),
         (lambda f: f.assign(predicted=["", "", "9 2 5 1", "", "", ""]), "line 4 .*(sorted|order)"),
     ],
 )

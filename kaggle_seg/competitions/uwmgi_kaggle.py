@@ -161,7 +161,7 @@ def validate_submission(
             f"{source}: {len(missing)} (id, class) row(s) missing, first {missing[0][0]}, "
             f"{missing[0][1]}"
         )
-    check_rles(frame, "id", "predicted", slice_shapes, source)
+    check_rles(frame, "id", "predicted", slice_shapes, source, class_column="class")
     return frame
 
 
