@@ -313,6 +313,8 @@ def submit(
         submission_format=submission_format,
         **options.as_kwargs(),
     )
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports the joined file
+        return
     for note in result.notes:
         typer.echo(note)
     typer.echo(

@@ -3,6 +3,7 @@ mixed precision and seeds."""
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import os
@@ -46,8 +47,9 @@ def parse_device(device: str | torch.device) -> torch.device:
         raise KsegError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
 
 
-def start_runtime(device: str | None = None) -> Runtime:
-    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on GPU, gloo on CPU)."""
+def start_runtime(device: str | None = None, timeout: dt.timedelta | None = None) -> Runtime:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on GPU, gloo on CPU).
+    `timeout`: how long a collective waits for a slower rank (torch's default otherwise)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -61,7 +63,8 @@ def start_runtime(device: str | None = None) -> Runtime:
     else:
         resolved = parse_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+        backend = "nccl" if resolved.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout else {}))
     return Runtime(rank=rank, world_size=world_size, device=resolved)
 
 

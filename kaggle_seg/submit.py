@@ -125,15 +125,22 @@ def write_submission(
 
     from kaggle_seg.competitions import competition_for
     from kaggle_seg.predict import default_tta, load_ensemble
+    from kaggle_seg.submit_shards import JOIN_TIMEOUT, world_size
 
     started = time.perf_counter()
+    runtime = None
+    if world_size() > 1:  # under torchrun: this process predicts its share on its own device
+        from kaggle_seg.runtime import start_runtime
+
+        runtime = start_runtime(device, timeout=JOIN_TIMEOUT)
+        device = str(runtime.device)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     members = load_ensemble(checkpoints, weights, device)
     tta = tta or default_tta(members)
     competition = competition_for(members[0].config.data)
     if submission_format is not None:
         competition = competition.with_submission_format(submission_format)
-    if mismatch := oof_tta_mismatch(members, tta):
+    if (mismatch := oof_tta_mismatch(members, tta)) and (runtime is None or runtime.is_main):
         log.warning(mismatch)
     if competition.submission_columns is None:
         raise KsegError(
@@ -159,6 +166,7 @@ def write_submission(
             postprocess,
             skipped,
             started,
+            runtime,
             tta=tta,
             merge=merge,
             ensemble=ensemble,
@@ -177,10 +185,12 @@ def _predict_and_write(
     postprocess: Path | None,
     skipped: list[Skipped] | None,
     started: float,
+    runtime: Any,
     **options: Any,
 ) -> SubmitResult:
     """The ensemble over `test`, post-processed, validated and written: `write_submission`'s
-    second half, run while a zipped test set's extracted folder still exists."""
+    second half, run while a zipped test set's extracted folder still exists. Under torchrun
+    (`runtime`), each process writes its share and rank 0 joins them (submit_shards.py)."""
     from kaggle_seg.predict import predict_probabilities
 
     settings, source = load_settings(members, postprocess)
@@ -199,15 +209,6 @@ def _predict_and_write(
     notes = [*test.notes, f"post-processing: {source}"]
     from kaggle_seg.progress import progress
 
-    stream = predict_probabilities(
-        members,
-        competition,
-        test.table,
-        with_class_probabilities=gate_on_head,
-        skipped=skipped,
-        **options,
-    )
-    stream = progress(stream, len(test.table), "submit")
     experiment = "+".join(dict.fromkeys(m.config.name for m in members))
     out = (
         Path(out)
@@ -216,11 +217,66 @@ def _predict_and_write(
             competition.name, experiment, suffix=competition.submission_suffix
         )
     )
-    rows, images = competition.write_submission(stream, test, settings, out, skipped)
+    part, part_skipped, part_out = test, skipped, out
+    if runtime is not None:
+        from kaggle_seg import submit_shards
+        from kaggle_seg.runtime import gather
+
+        out = part_out = gather(out, runtime)[0]  # rank 0's dated name, on every rank
+        part = submit_shards.shard_of(test, competition.volume_key, runtime.rank,
+                                      runtime.world_size)  # fmt: skip
+        part_skipped = submit_shards.skipped_of(skipped, part, test.table, runtime.rank)
+        directory = competition.submission_suffix == ""
+        part_out = submit_shards.part_path(out, runtime.rank, directory)
+        notes.append(f"{runtime.world_size} processes under torchrun, each predicting its share")
+    stream = predict_probabilities(
+        members,
+        competition,
+        part.table,
+        with_class_probabilities=gate_on_head,
+        skipped=part_skipped,
+        **options,
+    )
+    if runtime is None or runtime.is_main:
+        label = "submit" if runtime is None else f"submit, rank 0 of {runtime.world_size}"
+        stream = progress(stream, len(part.table), label)
+    rows, images = competition.write_submission(stream, part, settings, part_out, part_skipped)
+    if runtime is not None:
+        rows, images, skipped = _join_shares(competition, test, out, part_out, runtime,
+                                             (rows, images, part_skipped))  # fmt: skip
     seconds = time.perf_counter() - started
     return SubmitResult(
         out, competition.name, rows, images, seconds, notes, list(skipped or []), tta=options["tta"]
     )
+
+
+def _join_shares(
+    competition: Any,
+    test: TestSet,
+    out: Path,
+    part_out: Path,
+    runtime: Any,
+    mine: tuple[int, int, list[Skipped] | None],
+) -> tuple[int, int, list[Skipped] | None]:
+    """Every rank's part written (the gather waits for them all); rank 0 joins the CSV parts
+    into `out`. Returns the whole submission's rows, images and skips, on every rank."""
+    import torch.distributed as dist
+
+    from kaggle_seg import submit_shards
+    from kaggle_seg.runtime import gather
+
+    shares = gather((*mine, str(part_out)), runtime)
+    rows = sum(share[0] for share in shares)
+    images = sum(share[1] for share in shares)
+    skipped = None if mine[2] is None else [s for share in shares for s in share[2] or []]
+    if runtime.is_main and competition.submission_suffix != "":
+        parts = [Path(share[3]) for share in shares]
+        rows = submit_shards.join_parts(
+            parts, out, test, skipped or [], competition.submission_columns
+        )
+    dist.barrier()  # the joined file exists before any rank reports
+    dist.destroy_process_group()
+    return rows, images, skipped
 
 
 def upload_submission(csv: Path, competition_name: str, message: str) -> str:

@@ -225,6 +225,17 @@ def test_folder_end_to_end_on_exported_lgg(shared_data: Path, tmp_path: Path) ->
     assert len(list(written.glob("*.png"))) == 12
     png_score = score_submission("folder", truth, written, options={**options, "submission": "png"})
     assert png_score["score"] == pytest.approx(rle_score["score"])
+    # Two torchrun processes write their shares of the PNGs into the one folder.
+    from test_submit import _torchrun_submit
+
+    shared = tmp_path / "pngs_shared"
+    run = _torchrun_submit("--checkpoints", str(experiment), "--data-dir", str(data_dir),
+                           "--out", str(shared), "--format", "png", "--tta", "none")  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"wrote {shared}: 12 rows for 12 images" in run.stdout
+    assert {p.name: p.read_bytes() for p in shared.iterdir()} == {
+        p.name: p.read_bytes() for p in written.iterdir()
+    }
 
     pictures = show_experiment(experiment, tmp_path / "show", worst=2)
     assert len(pictures) == 4 and all(p.stat().st_size > 0 for p in pictures)

@@ -254,6 +254,8 @@ def test_rehearse_end_to_end(trained: Path, phantom_dir: Path, tmp_path: Path, w
     case both write a valid submission.csv, scored, timed and extrapolated to the hidden test;
     the weights are found where Kaggle mounts a dataset, or a Model instance."""
     env = clean_env(tmp_path / "home", KAGGLE_USERNAME=USER, KAGGLE_KEY=SENTINEL_KEY)
+    if weights_as == "model":  # and kseg submit as two torchrun processes, as on a T4 x2
+        env["KSEG_PROCESSES"] = "2"
     out = str(tmp_path / "kernels")
     result = kseg("kernel", "build", "-c", "uwmgi", "-e", "tiny", "--runs-dir", str(trained),
                   "--out-dir", out, "--repack-installed", "--weights-as", weights_as,
@@ -275,6 +277,9 @@ def test_rehearse_end_to_end(trained: Path, phantom_dir: Path, tmp_path: Path, w
     assert report["estimate_seconds"] > 0
     assert (kernel / "rehearsal" / "run2_submission.csv").is_file()
     assert find_credentials(kernel, [SENTINEL_KEY]) == []
+    processes = "2" if weights_as == "model" else "1"
+    for log in sorted((kernel / "rehearsal").glob("run*.log")):
+        assert f"KSEG_PROCESSES {processes}\n" in log.read_text(), log
 
 
 def test_an_unreachable_registry_says_to_rehearse_offline(tmp_path: Path):
@@ -320,3 +325,21 @@ def test_a_holdout_larger_than_the_data_is_refused_before_any_run(
     with pytest.raises(KsegError, match=r": 5 case\(s\); --holdout 9 is too many \(1 to 4\)$"):
         rehearse.rehearse_kernel(kernel, data_dir=phantom_dir, holdout=9, work_root=tmp_path)
     assert not list(tmp_path.glob("kseg-rehearse-*"))  # the staged inputs were cleaned up
+
+
+def test_the_kernel_runs_one_submit_process_per_gpu(monkeypatch: pytest.MonkeyPatch):
+    import importlib.util
+
+    template = Path(__file__).parents[1] / "kernels" / "templates" / "kernel.py"
+    spec = importlib.util.spec_from_file_location("kernel_template", template)
+    kernel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel)
+    monkeypatch.delenv("KSEG_PROCESSES", raising=False)
+    assert kernel.submit_processes() == 1  # no GPU here: torch counts 0, one process
+    monkeypatch.setenv("KSEG_PROCESSES", "2")
+    assert kernel.submit_processes() == 2
+    one = kernel.submit_command(["--data-dir", "d"], 1)
+    assert one[1:] == ["-m", "kaggle_seg", "submit", "--data-dir", "d"]
+    two = kernel.submit_command(["--data-dir", "d"], 2)
+    assert two[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert two[5:] == ["-m", "kaggle_seg", "submit", "--data-dir", "d"]

@@ -356,7 +356,8 @@ def _rehearse_once(
         "PYTHONNOUSERSITE": "1",
         ROOT_ENV: str(root),
     }
-    for name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "OMP_NUM_THREADS"):
+    for name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "OMP_NUM_THREADS",
+                 "KSEG_PROCESSES"):  # fmt: skip
         if name in os.environ:
             env[name] = os.environ[name]
     command = [str(python), str(script)]

@@ -136,7 +136,12 @@ socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = (
 '''
 
 # Run the command with `$1` (the input folder) bind-mounted read-only over itself.
-READ_ONLY_SH = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+# The new network namespace has only a loopback, and it starts down: up, so torchrun's
+# localhost rendezvous works as on Kaggle (best effort where `ip` is missing).
+READ_ONLY_SH = (
+    "{ ip link set lo up 2>/dev/null || true; } && "
+    'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+)
 
 
 def _unshare_works() -> bool:

@@ -48,12 +48,36 @@ def find_model(handle: str) -> Path:
     raise SystemExit(f"error: model {handle!r} is not attached to this kernel (nothing in {INPUT})")
 
 
-def run(command: list[str], check: bool = True) -> bool:
+def run(command: list[str], check: bool = True, label: str = "") -> bool:
     print("+", " ".join(command), flush=True)
     result = subprocess.run(command, check=False)
     if check and result.returncode != 0:
-        raise SystemExit(f"error: {' '.join(command[2:4])} exited with {result.returncode}")
+        name = label or " ".join(command[2:4])
+        raise SystemExit(f"error: {name} exited with {result.returncode}")
     return result.returncode == 0
+
+
+def submit_processes() -> int:
+    """One `kseg submit` process per GPU (Kaggle's T4 x2 gives two): KSEG_PROCESSES when set,
+    else the GPUs torch sees, counted in a child so this script never imports torch."""
+    forced = os.environ.get("KSEG_PROCESSES", "").strip()
+    if forced:
+        if not forced.isdigit():
+            raise SystemExit(f"error: KSEG_PROCESSES={forced!r}: give a number of processes")
+        return max(1, int(forced))
+    count = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    lines = count.stdout.split()
+    return max(1, int(lines[-1])) if count.returncode == 0 and lines[-1:] != [] else 1
+
+
+def submit_command(arguments: list[str], processes: int) -> list[str]:
+    """`kseg submit ARGUMENTS`, as `processes` torchrun processes sharing the test set when
+    more than one (each predicts its share on its own GPU; rank 0 writes submission.csv)."""
+    if processes > 1:
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        return [sys.executable, *launcher, "-m", "kaggle_seg", "submit", *arguments]
+    return [sys.executable, "-m", "kaggle_seg", "submit", *arguments]
 
 
 def install(wheels: Path) -> None:
@@ -82,10 +106,11 @@ def main() -> None:
 
     # kseg submit's arguments, with the folders Kaggle mounted filled in.
     folders = {"data": str(data), "weights": str(weights), "working": str(WORKING)}
-    command = [sys.executable, "-m", "kaggle_seg", "submit"]
-    command += [argument.format(**folders) for argument in SETTINGS["submit_args"]]
+    arguments = [argument.format(**folders) for argument in SETTINGS["submit_args"]]
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # offline: no version check
-    run(command)
+    processes = submit_processes()
+    print(f"KSEG_PROCESSES {processes}", flush=True)
+    run(submit_command(arguments, processes), label="kaggle_seg submit")
     print(f"KSEG_TIMING predict {time.time() - installed:.2f}", flush=True)
 
 
