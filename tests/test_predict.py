@@ -340,3 +340,11 @@ def test_cli_predict_writes_probabilities(dsb_test: Path, tmp_path: Path):
     assert root.returncode == 1 and "competition folder goes to --data-dir" in root.stderr
     neither = kseg("predict", "--checkpoints", str(experiment), check=False)
     assert neither.returncode == 1 and "--test-dir" in neither.stderr
+
+
+def test_predict_under_torchrun_points_to_submit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from kaggle_seg.predict import predict_folder
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(KsegError, match="under torchrun use kseg submit"):
+        predict_folder([tmp_path / "best.pt"], tmp_path)
