@@ -14,8 +14,13 @@ from kaggle_seg.cli_options import Competition
 
 def score(
     competition: Competition,
-    truth: Annotated[Path, typer.Argument(help="Truth CSV (train.csv, stage1_solution.csv...).")],
-    submission: Annotated[Path, typer.Argument(help="Submission CSV to score.")],
+    truth: Annotated[
+        Path,
+        typer.Argument(help="Truth CSV (train.csv, stage1_solution.csv...); lgg: the dataset."),
+    ],
+    submission: Annotated[
+        Path, typer.Argument(help="Submission CSV to score (lgg, folder png: a mask folder).")
+    ],
     images: Annotated[
         Path | None, typer.Option(help="Image folder, for sizes when the truth lacks them.")
     ] = None,

@@ -56,7 +56,8 @@ def _dsb2018_sample(tmp: Path, shared: Path | None) -> Sample:
 def _lgg_sample(tmp: Path, shared: Path | None) -> Sample:
     if shared is None or not (shared / "lgg").is_dir():
         pytest.skip("the LGG subset is not in the shared data")
-    return Sample(shared / "lgg")
+    # No test split: `kseg submit` predicts the dataset's own layout, scored against its masks.
+    return Sample(shared / "lgg", test_data_dir=shared / "lgg", truth=shared / "lgg")
 
 
 def _folder_sample(tmp: Path, shared: Path | None) -> Sample:

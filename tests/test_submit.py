@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 import pytest
 from test_predict import write_checkpoint
@@ -151,10 +152,42 @@ def test_dsb_submission_is_one_row_per_nucleus_and_scores(dsb_root: Path, tmp_pa
     assert score_submission("dsb2018", dsb_root / "solution.csv", out)["score"] == 0.0
 
 
-def test_lgg_has_no_submission_format(tmp_path: Path):
-    checkpoint = write_checkpoint(tmp_path / "best.pt", competition="lgg", classes=("lesion",))
-    with pytest.raises(KsegError, match="lgg has no Kaggle submission format"):
-        write_submission([checkpoint], tmp_path, tmp_path / "s.csv")
+def test_lgg_submit_writes_the_datasets_mask_layout_and_score_takes_it_per_patient(
+    shared_data: Path, tmp_path: Path
+):
+    from test_cli import kseg
+
+    # Two new patients, in the dataset's own layout (LGG has no test split).
+    patients = tmp_path / "patients"
+    for folder in sorted((shared_data / "lgg" / "kaggle_3m").glob("TCGA_*"))[:2]:
+        shutil.copytree(folder, patients / folder.name)
+    checkpoint = write_checkpoint(tmp_path / "exp" / "fold_0" / "best.pt", competition="lgg",
+                                  classes=("abnormality",), size=64)  # fmt: skip
+    out = tmp_path / "masks"
+    result = write_submission([checkpoint], patients, out, tta="none", num_workers=0)
+    slices = sorted(p.name for p in patients.rglob("*_mask.tif"))
+    assert result.images == result.rows == len(slices)
+    assert sorted(p.name for p in out.rglob("*_mask.tif")) == slices
+    assert {p.parent.name for p in out.rglob("*_mask.tif")} == {p.name for p in patients.iterdir()}
+    scored = score_submission("lgg", patients, out)
+    assert scored["n_groups"] == 2 and scored["n_images"] == len(slices)
+    assert len(scored["per_image"]) == len(slices) and 0.0 <= scored["score"] <= 1.0
+    # The truth's own masks as the submission score 1; against the whole dataset folder only the
+    # patients the submission holds are scored.
+    perfect = score_submission("lgg", shared_data / "lgg", patients)
+    assert perfect["score"] == 1.0 and perfect["n_groups"] == 2
+    printed = kseg("score", "-c", "lgg", str(patients), str(out)).stdout
+    assert f"score: {scored['score']:.6f}" in printed and "n_groups: 2" in printed
+    # A slice without its predicted mask, and a mask of another size, are named.
+    victim = next(out.rglob("*_mask.tif"))
+    victim.unlink()
+    with pytest.raises(InputError, match=rf"no predicted mask for 1 slice\(s\).*{victim.name}"):
+        score_submission("lgg", patients, out)
+    import tifffile
+
+    tifffile.imwrite(victim, np.zeros((10, 12), np.uint8))
+    with pytest.raises(InputError, match=rf"{victim.name}: mask is 12x10, the truth 256x256"):
+        score_submission("lgg", patients, out)
 
 
 def test_default_path_names_competition_experiment_and_date():

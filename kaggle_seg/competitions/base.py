@@ -115,7 +115,8 @@ class Competition(Protocol):
     scoring: ScoringKind
     rgb: bool  # images are colour pictures (shown as RGB); else one channel is shown grey
     instance_masks: bool  # `read_instances` works: truth is instances (mask_border targets)
-    # Columns of the submission CSV; None: no submission format (`kseg predict --save` only).
+    # Columns of the submission CSV; None: no submission format (`kseg predict --save` only);
+    # () with submission_suffix "": a folder of mask files (lgg).
     submission_columns: tuple[str, ...] | None
     submission_suffix: str  # the default submission file's suffix (".csv")
     # Columns `read_table` writes beyond the common ones, which `kseg folds` and training need:

@@ -8,16 +8,17 @@ not zero-padded: slices sort numerically.
 from __future__ import annotations
 
 import re
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from kaggle_seg.competitions.base import BaseCompetition, Skipped
+from kaggle_seg.competitions.base import BaseCompetition, Skipped, Stream, TestSet
 from kaggle_seg.competitions.images import check_same_size, read_tiff, skip_or_raise, tiff_size
 from kaggle_seg.config import DataConfig
-from kaggle_seg.errors import InputError
+from kaggle_seg.errors import InputError, KsegError
 
 CLASSES = ("abnormality",)
 _SLICE = re.compile(r"^(?P<folder>.+)_(?P<index>\d+)\.tif$")
@@ -43,6 +44,10 @@ class LGG(BaseCompetition):
     # predicted empty as a perfect 1, so a model that predicts nothing would look good.
     scoring = "groups"
     table_columns = ("patient", "series", "slice_index", "mask_path")
+    # No Kaggle format: `kseg submit` writes a folder of masks laid out as the dataset's own
+    # (<series>/<id>_mask.tif), which `kseg score -c lgg` scores per patient (lgg_masks.py).
+    submission_columns = ()
+    submission_suffix = ""
 
     def read_table(self, data_dir: Path, config: DataConfig) -> pd.DataFrame:
         data_dir = Path(data_dir)
@@ -116,6 +121,59 @@ class LGG(BaseCompetition):
         columns = ["id", "group", "series", "slice_index", "image_path", "height", "width"]
         table = pd.DataFrame(rows, columns=columns)
         return table.sort_values(["series", "slice_index"]).reset_index(drop=True)
+
+    def test_set(
+        self,
+        data_dir: Path,
+        test_dir: Path | None,
+        *,
+        scratch: ExitStack,
+        skipped: list[Skipped] | None,
+        fallback_volumes: int = 2,
+    ) -> TestSet:
+        """`test_dir`, else the patient folders of `data_dir` (kaggle_3m/ or the folder
+        itself): LGG has no test split, so new patients come in the dataset's own layout."""
+        data_dir = Path(data_dir)
+        if test_dir is not None:
+            folder = Path(test_dir)
+        else:
+            nested = data_dir / "kaggle_3m"
+            folder = nested if nested.is_dir() else data_dir
+        table = self.read_test_table(folder, skipped)
+        if table.empty and not skipped:
+            raise InputError(f"{folder}: no LGG slices (TCGA_*/<series>_<n>.tif)")
+        patients = table["group"].nunique()
+        return TestSet(table, [f"{len(table)} slices of {patients} patient(s) in {folder}"])
+
+    def write_submission(
+        self,
+        stream: Stream,
+        test: TestSet,
+        settings: Any,
+        out: Path,
+        skipped: list[Skipped] | None,
+    ) -> tuple[int, int]:
+        from kaggle_seg.competitions.lgg_masks import write_mask_folder
+        from kaggle_seg.submission import postprocessed_volumes
+
+        masks = (
+            (image_id, volume[0])
+            for ids, volume in postprocessed_volumes(stream, test.table, settings, None)
+            for image_id in ids
+        )
+        written = write_mask_folder(masks, test.table, Path(out))
+        return written, written
+
+    def score_submission(
+        self, truth: Path, submission: Path, images_dir: Path | None, **modes: Any
+    ) -> dict[str, Any]:
+        """`truth`: the dataset folder (its masks); `submission`: the folder `kseg submit`
+        wrote. The mean per-patient volume Dice, as the CV, with the per-image table."""
+        from kaggle_seg.competitions.lgg_masks import score_mask_folder
+
+        if any(modes.values()):
+            raise KsegError("--merged-classes, --dice and --hausdorff apply to uwmgi only")
+        return score_mask_folder(Path(truth), Path(submission))
 
     def read_image(self, row: Any) -> np.ndarray:
         """float32 [H, W, 3] in [0, 1]: pre-contrast, FLAIR, post-contrast."""
