@@ -58,6 +58,12 @@ def start_runtime(device: str | None = None, timeout: dt.timedelta | None = None
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise KsegError("--device cuda: no CUDA device is visible")
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:  # torch's "invalid device ordinal" would not say why
+            raise KsegError(
+                f"torchrun process {local_rank} on this machine has no GPU of its own: "
+                f"{visible} visible; use --nproc_per_node {visible}"
+            )
         torch.cuda.set_device(local_rank)
         resolved = torch.device("cuda", local_rank)
     else:

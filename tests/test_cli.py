@@ -304,3 +304,16 @@ def test_a_device_torch_does_not_know_names_the_option():
     with pytest.raises(KsegError, match=r"^--device gpu"):
         parse_device("gpu")
     assert parse_device("cpu").type == "cpu"
+
+
+def test_more_torchrun_processes_than_gpus_says_how_many_to_start(monkeypatch):
+    import torch
+
+    from kaggle_seg.errors import KsegError
+    from kaggle_seg.runtime import start_runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(KsegError, match=r"process 1 .* 1 visible; use --nproc_per_node 1$"):
+        start_runtime("cuda")
