@@ -222,7 +222,7 @@ def _predict_and_write(
         from kaggle_seg import submit_shards
         from kaggle_seg.runtime import gather
 
-        out = part_out = gather(out, runtime)[0]  # rank 0's dated name, on every rank
+        out = gather(out, runtime)[0]  # rank 0's dated name, on every rank
         part = submit_shards.shard_of(test, competition.volume_key, runtime.rank,
                                       runtime.world_size)  # fmt: skip
         part_skipped = submit_shards.skipped_of(skipped, part, test.table, runtime.rank)
