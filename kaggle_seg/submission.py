@@ -98,6 +98,15 @@ def stream_volumes(
         yield ids, probabilities, class_probabilities
 
 
+def postprocessed_images(
+    stream: Iterator[tuple[Any, ...]], table: pd.DataFrame, settings: Any
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(id, uint8 masks [K, H, W]) per image after `postprocess_masks`, for competitions whose
+    images stand alone (no volume rule)."""
+    for ids, masks in postprocessed_volumes(stream, table, settings, None):
+        yield from zip(ids, masks, strict=True)
+
+
 def postprocessed_volumes(
     stream: Iterator[tuple[Any, ...]], table: pd.DataFrame, settings: Any, volume_key: str | None
 ) -> Iterator[tuple[list[str], np.ndarray]]:

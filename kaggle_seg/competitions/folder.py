@@ -267,15 +267,11 @@ class Folder(BaseCompetition):
         out: Path,
         skipped: list[Skipped] | None,
     ) -> tuple[int, int]:
-        from kaggle_seg.submission import postprocessed_volumes
+        from kaggle_seg.submission import postprocessed_images
 
         options = self._settings()
         table = test.table
-        masks = (
-            (image_id, volume[0])
-            for ids, volume in postprocessed_volumes(stream, table, settings, None)
-            for image_id in ids
-        )
+        masks = postprocessed_images(stream, table, settings)
         if options.submission == "png":
             return self._write_pngs(masks, table, Path(out))
         from kaggle_seg.data.rle import encode_rle

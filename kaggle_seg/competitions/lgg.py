@@ -154,13 +154,9 @@ class LGG(BaseCompetition):
         skipped: list[Skipped] | None,
     ) -> tuple[int, int]:
         from kaggle_seg.competitions.lgg_masks import write_mask_folder
-        from kaggle_seg.submission import postprocessed_volumes
+        from kaggle_seg.submission import postprocessed_images
 
-        masks = (
-            (image_id, volume[0])
-            for ids, volume in postprocessed_volumes(stream, test.table, settings, None)
-            for image_id in ids
-        )
+        masks = postprocessed_images(stream, test.table, settings)
         written = write_mask_folder(masks, test.table, Path(out))
         return written, written
 
