@@ -41,6 +41,16 @@ def read_csv_checked(
     return frame
 
 
+def _output_mode(path: Path) -> int:
+    """The permission bits for `path`: those of the file it replaces, else 0o666 less the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)  # read it: there is no other portable way
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
@@ -54,7 +64,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise KsegError(f"{path}: cannot write ({exc.strerror or exc})") from exc
-    os.close(fd)
+    try:
+        # mkstemp's file is private (0o600); the output gets the mode a plain open() would give
+        # it, or keeps the one of the file it replaces.
+        os.fchmod(fd, _output_mode(path))
+    finally:
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp

@@ -287,3 +287,31 @@ def test_full_disk_names_the_csv_being_written(monkeypatch: pytest.MonkeyPatch, 
     with pytest.raises(KsegError, match=r"history\.csv: cannot write \(No space left on device\)"):
         write_csv_atomic(pd.DataFrame({"a": [1]}), target)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_get_the_mode_a_plain_write_would(tmp_path: Path):
+    """Outputs (checkpoints, postprocess.json, reports, submissions) go through a temporary
+    file; it must not leave them private to the owner (mkstemp's 0o600) where the umask says
+    otherwise, and a file replaced keeps its own mode."""
+    import os
+
+    from kaggle_seg.io import write_csv_atomic
+    from kaggle_seg.postprocess import default_postprocess, save_postprocess
+
+    old = os.umask(0o022)
+    try:
+        fresh = write_csv_atomic(pd.DataFrame({"a": [1]}), tmp_path / "table.csv")
+        settings = save_postprocess(default_postprocess(["x"]), tmp_path / "postprocess.json")
+        assert fresh.stat().st_mode & 0o777 == 0o644
+        assert settings.stat().st_mode & 0o777 == 0o644
+        os.chmod(fresh, 0o640)
+        write_csv_atomic(pd.DataFrame({"a": [2]}), fresh)
+        assert fresh.stat().st_mode & 0o777 == 0o640
+        os.umask(0o077)
+        assert (
+            save_postprocess(default_postprocess(["x"]), tmp_path / "private.json").stat().st_mode
+            & 0o777
+            == 0o600
+        )
+    finally:
+        os.umask(old)
