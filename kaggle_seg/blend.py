@@ -23,6 +23,7 @@ import numpy as np
 from kaggle_seg import runs
 from kaggle_seg.ensemble_weights import check_weights
 from kaggle_seg.errors import KsegError
+from kaggle_seg.io import atomic_path
 from kaggle_seg.probabilities import (
     ProbabilityFile,
     decode_probabilities,
@@ -34,6 +35,8 @@ from kaggle_seg.probabilities import (
 )
 
 BLEND_FILE = "blend.json"
+# What a blend writes in each fold folder.
+_FOLD_FILES = (runs.CONFIG_FILE, runs.OOF_FILE, runs.OOF_CLASSES_FILE)
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +123,16 @@ def blend_oof(
         raise KsegError("blending needs two experiments or more")
     if out.resolve() in {e.resolve() for e in experiments}:
         raise KsegError(f"{out}: the blend would overwrite one of its members; choose another")
+    _check_blend_dir(out)
     values = check_weights(weights, len(experiments), "experiment")
     total = sum(values)
     shares = [w / total for w in values]
     members = _member_folds(experiments)
+    # Written first: an interrupted blend is still a blend, which the next run may rewrite.
+    record = {"experiments": [str(e.resolve()) for e in experiments], "weights": shares}
+    with atomic_path(out / BLEND_FILE) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    _remove_stale_folds(out, set(members[0]))
     for fold in sorted(members[0]):
         fold_dirs = [m[fold] for m in members]
         config = runs.read_run_config(fold_dirs[0])
@@ -147,9 +156,32 @@ def blend_oof(
             )
         else:
             (target / runs.OOF_CLASSES_FILE).unlink(missing_ok=True)
-    record = {"experiments": [str(e.resolve()) for e in experiments], "weights": shares}
-    (out / BLEND_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+def _check_blend_dir(out: Path) -> None:
+    """A blend writes config.yaml and oof.npz into `out`'s fold folders: `out` must be new,
+    empty or an earlier blend (it holds blend.json), never a trained experiment or any other
+    folder whose files it would replace."""
+    if out.exists() and not out.is_dir():
+        raise KsegError(f"{out}: not a folder; choose another --blend-dir")
+    if out.is_dir() and not (out / BLEND_FILE).is_file() and any(out.iterdir()):
+        raise KsegError(
+            f"{out}: not empty and not an earlier blend (no {BLEND_FILE}): the blend would "
+            "overwrite its files; choose another --blend-dir"
+        )
+
+
+def _remove_stale_folds(out: Path, folds: set[int]) -> None:
+    """An earlier blend's fold folders that this one does not write (its members then held
+    other folds): their files would be tuned with the new ones."""
+    for fold, fold_dir in runs.list_folds(out):
+        if fold in folds:
+            continue
+        for name in _FOLD_FILES:
+            (fold_dir / name).unlink(missing_ok=True)
+        if not any(fold_dir.iterdir()):
+            fold_dir.rmdir()
 
 
 def blend_for_tuning(

@@ -157,3 +157,29 @@ def test_kseg_tune_with_several_experiments(
     assert single.stderr.strip() == (
         "error: --weights and --blend-dir need two --experiment folders or more"
     )
+
+
+def test_blend_never_overwrites_a_folder_that_is_no_blend(
+    members: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """`--blend-dir runs/<another experiment>` would replace that experiment's config.yaml and
+    oof.npz with the blend's: refused, nothing touched. An earlier blend is rewritten, and its
+    folds that the new members no longer hold are not left to be tuned with the new ones."""
+    _, (wide, narrow) = members
+    trained = tmp_path / "trained"
+    shutil.copytree(narrow, trained)
+    (trained / "fold_0" / "best.pt").write_bytes(b"weights")
+    before = {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()}
+    with pytest.raises(KsegError, match=rf"^{trained}: not empty and not an earlier blend"):
+        blend_oof([wide, narrow], trained)
+    assert {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()} == before
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(KsegError, match="a_file: not a folder"):
+        blend_oof([wide, narrow], tmp_path / "a_file")
+    # An earlier blend of members with three folds, blended again from members with two.
+    out = blend_oof([wide, narrow], tmp_path / "blend")
+    shutil.copytree(out / "fold_1", out / "fold_2")
+    blend_oof([wide, narrow], out, weights=[1, 3])
+    assert sorted(p.name for p in out.iterdir()) == [BLEND_FILE, "fold_0", "fold_1"]
+    assert json.loads((out / BLEND_FILE).read_text())["weights"] == [0.25, 0.75]
+    assert tune_experiment(out).folds == [0, 1]
