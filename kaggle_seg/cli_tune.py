@@ -56,4 +56,6 @@ def tune(
     typer.echo(f"wrote {result.path}: {result.settings.model_dump_json()}")
     if len(experiment) > 1:
         members = " ".join(f"--checkpoints {e}" for e in experiment)
-        typer.echo(f"submit it with: kseg submit {members} --postprocess {result.path}")
+        # The blend tuned is the weighted one: the submission must weigh its members the same.
+        shares = f" --weights {weights}" if weights is not None else ""
+        typer.echo(f"submit it with: kseg submit {members}{shares} --postprocess {result.path}")

@@ -147,6 +147,13 @@ def test_kseg_tune_with_several_experiments(
     )
     assert f"kseg submit --checkpoints {wide} --checkpoints {narrow} --postprocess" in result.output
     assert default_blend_dir([wide, narrow]) == wide.parent / "blend_wide_narrow"
+    # Tuned on a weighted blend: the submission line weighs its members the same way.
+    weighted = runner.invoke(app, [*args, "--weights", "3,1"])
+    assert weighted.exit_code == 0, weighted.output
+    assert (
+        f"kseg submit --checkpoints {wide} --checkpoints {narrow} --weights 3,1 --postprocess "
+        in weighted.output
+    )
     single = subprocess.run(
         [sys.executable, "-m", "kaggle_seg", "tune", "--experiment", str(wide), "--weights", "1"],
         capture_output=True,
