@@ -289,6 +289,11 @@ def tune_experiment(
     (default `experiment_dir / "postprocess.json"`); `after["score"] >= before["score"]` always.
     """
     experiment_dir = Path(experiment_dir)
+    if out is not None and Path(out).is_dir():  # found now, not after the search
+        raise KsegError(
+            f"--out {out}: is a folder; give the settings file, e.g. "
+            f"{Path(out) / runs.POSTPROCESS_FILE}"
+        )
     folds = oof_folds(experiment_dir)
     config, classes = _experiment_config(folds)
     competition = competition_for(config.data)

@@ -436,6 +436,22 @@ def test_tune_errors_name_the_problem(tmp_path: Path, uwmgi_root: Path) -> None:
         tune_experiment(tmp_path / "exp")
 
 
+def test_tune_refuses_an_out_folder_before_searching(
+    tmp_path: Path, uwmgi_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--out runs/exp` (the folder, not the file) is refused before the search, naming the
+    file meant, not after minutes of searching with an OS error."""
+    import kaggle_seg.tune as tune
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched before checking --out")
+
+    monkeypatch.setitem(tune.TUNERS, "volumes", no_search)
+    experiment = uwmgi_root / "runs" / "exp"
+    with pytest.raises(KsegError, match=rf"^--out {tmp_path}: is a folder; .*postprocess\.json$"):
+        tune_experiment(experiment, out=tmp_path)
+
+
 # ----------------------------------------------------------------------------- dsb2018
 
 
