@@ -115,6 +115,18 @@ def load_postprocess(path: str | Path) -> PostprocessConfig:
         ) from exc
 
 
+def check_settings_fit(settings: PostprocessConfig, outputs: Sequence[str], source: object) -> None:
+    """KsegError naming `source` (the settings file) unless the settings are for exactly the
+    model's output channels, as `kseg submit` requires: settings tuned for another experiment
+    (another competition, or mask targets for a mask + border model) would draw and score what
+    no submission makes."""
+    if list(settings.classes) != list(outputs):
+        raise KsegError(
+            f"{source}: post-processing for classes {', '.join(settings.classes)}, the run's "
+            f"model outputs {', '.join(outputs)}: tune this experiment (kseg tune)"
+        )
+
+
 def save_postprocess(settings: PostprocessConfig, path: str | Path) -> Path:
     """Write the settings as JSON, atomically; returns `path`."""
     from kaggle_seg.io import atomic_path

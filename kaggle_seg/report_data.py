@@ -47,6 +47,7 @@ class ExperimentRun:
     folds: list[FoldRun]
     config_text: str
     settings: Any = None  # PostprocessConfig from postprocess.json, None when not tuned
+    settings_path: Path | None = None  # that postprocess.json
     cv: pd.DataFrame | None = None  # index fold k ... and "all"; columns before, after
     images: pd.DataFrame | None = None  # per image, with its fold: scores under the tuned settings
     volumes: pd.DataFrame | None = None  # uwmgi per (case_day, class); lgg per patient
@@ -91,7 +92,7 @@ def read_run(path: str | Path) -> ExperimentRun:
     if settings_path.is_file():
         from kaggle_seg.postprocess import load_postprocess
 
-        run.settings = load_postprocess(settings_path)
+        run.settings, run.settings_path = load_postprocess(settings_path), settings_path
     return run
 
 
@@ -99,7 +100,7 @@ def score_run(run: ExperimentRun) -> None:
     """Fill run.cv / images / volumes from the folds' oof.npz (folds without one are noted)."""
     from kaggle_seg.competitions import competition_for
     from kaggle_seg.explain import table_of
-    from kaggle_seg.postprocess import default_postprocess
+    from kaggle_seg.postprocess import check_settings_fit, default_postprocess
     from kaggle_seg.probabilities import NpzProbabilities, load_class_oof
 
     scored = [f for f in run.folds if (f.path / runs.OOF_FILE).is_file()]
@@ -115,6 +116,7 @@ def score_run(run: ExperimentRun) -> None:
     outputs = runs.read_run_spec(scored[0].path, config).outputs
     settings = [default_postprocess(list(outputs))]
     if run.settings is not None:
+        check_settings_fit(run.settings, outputs, run.settings_path)
         settings.append(run.settings)
     per_setting: list[list[Frames]] = [[] for _ in settings]
     for fold in scored:

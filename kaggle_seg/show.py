@@ -133,6 +133,12 @@ def show_experiment(
     )
     if masking is None:
         masking = show_masking(experiment_dir, None)
+    if outputs is not None and not isinstance(masking, float | int):
+        from kaggle_seg.postprocess import check_settings_fit
+
+        # Tuned settings are the experiment's postprocess.json (show_masking).
+        source = experiment_dir / runs.POSTPROCESS_FILE if experiment_dir else "settings"
+        check_settings_fit(masking, outputs, source)
     from kaggle_seg.panels import write_panels
     from kaggle_seg.probabilities import NpzProbabilities
 

@@ -216,6 +216,21 @@ def test_report_is_one_self_contained_page(runs: dict[str, Path], tmp_path: Path
     assert re.search(r"min_nucleus", page)  # the DSB settings are shown
 
 
+def test_report_names_settings_tuned_for_other_outputs(runs: dict[str, Path], tmp_path: Path):
+    """A postprocess.json whose classes are not the model's outputs (one copied from another
+    experiment) is named, as kseg submit names it, not reported as a channel count."""
+    import shutil
+
+    from kaggle_seg.postprocess import default_postprocess, save_postprocess
+
+    experiment = tmp_path / "dsb_borders"
+    shutil.copytree(runs["dsb2018"], experiment)
+    settings = save_postprocess(default_postprocess(["nuclei"]), experiment / "postprocess.json")
+    with pytest.raises(KsegError, match=rf"^{settings}: post-processing for classes nuclei, "):
+        write_report([experiment], tmp_path / "report.html")
+    assert not (tmp_path / "report.html").exists()
+
+
 def test_report_errors_name_the_folder(tmp_path: Path):
     with pytest.raises(KsegError, match=r"no fold_<k>/config\.yaml"):
         write_report([tmp_path], tmp_path / "report.html")

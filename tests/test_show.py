@@ -121,6 +121,31 @@ def test_show_masks_with_the_tuned_settings_unless_a_threshold_is_given(dsb: dic
     assert len(written) == 2
 
 
+def test_show_refuses_settings_tuned_for_other_outputs(dsb: dict, tmp_path: Path):
+    """A postprocess.json for mask targets (classes: nuclei) beside a mask + border run: kseg
+    submit refuses it, so kseg show must not draw masks with it as "tuned"."""
+    import shutil
+
+    from kaggle_seg.postprocess import default_postprocess, save_postprocess
+    from kaggle_seg.show import show_masking
+
+    experiment = tmp_path / "fake"
+    shutil.copytree(dsb["experiment"], experiment)
+    settings = save_postprocess(default_postprocess(["nuclei"]), experiment / "postprocess.json")
+    expected = rf"^{settings}: post-processing for classes nuclei, the run's model outputs "
+    with pytest.raises(KsegError, match=expected + "nuclei, border"):
+        show_experiment(experiment, tmp_path / "out", worst=1)
+    with pytest.raises(KsegError, match=expected):
+        show_experiment(
+            experiment,
+            tmp_path / "out",
+            ids=[dsb["ids"][0]],
+            masking=show_masking(experiment, None),
+        )
+    assert not (tmp_path / "out").exists()
+    assert len(show_experiment(experiment, tmp_path / "out", worst=1, masking=0.5)) == 2
+
+
 def test_random_is_reproducible_with_a_seed(dsb: dict, tmp_path: Path):
     available = list(reversed(dsb["ids"]))
     first = select_ids(None, available, random=2, seed=7)
