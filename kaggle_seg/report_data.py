@@ -119,8 +119,10 @@ def score_run(run: ExperimentRun) -> None:
         check_settings_fit(run.settings, outputs, run.settings_path)
         settings.append(run.settings)
     per_setting: list[list[Frames]] = [[] for _ in settings]
+    seen: dict[str, Path] = {}  # id -> the OOF file that validated it
     for fold in scored:
         with NpzProbabilities([fold.path / runs.OOF_FILE]) as probabilities:
+            _check_distinct(seen, fold.path / runs.OOF_FILE, probabilities)
             rows = table[table["id"].astype(str).isin(set(probabilities))]
             if len(rows) != len(probabilities):
                 raise KsegError(
@@ -149,6 +151,19 @@ def score_run(run: ExperimentRun) -> None:
     run.cv = pd.DataFrame(cv)
     if "after" not in run.cv:
         run.cv["after"] = math.nan
+
+
+def _check_distinct(seen: dict[str, Path], path: Path, ids: Any) -> None:
+    """Each image in one fold's OOF only: a fold trained on another split would be counted
+    twice in the CV (and `kseg tune` refuses it the same way)."""
+    for image_id in ids:
+        if image_id in seen:
+            raise KsegError(
+                f"{path}: {image_id} is also in {seen[image_id]}: the folds of one experiment "
+                "validate distinct images (a fold trained on another folds.csv? retrain it, or "
+                "move it aside)"
+            )
+        seen[image_id] = path
 
 
 # --- scorers -----------------------------------------------------------------------------------

@@ -231,6 +231,18 @@ def test_report_names_settings_tuned_for_other_outputs(runs: dict[str, Path], tm
     assert not (tmp_path / "report.html").exists()
 
 
+def test_report_refuses_folds_that_validate_the_same_image(runs: dict[str, Path], tmp_path: Path):
+    import shutil
+
+    experiment = tmp_path / "lgg_two"
+    shutil.copytree(runs["lgg"], experiment)
+    (experiment / "postprocess.json").unlink(missing_ok=True)
+    shutil.copy(experiment / "fold_0" / "oof.npz", experiment / "fold_1" / "oof.npz")
+    with pytest.raises(KsegError, match=r"fold_1/oof\.npz: \S+ is also in \S+fold_0/oof\.npz: "):
+        write_report([experiment], tmp_path / "report.html")
+    assert not (tmp_path / "report.html").exists()
+
+
 def test_report_errors_name_the_folder(tmp_path: Path):
     with pytest.raises(KsegError, match=r"no fold_<k>/config\.yaml"):
         write_report([tmp_path], tmp_path / "report.html")

@@ -452,6 +452,22 @@ def test_tune_refuses_an_out_folder_before_searching(
         tune_experiment(experiment, out=tmp_path)
 
 
+def test_tune_refuses_folds_that_validate_the_same_image(tmp_path: Path, uwmgi_root: Path) -> None:
+    """fold_1 trained on another folds.csv holds images fold_0 validated too: each would count
+    twice (or the last file's silently) in the CV the settings are chosen on."""
+    experiment = tmp_path / "runs" / "exp"
+    shutil.copytree(uwmgi_root / "runs" / "exp", experiment)
+    shutil.copy(experiment / "fold_0" / "oof.npz", experiment / "fold_1" / "oof.npz")
+    first = sorted(open_probabilities(experiment / "fold_0" / "oof.npz"))[0]
+    with pytest.raises(
+        KsegError,
+        match=rf"^{experiment / 'fold_1' / 'oof.npz'}: {first} is also in "
+        rf"{experiment / 'fold_0' / 'oof.npz'}: ",
+    ):
+        tune_experiment(experiment, out=tmp_path / "settings.json")
+    assert not (tmp_path / "settings.json").exists()
+
+
 # ----------------------------------------------------------------------------- dsb2018
 
 
