@@ -13,6 +13,7 @@ bookkeeping.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +40,8 @@ from kaggle_seg.tune_instances import tune_instance_settings
 from kaggle_seg.tune_masks import Tuned, tune_image_masks, tune_volume_masks
 
 _STORED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16))
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,6 +73,18 @@ def oof_folds(experiment_dir: Path) -> list[tuple[int, Path]]:
     if not folds:
         raise KsegError(
             f"no out-of-fold predictions in {experiment_dir}: train with kseg train first"
+        )
+    with_oof = {k for k, _ in folds}
+    untuned = [k for k, _ in runs.list_folds(experiment_dir, runs.BEST_CHECKPOINT)]
+    if untuned := [k for k in untuned if k not in with_oof]:
+        # kseg submit predicts with them: the settings would be chosen without their images.
+        log.warning(
+            "%s: fold(s) %s have %s but no %s (still training, or stopped before the OOF "
+            "pass: kseg train --resume): tuned without them",
+            experiment_dir,
+            ",".join(map(str, untuned)),
+            runs.BEST_CHECKPOINT,
+            runs.OOF_FILE,
         )
     return folds
 

@@ -468,6 +468,28 @@ def test_tune_refuses_folds_that_validate_the_same_image(tmp_path: Path, uwmgi_r
     assert not (tmp_path / "settings.json").exists()
 
 
+def test_tune_warns_of_trained_folds_without_oof(
+    tmp_path: Path, uwmgi_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """fold_1 has best.pt (kseg submit predicts with it) but no oof.npz (still training, or
+    stopped before the OOF pass): tuned on fold 0, and the log says which fold was left out."""
+    import logging
+
+    experiment = tmp_path / "runs" / "exp"
+    shutil.copytree(uwmgi_root / "runs" / "exp", experiment)
+    (experiment / "fold_1" / "oof.npz").unlink()
+    (experiment / "fold_1" / "best.pt").write_bytes(b"weights")
+    (experiment / "fold_2.old-20260101-000000").mkdir()  # moved aside: no fold
+    (experiment / "fold_2.old-20260101-000000" / "best.pt").write_bytes(b"weights")
+    with caplog.at_level(logging.WARNING, logger="kaggle_seg.tune"):
+        assert tune_experiment(experiment).folds == [0]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"{experiment}: fold(s) 1 have best.pt but no oof.npz (still training, or stopped "
+        "before the OOF pass: kseg train --resume): tuned without them"
+    ]
+
+
 # ----------------------------------------------------------------------------- dsb2018
 
 
