@@ -112,15 +112,29 @@ def folds(
     force: Annotated[
         bool, typer.Option(help="Rewrite an existing folds file (another seed or fold count).")
     ] = False,
+    group_by: Annotated[
+        str | None,
+        typer.Option(
+            help="Table column(s) whose values stay in one fold, e.g. height,width (DSB image "
+            "kinds); default: the table's group (case, patient, image)."
+        ),
+    ] = None,
 ) -> None:
     """Split the table into grouped, stratified folds (written once, then reused; another
     --seed or --n-folds than the file's is refused without --force)."""
     from kaggle_seg.prepare import folds_for_table
 
-    result, reused = folds_for_table(competition, table, out, n_folds, seed, force)
+    result, reused = folds_for_table(competition, table, out, n_folds, seed, force, group_by)
     verb = "reused" if reused else "wrote"
     counts = result.groupby("fold").size()
-    typer.echo(f"{verb} {out}: " + ", ".join(f"fold {k}: {n}" for k, n in counts.items()))
+    groups = result.groupby("fold")["group"].nunique() if "group" in result else None
+    typer.echo(
+        f"{verb} {out}: "
+        + ", ".join(
+            f"fold {k}: {n}" + ("" if groups is None else f" ({groups[k]} groups)")
+            for k, n in counts.items()
+        )
+    )
 
 
 app.command()(score)  # after folds, as in the workflow

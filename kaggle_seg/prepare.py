@@ -78,11 +78,21 @@ def check_table_fits(competition: str, table: pd.DataFrame, path: Path) -> None:
 
 
 def folds_for_table(
-    competition: str, table_path: Path, out: Path, n_folds: int, seed: int, force: bool
+    competition: str,
+    table_path: Path,
+    out: Path,
+    n_folds: int,
+    seed: int,
+    force: bool,
+    group_by: str | None = None,
 ) -> tuple[pd.DataFrame, bool]:
     """Folds of the table at `table_path` (written once to `out`, then reused); see
-    `write_or_reuse_folds`. A table of another competition is refused before anything is written."""
+    `write_or_reuse_folds`, and `fold_groups` for `group_by`. A table of another competition is
+    refused before anything is written."""
+    from kaggle_seg.data.folds import fold_groups
+
     table = read_table(table_path)
     check_table_fits(competition, table, Path(table_path))
+    groups = fold_groups(table, group_by, str(table_path))
     labels = get_competition(competition).stratify_labels(table)
-    return write_or_reuse_folds(table, labels, out, n_folds, seed, force)
+    return write_or_reuse_folds(table, labels, out, n_folds, seed, force, groups)

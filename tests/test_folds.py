@@ -193,3 +193,29 @@ def test_kseg_folds_refusals_are_one_line_errors(dsb_table: Path, tmp_path: Path
     assert seed.returncode != 0 and out.read_bytes() == written
     assert seed.stderr.startswith(f"error: {out} is not the split --seed 7 gives")
     assert len(seed.stderr.strip().splitlines()) == 1
+
+
+def test_group_by_keeps_each_image_kind_in_one_fold(dsb_table: Path, tmp_path: Path):
+    """`kseg folds --group-by height,width`: DSB's image kinds (by size) held out whole, so a
+    fold scores kinds its model never saw; the file is reused only for the same grouping."""
+    table = pd.read_csv(dsb_table)
+    out = tmp_path / "folds.csv"
+    folds, reused = folds_for_table("dsb2018", dsb_table, out, 2, 42, False, "height,width")
+    assert not reused
+    merged = table.merge(folds[["id", "fold"]], on="id")
+    assert (merged.groupby(["height", "width"])["fold"].nunique() == 1).all()
+    kinds = zip(table["height"], table["width"], strict=True)
+    assert set(folds["group"]) == {f"{h}/{w}" for h, w in kinds}
+    assert merged["fold"].nunique() == 2
+    _, reused = folds_for_table("dsb2018", dsb_table, out, 2, 42, False, "height,width")
+    assert reused
+    with pytest.raises(KsegError, match=r"another seed or --group-by wrote it"):
+        folds_for_table("dsb2018", dsb_table, out, 2, 42, False)
+    with pytest.raises(InputError, match=r"^--group-by kind: no column kind in .*table\.csv"):
+        folds_for_table("dsb2018", dsb_table, tmp_path / "k.csv", 2, 42, False, "kind")
+    # A column of the user's own (a clustering's labels), with one row left blank.
+    table["kind"] = np.where(table["height"] == 256, "fluorescence", "other")
+    table.loc[3, "kind"] = None
+    table.to_csv(tmp_path / "holes.csv", index=False)
+    with pytest.raises(InputError, match=rf"holes\.csv line 5 \({table['id'][3]}\) has no value"):
+        folds_for_table("dsb2018", tmp_path / "holes.csv", tmp_path / "h.csv", 2, 42, False, "kind")

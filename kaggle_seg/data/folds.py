@@ -59,9 +59,33 @@ def read_folds(path: str | Path) -> pd.DataFrame:
     return frame
 
 
+def fold_groups(table: pd.DataFrame, group_by: str | None, source: str) -> pd.Series:
+    """What the folds keep together: the table's `group` column (case, patient, image), or
+    the columns of `--group-by A,B` joined (DSB: `height,width` keeps each image kind, so a
+    fold's score is on kinds its model never saw, as a test set's new kinds are)."""
+    if not group_by:
+        return table["group"]
+    columns = [c.strip() for c in group_by.split(",") if c.strip()]
+    missing = [c for c in columns if c not in table.columns]
+    if not columns or missing:
+        raise InputError(
+            f"--group-by {group_by}: no column {', '.join(missing) or '(empty)'} in {source}; "
+            f"it has {', '.join(table.columns)}"
+        )
+    values = table[columns]
+    empty = (values.isna() | values.astype(str).apply(lambda c: c.str.strip() == "")).any(axis=1)
+    if empty.any():
+        i = int(empty.to_numpy().argmax())
+        raise InputError(
+            f"--group-by {group_by}: {source} line {i + 2} ({table['id'].iloc[i]}) has no value"
+        )
+    return table[columns].astype(str).agg("/".join, axis=1).rename("group")
+
+
 def _check_reusable(
     existing: pd.DataFrame,
     table: pd.DataFrame,
+    groups: pd.Series,
     labels: pd.Series,
     out: Path,
     n_folds: int,
@@ -80,27 +104,36 @@ def _check_reusable(
     # The CSV keeps no seed; the split is deterministic for a seed, so splitting again with the
     # asked one and comparing says whether the file is what was asked for (another seed, or a
     # table prepared again since, must not pass silently as the user's split).
-    fresh = make_folds(table["id"], table["group"], labels, n_folds, seed)
+    fresh = make_folds(table["id"], groups, labels, n_folds, seed)
     both = fresh.merge(existing[["id", "fold"]], on="id", suffixes=("", "_written"))
     if len(both) != len(fresh) or (both["fold"] != both["fold_written"]).any():
         raise KsegError(
-            f"{out} is not the split --seed {seed} gives (another seed wrote it, or the table "
-            "changed since): pass the --seed it was written with, or --force to rewrite it"
+            f"{out} is not the split --seed {seed} gives (another seed or --group-by wrote it, "
+            "or the table changed since): pass the options it was written with, or --force to "
+            "rewrite it"
         )
 
 
 def write_or_reuse_folds(
-    table: pd.DataFrame, labels: pd.Series, out: str | Path, n_folds: int, seed: int, force: bool
+    table: pd.DataFrame,
+    labels: pd.Series,
+    out: str | Path,
+    n_folds: int,
+    seed: int,
+    force: bool,
+    groups: pd.Series | None = None,
 ) -> tuple[pd.DataFrame, bool]:
-    """Write the folds file, or reuse an existing one of the same ids, fold count and seed.
+    """Write the folds file, or reuse an existing one of the same ids, fold count, seed and
+    grouping (`groups`, default the table's `group` column).
 
     Returns (folds, reused). An existing file that disagrees is an error unless `force`.
     """
     out = Path(out)
+    groups = table["group"] if groups is None else groups
     if out.exists() and not force:
         existing = read_folds(out)
-        _check_reusable(existing, table, labels, out, n_folds, seed)
+        _check_reusable(existing, table, groups, labels, out, n_folds, seed)
         return existing, True
-    folds = make_folds(table["id"], table["group"], labels, n_folds, seed)
+    folds = make_folds(table["id"], groups, labels, n_folds, seed)
     write_csv_atomic(folds, out)
     return folds, False
