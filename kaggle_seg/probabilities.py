@@ -105,7 +105,7 @@ class ProbabilityFile(Mapping[str, np.ndarray]):
         try:
             self._archive = zipfile.ZipFile(self.path)
         except (OSError, zipfile.BadZipFile) as exc:
-            raise KsegError(f"{self.path}: not a readable npz ({exc})") from exc
+            raise _unreadable(self.path, exc) from exc
         self._members = {
             info.filename[: -len(".npy")]: info
             for info in self._archive.infolist()
@@ -209,10 +209,20 @@ def save_class_oof(class_probabilities: dict[str, np.ndarray], path: Path) -> No
         np.savez_compressed(handle, **arrays)
 
 
+def _unreadable(path: Path, exc: BaseException) -> KsegError:
+    """One line naming an npz that does not load, in kseg's words where it is no zip at all
+    (numpy would say it holds pickled data)."""
+    why = str(exc) if zipfile.is_zipfile(path) else "no zip archive: truncated, or another format"
+    return KsegError(f"{path}: not a readable npz ({why})")
+
+
 def load_class_oof(path: Path) -> dict[str, np.ndarray]:
     """oof_classes.npz back as id -> float32 [K] class probabilities."""
-    with np.load(path) as data:
-        return {k: data[k].astype(np.float32) for k in data.files}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k].astype(np.float32) for k in data.files}
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile) as exc:
+        raise _unreadable(Path(path), exc) from exc
 
 
 class ProbabilityWriter:
@@ -260,11 +270,12 @@ class NpzProbabilities(Mapping[str, np.ndarray]):
                 if not Path(path).is_file():
                     raise KsegError(f"{path}: predictions file not found")
                 try:
-                    npz = self._stack.enter_context(np.load(path, allow_pickle=False))
-                except (OSError, ValueError) as exc:
-                    raise KsegError(f"{path}: not a readable npz ({exc})") from exc
+                    npz = np.load(path, allow_pickle=False)
+                except (OSError, ValueError, zipfile.BadZipFile) as exc:
+                    raise _unreadable(Path(path), exc) from exc
                 if not hasattr(npz, "files"):
                     raise KsegError(f"{path}: a single array, expected an npz of id -> [K, H, W]")
+                self._stack.enter_context(npz)
                 for image_id in npz.files:
                     self._where.setdefault(image_id, npz)
         except BaseException:

@@ -69,3 +69,27 @@ def test_unreadable_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "oof.npz").write_text("not a zip")
     with pytest.raises(KsegError, match=r"oof\.npz: not a readable npz"):
         open_probabilities(tmp_path / "oof.npz")
+
+
+def test_every_reader_names_a_truncated_or_foreign_file(tmp_path: Path) -> None:
+    """A truncated oof.npz (a copy cut short), a file of another format and a single .npy:
+    `kseg tune`, `show`, `report` and the class-head reader each name the file in one line."""
+    from kaggle_seg.probabilities import NpzProbabilities, load_class_oof, save_class_oof
+
+    save_oof(sample(np.random.default_rng(0)), tmp_path / "whole.npz", "float16")
+    data = (tmp_path / "whole.npz").read_bytes()
+    (tmp_path / "oof.npz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.npz").write_text("not a zip")
+    np.save(tmp_path / "single.npy", np.zeros((2, 3)))
+    save_class_oof({"a": np.ones(2)}, tmp_path / "classes.npz")
+    classes = (tmp_path / "classes.npz").read_bytes()
+    (tmp_path / "oof_classes.npz").write_bytes(classes[: len(classes) // 2])
+    readers = (open_probabilities, lambda p: NpzProbabilities([p]), load_class_oof)
+    for path in (tmp_path / "oof.npz", tmp_path / "text.npz", tmp_path / "oof_classes.npz"):
+        for read in readers:
+            with pytest.raises(KsegError, match=rf"^{path}: not a readable npz \(no zip archive"):
+                read(path)
+    with pytest.raises(KsegError, match=r"single\.npy: a single array, expected an npz"):
+        NpzProbabilities([tmp_path / "single.npy"])
+    with pytest.raises(KsegError, match=r"single\.npy: not a readable npz"):
+        load_class_oof(tmp_path / "single.npy")
