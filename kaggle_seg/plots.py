@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-
 from kaggle_seg.errors import KsegError
 from kaggle_seg.io import atomic_path
+from kaggle_seg.runs import read_history
 
 
 def plot_history(run_dir: Path, out: Path | None = None) -> Path:
@@ -20,7 +19,7 @@ def plot_history(run_dir: Path, out: Path | None = None) -> Path:
     history_path = Path(run_dir) / "history.csv"
     if not history_path.is_file():
         raise KsegError(f"{run_dir}: no history.csv (is this a runs/<experiment>/fold_<k> folder?)")
-    history = pd.read_csv(history_path)
+    history = read_history(run_dir)
     losses = [c for c in history.columns if c.endswith("_loss") or c.startswith("train_")]
     losses = [c for c in losses if c not in ("train_seconds",)]
     metrics = [c for c in ("score", "dice", "iou", "precision", "recall", "map", "gi_dice",

@@ -76,8 +76,7 @@ def read_run(path: str | Path) -> ExperimentRun:
         )
     fold_runs = []
     for fold, folder in folds:
-        history_path = folder / runs.HISTORY_FILE
-        history = pd.read_csv(history_path) if history_path.is_file() else None
+        history = runs.read_history(folder)
         fold_runs.append(FoldRun(fold, folder, runs.read_run_config(folder), history))
     single = runs.is_fold_dir(path)
     experiment_dir = path.parent if single else path

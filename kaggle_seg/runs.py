@@ -195,6 +195,22 @@ def read_run_value(run_dir: Path, *keys: str) -> Any:
     return value
 
 
+def read_history(run_dir: Path) -> Any:
+    """A fold's history.csv as a DataFrame, None when it has none; a file that does not parse
+    (emptied, cut short, edited by hand) is a KsegError naming it."""
+    import pandas as pd
+
+    from kaggle_seg.errors import one_line
+
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise KsegError(f"{path}: not a readable CSV ({one_line(exc)})") from exc
+
+
 def read_run_spec(run_dir: Path, config: Any = None) -> Any:
     """The ModelSpec of a fold: the one its best.pt stores (read without loading the weights),
     else built from its config (a run of an older kseg, or one before its first best.pt)."""

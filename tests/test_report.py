@@ -243,6 +243,25 @@ def test_report_refuses_folds_that_validate_the_same_image(runs: dict[str, Path]
     assert not (tmp_path / "report.html").exists()
 
 
+def test_a_broken_history_csv_is_named(runs: dict[str, Path], tmp_path: Path):
+    """history.csv emptied or cut inside a quoted field (edited by hand, a copy cut short):
+    kseg report and kseg plot name it in one line."""
+    import shutil
+
+    from kaggle_seg.plots import plot_history
+
+    experiment = tmp_path / "lgg_two"
+    shutil.copytree(runs["lgg"], experiment)
+    history = experiment / "fold_1" / "history.csv"
+    for broken in ("", 'epoch,train_loss\n1,0.5\n2,"0.4\n'):
+        history.write_text(broken)
+        with pytest.raises(KsegError, match=rf"^{history}: not a readable CSV \("):
+            write_report([experiment], tmp_path / "report.html")
+        with pytest.raises(KsegError, match=rf"^{history}: not a readable CSV \("):
+            plot_history(history.parent)
+    assert not (tmp_path / "report.html").exists()
+
+
 def test_report_errors_name_the_folder(tmp_path: Path):
     with pytest.raises(KsegError, match=r"no fold_<k>/config\.yaml"):
         write_report([tmp_path], tmp_path / "report.html")
