@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from kaggle_seg.errors import KsegError
+from kaggle_seg.runs import run_file
 
 HEAT_ALPHA = 0.5
 HEAT_COLOURMAP = "jet"
@@ -277,18 +278,6 @@ def write_grid(
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
-    return path
-
-
-def run_file(path: str | Path, run_dir: Path) -> Path:
-    """A path a run's config names (data.table, data.folds): as given when it exists, else
-    relative to a folder above the run (the root `kseg train` ran in)."""
-    path = Path(path)
-    if path.is_file() or path.is_absolute():
-        return path
-    for parent in Path(run_dir).resolve().parents:
-        if (parent / path).is_file():
-            return parent / path
     return path
 
 

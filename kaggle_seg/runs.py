@@ -211,6 +211,18 @@ def read_history(run_dir: Path) -> Any:
         raise KsegError(f"{path}: not a readable CSV ({one_line(exc)})") from exc
 
 
+def run_file(path: str | Path, run_dir: Path) -> Path:
+    """A path a run's config names (data.table, data.folds): as given when it exists, else
+    relative to a folder above the run (the root `kseg train` ran in)."""
+    path = Path(path)
+    if path.is_file() or path.is_absolute():
+        return path
+    for parent in Path(run_dir).resolve().parents:
+        if (parent / path).is_file():
+            return parent / path
+    return path
+
+
 def read_run_spec(run_dir: Path, config: Any = None) -> Any:
     """The ModelSpec of a fold: the one its best.pt stores (read without loading the weights),
     else built from its config (a run of an older kseg, or one before its first best.pt)."""

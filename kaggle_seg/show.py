@@ -122,7 +122,9 @@ def show_experiment(
         for fold_dir, config in configs:
             if config.data.table is None:
                 raise KsegError(f"{fold_dir / runs.CONFIG_FILE}: data.table is not set")
-            named.setdefault(Path(config.data.table), fold_dir / runs.CONFIG_FILE)
+            # Relative to the cwd, else to the root above the run, as kseg tune and report.
+            table_path = runs.run_file(config.data.table, fold_dir)
+            named.setdefault(table_path, fold_dir / runs.CONFIG_FILE)
         if not named:
             raise KsegError("--predictions: pass --table too (no fold config names a table)")
         frames = [_read_table(path, f"{source} data.table") for path, source in named.items()]

@@ -204,6 +204,21 @@ def test_clear_errors(dsb: dict, tmp_path: Path):
         show_experiment(moved / "fake", tmp_path, random=1)
 
 
+def test_show_finds_a_relative_table_from_another_folder(
+    dsb: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """data.table is relative to where kseg train ran; run from elsewhere, kseg show finds it
+    above the run folder, as kseg tune and kseg report do."""
+    root = tmp_path / "project"
+    write_csv_atomic(dsb["table"], root / "table.csv")
+    oof = {i: dsb["oof"][i] for i in dsb["ids"][:2]}
+    experiment = fake_experiment(root / "runs", "dsb2018", Path("table.csv"), oof, "mask_border")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    written = show_experiment(experiment, tmp_path / "out", worst=1)
+    assert len(written) == 2 and written[0].name.removesuffix("_panel.png") in oof
+
+
 def test_worst_ranks_by_score_then_id():
     scores = pd.DataFrame({"id": ["c", "a", "b", "d"], "score": [0.5, 0.2, 0.2, np.nan]})
     assert select_ids(scores, ["a", "b", "c", "d"], worst=2) == ["a", "b"]
