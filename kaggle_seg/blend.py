@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from kaggle_seg import runs
+from kaggle_seg.config import save_config
 from kaggle_seg.ensemble_weights import check_weights
 from kaggle_seg.errors import KsegError
 from kaggle_seg.io import atomic_path
@@ -139,7 +140,7 @@ def blend_oof(
         files = [open_probabilities(d / runs.OOF_FILE) for d in fold_dirs]
         target = out / f"fold_{fold}"
         target.mkdir(parents=True, exist_ok=True)
-        shutil.copy(fold_dirs[0] / runs.CONFIG_FILE, target / runs.CONFIG_FILE)
+        save_config(_with_found_paths(config, fold_dirs[0]), target / runs.CONFIG_FILE)
         write_mappable_npz(
             _blended_arrays(files, shares, config.train.oof_dtype), target / runs.OOF_FILE
         )
@@ -157,6 +158,18 @@ def blend_oof(
         else:
             (target / runs.OOF_CLASSES_FILE).unlink(missing_ok=True)
     return out
+
+
+def _with_found_paths(config: Any, fold_dir: Path) -> Any:
+    """The member's config with data.table and data.folds as the absolute paths found from its
+    run folder: the blend may sit elsewhere (--blend-dir), and tune, report and show find a
+    relative table from the run's folder."""
+    found = {}
+    for key in ("table", "folds"):
+        value = getattr(config.data, key)
+        if value is not None and (path := runs.run_file(value, fold_dir)).is_file():
+            found[key] = path.resolve()
+    return config.model_copy(update={"data": config.data.model_copy(update=found)})
 
 
 def _check_blend_dir(out: Path) -> None:

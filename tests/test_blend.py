@@ -190,3 +190,26 @@ def test_blend_never_overwrites_a_folder_that_is_no_blend(
     assert sorted(p.name for p in out.iterdir()) == [BLEND_FILE, "fold_0", "fold_1"]
     assert json.loads((out / BLEND_FILE).read_text())["weights"] == [0.25, 0.75]
     assert tune_experiment(out).folds == [0, 1]
+
+
+def test_a_blend_elsewhere_still_finds_its_table(
+    members: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Members trained with a relative data.table, blended into a --blend-dir outside their
+    root: the blend can be tuned (and reported) again later from any folder."""
+    root, experiments = members
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(root / "table.csv", project / "table.csv")
+    copies = []
+    for experiment in experiments:
+        copy = project / "runs" / experiment.name
+        shutil.copytree(experiment, copy)
+        config = ExperimentConfig(data=DataConfig(competition="uwmgi", table=Path("table.csv")))
+        for fold_dir in copy.glob("fold_*"):
+            save_config(config, fold_dir / "config.yaml")
+        copies.append(copy)
+    monkeypatch.chdir(project)
+    out = blend_oof(copies, tmp_path / "elsewhere" / "blend")
+    monkeypatch.chdir(tmp_path)
+    assert tune_experiment(out).folds == [0, 1]
