@@ -142,6 +142,7 @@ def write_panels(
     *,
     masking: Masking = 0.5,
     outputs: Sequence[str] | None = None,
+    heads: Mapping[str, np.ndarray] | None = None,
 ) -> list[Path]:
     """For each id, `<id>_panel.png` (image | truth | prediction; no truth column for a row without
     labels) and `<id>_overlay.png` (the image with truth outlines green, predicted outlines red,
@@ -149,7 +150,8 @@ def write_panels(
     colour per class) in
     `out_dir`. Titles carry the id and, where the truth is known, the image's score. dsb2018 draws
     nuclei (truth instances, predicted instances from `split_instances`). Returns the paths, two
-    per id, in order. `outputs` names the probability channels (see `output_channels`).
+    per id, in order. `outputs` names the probability channels (see `output_channels`); `heads`
+    the images' classification-head probabilities, for tuned settings' gate_probability.
     """
     competition = as_competition(competition)
     out_dir = Path(out_dir)
@@ -168,12 +170,13 @@ def write_panels(
         check_shape(image_id, probability, height, width)
         image = _display_image(competition, competition.read_image(row))
         channels = output_channels(competition, probability, outputs)
-        masks = class_masks(competition, probability, channels, masking)
+        head = heads.get(image_id) if heads else None
+        masks = class_masks(competition, probability, channels, masking, head)
         predicted = instance_map(probability, channels, masking) if instances else None
         truth = read_truth_masks(competition, row) if has_truth(competition, row) else None
         title = image_id
         if truth is not None:
-            score = score_image(competition, truth, probability, masking, channels)["score"]
+            score = score_image(competition, truth, probability, masking, channels, head)["score"]
             title = f"{image_id}\n{score_name} {score:.3f}"
 
         pictures = [("image", image)]

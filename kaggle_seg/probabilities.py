@@ -225,6 +225,18 @@ def load_class_oof(path: Path) -> dict[str, np.ndarray]:
         raise _unreadable(Path(path), exc) from exc
 
 
+def load_class_oofs(paths: Sequence[Path]) -> dict[str, np.ndarray] | None:
+    """The oof_classes.npz of several folds as one id -> [K] mapping (files that do not exist
+    skipped: folds of a model without a classification head); None when there is none."""
+    found = [Path(p) for p in paths if Path(p).is_file()]
+    if not found:
+        return None
+    merged: dict[str, np.ndarray] = {}
+    for path in found:
+        merged.update(load_class_oof(path))
+    return merged
+
+
 class ProbabilityWriter:
     """Streams id -> [K, H, W] probabilities into one .npz in the format above, one array at a
     time (the test set is never held in memory). Written to a temporary file and renamed on

@@ -86,7 +86,7 @@ def _panels(run: ExperimentRun) -> str:
     from kaggle_seg import runs
     from kaggle_seg.explain import table_of
     from kaggle_seg.panels import write_panels
-    from kaggle_seg.probabilities import NpzProbabilities
+    from kaggle_seg.probabilities import NpzProbabilities, load_class_oofs
 
     picks = _panel_ids(run)
     if not picks:
@@ -94,6 +94,7 @@ def _panels(run: ExperimentRun) -> str:
     folds = [f for f in run.folds if (f.path / runs.OOF_FILE).is_file()]
     table = table_of(folds[0].config, folds[0].path)
     outputs = runs.read_run_spec(folds[0].path, folds[0].config).outputs
+    heads = load_class_oofs([f.path / runs.OOF_CLASSES_FILE for f in folds])  # as the tables
     parts = []
     with (
         tempfile.TemporaryDirectory(prefix="kseg-report-") as folder,
@@ -108,6 +109,7 @@ def _panels(run: ExperimentRun) -> str:
                 Path(folder),
                 masking=0.5 if run.settings is None else run.settings,  # as the tables score
                 outputs=outputs,
+                heads=heads,
             )
             panel = next(p for p in written if p.name.endswith("_panel.png"))
             parts.append(

@@ -142,7 +142,12 @@ def show_experiment(
         source = experiment_dir / runs.POSTPROCESS_FILE if experiment_dir else "settings"
         check_settings_fit(masking, outputs, source)
     from kaggle_seg.panels import write_panels
-    from kaggle_seg.probabilities import NpzProbabilities
+    from kaggle_seg.probabilities import NpzProbabilities, load_class_oofs
+
+    # The OOF's classification-head probabilities: tuned settings' gate_probability reads them.
+    heads = None if predictions is not None else load_class_oofs(
+        [p / runs.OOF_CLASSES_FILE for p in oof_dirs]
+    )  # fmt: skip
 
     with NpzProbabilities(files) as probabilities:
         known = set(frame["id"].astype(str))
@@ -156,8 +161,9 @@ def show_experiment(
         scores = None
         if worst is not None or typical is not None:
             scores = image_scores(
-                competition_plugin, frame, probabilities, masking=masking, outputs=outputs
-            )
+                competition_plugin, frame, probabilities, masking=masking, outputs=outputs,
+                heads=heads,
+            )  # fmt: skip
         chosen = select_ids(
             scores, list(probabilities), ids=ids, random=random, worst=worst, typical=typical,
             seed=seed,
@@ -170,4 +176,5 @@ def show_experiment(
             Path(out_dir),
             masking=masking,
             outputs=outputs,
+            heads=heads,
         )

@@ -129,15 +129,23 @@ Masking = Union[float, "PostprocessConfig"]
 
 
 def class_masks(
-    competition: Competition, probabilities: np.ndarray, channels: Sequence[str], masking: Masking
+    competition: Competition,
+    probabilities: np.ndarray,
+    channels: Sequence[str],
+    masking: Masking,
+    head: np.ndarray | None = None,
 ) -> np.ndarray:
-    """uint8 [K, H, W] masks of the competition's classes, taken from the channels by name."""
+    """uint8 [K, H, W] masks of the competition's classes, taken from the channels by name;
+    `head`: the image's classification-head probabilities, which tuned settings' gate_probability
+    reads (as kseg submit and kseg report apply it)."""
     from kaggle_seg.postprocess import PostprocessConfig, binarize, postprocess_masks
     from kaggle_seg.spec import channel_indices
 
     if not isinstance(masking, PostprocessConfig):
         return binarize(probabilities[channel_indices(channels, competition.classes)], masking)
-    tuned = postprocess_masks(probabilities[channel_indices(channels, masking.classes)], masking)
+    tuned = postprocess_masks(
+        probabilities[channel_indices(channels, masking.classes)], masking, class_probabilities=head
+    )
     return tuned[channel_indices(masking.classes, competition.classes)]
 
 
@@ -159,12 +167,13 @@ def score_image(
     probabilities: np.ndarray,
     masking: Masking,
     channels: Sequence[str],
+    head: np.ndarray | None = None,
 ) -> dict[str, float]:
     """{"score", "dice"} of one image: instances (dsb2018) score = image mAP, else score =
     pooled Dice."""
     from kaggle_seg.metrics import dsb_image_score, pixel_metrics
 
-    masks = class_masks(competition, probabilities, channels, masking)
+    masks = class_masks(competition, probabilities, channels, masking, head)
     if competition.scoring == "instances":
         dice = pixel_metrics(truth > 0, masks[0])["dice"]
         score = dsb_image_score(truth, instance_map(probabilities, channels, masking))
@@ -193,6 +202,7 @@ def image_scores(
     *,
     masking: Masking = 0.5,
     outputs: Sequence[str] | None = None,
+    heads: Mapping[str, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """Per-image scores, columns id, score, dice (one row per id of `probabilities` whose table
     row has truth, in that order). uwmgi / lgg: score = pixel Dice pooled over the classes;
@@ -211,6 +221,7 @@ def image_scores(
         check_shape(str(image_id), probability, int(row["height"]), int(row["width"]))
         truth = read_truth_masks(competition, row)
         channels = output_channels(competition, probability, outputs)
-        scores = score_image(competition, truth, probability, masking, channels)
+        head = heads.get(str(image_id)) if heads else None
+        scores = score_image(competition, truth, probability, masking, channels, head)
         rows.append({"id": str(image_id), **scores})
     return pd.DataFrame(rows, columns=["id", "score", "dice"])

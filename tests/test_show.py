@@ -273,6 +273,27 @@ def test_uwmgi_panels_show_three_classes_and_worst_finds_the_shifted_slice(
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 10  # gray scan + class fills
 
 
+def test_show_applies_the_tuned_gate_on_the_oof_head_probabilities(uwmgi: dict, tmp_path: Path):
+    """Settings with gate_probability (a model with a classification head): kseg show masks and
+    scores as kseg submit and kseg report do, gating each image by its oof_classes.npz."""
+    import shutil
+
+    from kaggle_seg.postprocess import default_postprocess, save_postprocess
+    from kaggle_seg.probabilities import save_class_oof
+
+    experiment = tmp_path / "head"
+    shutil.copytree(uwmgi["experiment"], experiment)
+    classes = list(get_competition("uwmgi").classes)
+    labelled = uwmgi["table"][~uwmgi["table"]["empty"]]["id"]
+    gated = next(i for i in labelled if i != uwmgi["bad"])  # a perfect prediction, head says no
+    heads = {i: np.full(3, 0.0 if i == gated else 1.0) for i in uwmgi["oof"]}
+    save_class_oof(heads, experiment / "fold_0" / "oof_classes.npz")
+    tuned = default_postprocess(classes).model_copy(update={"gate_probability": [0.5] * 3})
+    save_postprocess(tuned, experiment / "postprocess.json")
+    panel, _ = show_experiment(experiment, tmp_path / "out", worst=1)
+    assert panel.name == f"{gated}_panel.png"
+
+
 def test_uwmgi_test_rows_without_rle_columns_get_two_columns(uwmgi: dict, tmp_path: Path):
     table = uwmgi["table"].drop(columns=["rle_large_bowel", "rle_small_bowel", "rle_stomach"])
     [panel, _] = write_panels("uwmgi", table, uwmgi["oof"], [uwmgi["bad"]], tmp_path)
