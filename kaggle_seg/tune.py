@@ -123,7 +123,17 @@ def _experiment_config(folds: Sequence[tuple[int, Path]]) -> tuple[ExperimentCon
     """The folds' config and the names of their models' output channels (`ModelSpec.outputs`),
     which every fold must share."""
     fields = ("competition", "options", "table", "targets")
-    return runs_agree([d for _, d in folds], fields, "tune one experiment at a time")
+    config, outputs = runs_agree([d for _, d in folds], fields, "tune one experiment at a time")
+    ttas = {k: runs.read_run_config(d).train.oof_tta for k, d in folds}
+    if len(set(ttas.values())) > 1:
+        # The thresholds would fit none of the ways kseg submit --tta predicts exactly.
+        log.warning(
+            "%s: OOF predicted with different train.oof_tta (%s): the settings are tuned on the "
+            "mix",
+            folds[0][1].parent,
+            ", ".join(f"fold {k} {tta}" for k, tta in ttas.items()),
+        )
+    return config, outputs
 
 
 def _table_path(config: ExperimentConfig, experiment_dir: Path) -> Path:

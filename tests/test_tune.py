@@ -490,6 +490,28 @@ def test_tune_warns_of_trained_folds_without_oof(
     ]
 
 
+def test_tune_warns_when_folds_predicted_their_oof_with_different_tta(
+    tmp_path: Path, uwmgi_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """fold_1 retrained with train.oof_tta flip beside a plain fold_0: tuned, with a warning
+    naming each fold's TTA (thresholds chosen on the mix fit neither --tta exactly)."""
+    import logging
+
+    from kaggle_seg.runs import read_run_config
+
+    experiment = tmp_path / "runs" / "exp"
+    shutil.copytree(uwmgi_root / "runs" / "exp", experiment)
+    config = read_run_config(experiment / "fold_1")
+    config.train.oof_tta = "flip"
+    save_config(config, experiment / "fold_1" / "config.yaml")
+    with caplog.at_level(logging.WARNING, logger="kaggle_seg.tune"):
+        assert tune_experiment(experiment).folds == [0, 1]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"{experiment}: OOF predicted with different train.oof_tta (fold 0 none, fold 1 flip): "
+        "the settings are tuned on the mix"
+    ]
+
+
 # ----------------------------------------------------------------------------- dsb2018
 
 
