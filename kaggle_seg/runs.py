@@ -32,6 +32,7 @@ OOF_FILE = "oof.npz"
 POSTPROCESS_FILE = "postprocess.json"  # written by kseg tune beside the fold folders
 OOF_CLASSES_FILE = "oof_classes.npz"  # classification-head models: id -> [K] probabilities
 _FOLD_DIR = re.compile(r"^fold_(\d+)$")
+_MOVED_ASIDE = re.compile(r"^fold_(\d+)\.old-")  # kseg train --force: fold_<k>.old-<time>
 
 
 # ---- names ------------------------------------------------------------------------------------
@@ -87,13 +88,18 @@ def parse_folds(text: str | None, option: str = "--folds") -> list[int] | None:
 
 def list_folds(experiment_dir: Path, holding: str | None = None) -> list[tuple[int, Path]]:
     """(k, folder) of every `fold_<k>/` of an experiment, by k; with `holding`, only folds
-    that hold that file (best.pt, oof.npz, config.yaml...). A fold folder itself gives itself."""
+    that hold that file (best.pt, oof.npz, config.yaml...). A fold folder itself gives itself,
+    and so does a run moved aside (`fold_<k>.old-<time>`) when it is the folder named: only
+    an experiment's listing leaves those out."""
     experiment_dir = Path(experiment_dir)
-    own = fold_number(experiment_dir)
-    candidates = [experiment_dir] if own is not None else _children(experiment_dir)
+    moved = _MOVED_ASIDE.match(experiment_dir.name)
+    own = fold_number(experiment_dir) if moved is None else int(moved.group(1))
+    if own is not None:
+        candidates = [(own, experiment_dir)]
+    else:
+        candidates = [(fold_number(f), f) for f in _children(experiment_dir)]
     found = []
-    for folder in candidates:
-        k = fold_number(folder)
+    for k, folder in candidates:
         if k is not None and folder.is_dir() and (holding is None or (folder / holding).is_file()):
             found.append((k, folder))
     return sorted(found)

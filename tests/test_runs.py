@@ -294,3 +294,27 @@ def test_read_run_value_reads_one_key_and_leaves_the_rest_unchecked(tmp_path: Pa
         from kaggle_seg.runs import read_run_config
 
         read_run_config(fold)  # the full reader still refuses it
+
+
+def test_a_run_moved_aside_is_no_fold_of_its_experiment_but_is_itself_when_named(
+    tmp_path: Path,
+):
+    """`kseg tune / report / show` on runs/x read fold_<k> only; named on its own (to tune or
+    report the old run), fold_0.old-<time> is that run's fold 0, as kseg predict already
+    takes its best.pt."""
+    from kaggle_seg.runs import list_folds
+
+    experiment = tmp_path / "x"
+    old = experiment / "fold_0.old-20260101-000000"
+    for folder in (experiment / "fold_0", old, experiment / "fold_12"):
+        folder.mkdir(parents=True)
+        (folder / "oof.npz").write_bytes(b"")
+    (old / "best.pt").write_bytes(b"")
+    assert list_folds(experiment, "oof.npz") == [
+        (0, experiment / "fold_0"),
+        (12, experiment / "fold_12"),
+    ]
+    assert list_folds(experiment, "best.pt") == []
+    assert list_folds(old, "oof.npz") == list_folds(old) == [(0, old)]
+    assert list_folds(experiment / "fold_12") == [(12, experiment / "fold_12")]
+    assert list_folds(experiment / "fold_0.old") == []  # not a name kseg train gives
