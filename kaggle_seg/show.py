@@ -35,6 +35,8 @@ def show_masking(experiment_dir: Path | None, threshold: float | None) -> Maskin
     """What `kseg show` makes masks with: the `threshold` given, else the experiment's tuned
     settings (postprocess.json, as `kseg report` and `kseg submit` use them), else 0.5."""
     if threshold is not None:
+        if not 0.0 <= threshold <= 1.0:  # NaN fails too
+            raise KsegError(f"--threshold {threshold}: need a probability in [0, 1]")
         return threshold
     settings = Path(experiment_dir) / runs.POSTPROCESS_FILE if experiment_dir else None
     if settings is not None and settings.is_file():

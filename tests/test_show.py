@@ -113,6 +113,9 @@ def test_show_masks_with_the_tuned_settings_unless_a_threshold_is_given(dsb: dic
 
     masking = show_masking(experiment, None)
     assert masking == tuned and show_masking(experiment, 0.3) == 0.3
+    for bad in (2.0, -0.1, float("nan")):  # every mask would be empty (or full), said nowhere
+        with pytest.raises(KsegError, match=r"^--threshold .*: need a probability in \[0, 1\]$"):
+            show_masking(experiment, bad)
     by_tuned = image_scores("dsb2018", dsb["table"], dsb["oof"], masking=masking)
     by_threshold = image_scores("dsb2018", dsb["table"], dsb["oof"], masking=0.5)
     assert (by_tuned["score"] == 0).all()
