@@ -41,6 +41,13 @@ def read_csv_checked(
     return frame
 
 
+def refuse_folder(path: Path) -> None:
+    """An output file named as an existing folder (`--out runs`): one line, not the OS error
+    of the rename at the end."""
+    if Path(path).is_dir():
+        raise KsegError(f"{path}: is a folder; name the file to write")
+
+
 def _output_mode(path: Path) -> int:
     """The permission bits for `path`: those of the file it replaces, else 0o666 less the umask."""
     try:
@@ -59,6 +66,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     (or quota, read-only file system, I/O error) is a KsegError naming `path`.
     """
     path = Path(path)
+    refuse_folder(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

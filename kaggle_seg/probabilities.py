@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from kaggle_seg.errors import KsegError
-from kaggle_seg.io import atomic_path
+from kaggle_seg.io import atomic_path, refuse_folder
 
 ProbabilityDtype = Literal["float16", "uint8"]
 
@@ -247,6 +247,7 @@ class ProbabilityWriter:
 
         encode_probabilities(np.zeros(0, np.float32), dtype)  # refuse a bad dtype up front
         self.path = Path(path)
+        refuse_folder(self.path)  # before predicting, not at the rename after it
         self.dtype = dtype
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.tmp")

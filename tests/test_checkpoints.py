@@ -315,3 +315,16 @@ def test_atomic_writes_get_the_mode_a_plain_write_would(tmp_path: Path):
         )
     finally:
         os.umask(old)
+
+
+def test_an_output_named_as_a_folder_is_refused_in_one_line(tmp_path: Path):
+    """`kseg report --out runs`, `kseg predict --save runs`: named, before anything is written
+    (predict: before predicting), not an OS error from the final rename."""
+    from kaggle_seg.io import write_csv_atomic
+    from kaggle_seg.probabilities import ProbabilityWriter
+
+    with pytest.raises(KsegError, match=rf"^{tmp_path}: is a folder; name the file to write$"):
+        write_csv_atomic(pd.DataFrame({"a": [1]}), tmp_path)
+    with pytest.raises(KsegError, match=rf"^{tmp_path}: is a folder; name the file to write$"):
+        ProbabilityWriter(tmp_path)
+    assert list(tmp_path.iterdir()) == []
