@@ -70,16 +70,23 @@ def default_submission_path(
 
 
 def load_settings(members: Sequence[Any], postprocess: Path | None) -> tuple[Any, str]:
-    """The post-processing to apply and where it came from: `--postprocess`, else
-    postprocess.json beside the first checkpoint's experiment (from `kseg tune`), else defaults."""
+    """The post-processing to apply and where it came from: `--postprocess`, else the
+    postprocess.json `kseg tune` wrote beside the first checkpoint, else defaults. Several
+    folds of an experiment take the experiment's (tuned on all their OOF) before a fold's own
+    (tuned on that fold's alone); a lone fold takes its own first."""
+    from collections import Counter
+
     from kaggle_seg.postprocess import default_postprocess, load_postprocess
 
     if postprocess is not None:
         return load_postprocess(postprocess), str(postprocess)
     if warning := single_member_settings(members):
         log.warning(warning)
+    folds = Counter(p.parent for p in dict.fromkeys(m.source.parent for m in members))
     for member in members:
-        for folder in (member.source.parent, member.source.parent.parent):
+        fold_dir, experiment = member.source.parent, member.source.parent.parent
+        order = (experiment, fold_dir) if folds[experiment] > 1 else (fold_dir, experiment)
+        for folder in order:
             candidate = folder / POSTPROCESS_FILE
             if candidate.is_file():
                 return load_postprocess(candidate), str(candidate)
@@ -142,6 +149,10 @@ def write_submission(
         competition = competition.with_submission_format(submission_format)
     if (mismatch := oof_tta_mismatch(members, tta)) and (runtime is None or runtime.is_main):
         log.warning(mismatch)
+    if out is not None and competition.submission_suffix != "":  # a file, not a mask folder
+        from kaggle_seg.io import refuse_folder
+
+        refuse_folder(Path(out))  # before predicting, not at the rename after it
     if competition.submission_columns is None:
         raise KsegError(
             f"{competition.name} has no Kaggle submission format; use `kseg predict --save` "

@@ -294,6 +294,42 @@ def test_submit_warns_when_an_ensemble_takes_one_members_settings():
     assert "kseg tune --experiment runs/a --experiment runs/b" in warning
 
 
+def test_several_folds_take_the_experiments_settings_and_a_lone_fold_its_own(tmp_path: Path):
+    """After `kseg tune -e runs/x/fold_0` and `kseg tune -e runs/x`, the experiment's folds
+    together take runs/x/postprocess.json (tuned on all their OOF), fold 0 alone its own."""
+    from types import SimpleNamespace
+
+    from kaggle_seg.submit import load_settings
+
+    def fold(k: int) -> SimpleNamespace:
+        return SimpleNamespace(source=tmp_path / "x" / f"fold_{k}" / "best.pt", classes=["nuclei"])
+
+    for folder, threshold in ((tmp_path / "x", 0.4), (tmp_path / "x" / "fold_0", 0.7)):
+        folder.mkdir(parents=True, exist_ok=True)
+        settings = default_postprocess(["nuclei"]).model_copy(update={"thresholds": [threshold]})
+        save_postprocess(settings, folder / "postprocess.json")
+    together, source = load_settings([fold(0), fold(1)], None)
+    assert together.thresholds == [0.4] and source == str(tmp_path / "x" / "postprocess.json")
+    alone, source = load_settings([fold(0)], None)
+    assert alone.thresholds == [0.7] and source.endswith("fold_0/postprocess.json")
+
+
+def test_out_naming_an_existing_folder_is_refused_before_predicting(
+    dsb_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import kaggle_seg.predict
+
+    checkpoint = write_checkpoint(tmp_path / "best.pt")
+    (tmp_path / "runs").mkdir()
+
+    def never(*args, **kwargs):
+        raise AssertionError("predicted before refusing --out")
+
+    monkeypatch.setattr(kaggle_seg.predict, "predict_probabilities", never)
+    with pytest.raises(KsegError, match=r"runs: is a folder; name the file to write"):
+        write_submission([checkpoint], dsb_root, tmp_path / "runs", num_workers=0)
+
+
 def test_shares_are_whole_volumes_balanced_by_rows_and_cover_the_test_once():
     from kaggle_seg.competitions.base import TestSet
     from kaggle_seg.submit_shards import shard_of
