@@ -57,6 +57,41 @@ def single_member_settings(members: Sequence[Any]) -> str | None:
     )
 
 
+def blend_mismatch(members: Sequence[Any], postprocess: Path) -> str | None:
+    """A one-line warning when `--postprocess` is a blend's (blend.json beside it, from `kseg
+    tune -e A -e B`) and the checkpoints are not that blend's experiments and weights: its
+    thresholds were tuned on the blend's OOF."""
+    import json
+
+    from kaggle_seg.blend import BLEND_FILE
+
+    record = Path(postprocess).parent / BLEND_FILE
+    if not record.is_file():
+        return None
+    try:
+        blend = json.loads(record.read_text())
+        pairs = zip(blend["experiments"], blend["weights"], strict=True)
+        tuned = {str(Path(e).resolve()): float(w) for e, w in pairs}
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{record}: unreadable, so these checkpoints are not checked against the blend"
+    given: dict[str, float] = {}
+    for member in members:
+        experiment = str(member.source.parent.parent.resolve())
+        given[experiment] = given.get(experiment, 0.0) + float(member.weight)
+    total = sum(given.values()) or 1.0
+    given = {e: w / total for e, w in given.items()}
+    if given.keys() == tuned.keys() and all(abs(given[e] - tuned[e]) < 1e-6 for e in tuned):
+        return None
+
+    def shown(weights: dict[str, float]) -> str:
+        return ", ".join(f"{Path(e).name} {w:.3g}" for e, w in weights.items())
+
+    return (
+        f"{postprocess} was tuned on the blend {shown(tuned)}; these checkpoints are "
+        f"{shown(given)}: pass the blend's experiments and --weights for thresholds that transfer"
+    )
+
+
 def default_submission_path(
     competition: str, experiment: str, day: dt.date | None = None, suffix: str = ".csv"
 ) -> Path:
@@ -79,6 +114,8 @@ def load_settings(members: Sequence[Any], postprocess: Path | None) -> tuple[Any
     from kaggle_seg.postprocess import default_postprocess, load_postprocess
 
     if postprocess is not None:
+        if warning := blend_mismatch(members, postprocess):
+            log.warning(warning)
         return load_postprocess(postprocess), str(postprocess)
     if warning := single_member_settings(members):
         log.warning(warning)

@@ -330,6 +330,30 @@ def test_out_naming_an_existing_folder_is_refused_before_predicting(
         write_submission([checkpoint], dsb_root, tmp_path / "runs", num_workers=0)
 
 
+def test_a_blends_settings_warn_when_the_checkpoints_are_not_that_blend(tmp_path: Path):
+    import json
+    from types import SimpleNamespace
+
+    from kaggle_seg.submit import blend_mismatch
+
+    def folds(experiment: str, weight: float) -> list[SimpleNamespace]:
+        source = tmp_path / experiment
+        return [SimpleNamespace(source=source / f"fold_{k}" / "best.pt", weight=weight / 2)
+                for k in range(2)]  # fmt: skip
+
+    blend = tmp_path / "blend_a_b"
+    blend.mkdir()
+    record = {"experiments": [str(tmp_path / "a"), str(tmp_path / "b")], "weights": [2 / 3, 1 / 3]}
+    (blend / "blend.json").write_text(json.dumps(record))
+    settings = blend / "postprocess.json"
+    assert blend_mismatch(folds("a", 2) + folds("b", 1), settings) is None
+    equal = blend_mismatch(folds("a", 1) + folds("b", 1), settings)
+    assert equal is not None and "tuned on the blend a 0.667, b 0.333" in equal
+    assert "these checkpoints are a 0.5, b 0.5" in equal
+    assert "these checkpoints are a 1" in (blend_mismatch(folds("a", 1), settings) or "")
+    assert blend_mismatch(folds("a", 1), tmp_path / "a" / "postprocess.json") is None
+
+
 def test_shares_are_whole_volumes_balanced_by_rows_and_cover_the_test_once():
     from kaggle_seg.competitions.base import TestSet
     from kaggle_seg.submit_shards import shard_of
