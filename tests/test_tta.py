@@ -188,6 +188,21 @@ def test_batched_runs_one_forward_per_view_shape(
     assert model.calls == expected_calls
 
 
+def test_batched_views_of_large_images_run_in_forwards_of_bounded_pixels() -> None:
+    """d4 on 1024x1024 batches was killed for memory (67M pixels in one forward): the views
+    run in consecutive slices of at most max_pixels, with the same logits."""
+    model = RampModel()
+    images = torch.randn(3, 3, 6, 6)
+    whole = tta_logits(model, images, D4, batched=True)
+    model.calls.clear()
+    sliced = tta_logits(model, images, D4, batched=True, max_pixels=5 * 36)
+    assert [call[0] for call in model.calls] == [5, 5, 5, 5, 4]  # 24 rows, at most 5 a forward
+    torch.testing.assert_close(sliced, whole)
+    model.calls.clear()
+    tta_logits(model, images, D4, batched=True, max_pixels=1)  # never below one row
+    assert [call[0] for call in model.calls] == [1] * 24
+
+
 def test_unbatched_runs_one_forward_per_view() -> None:
     model = RampModel()
     tta_logits(model, torch.zeros(2, 3, 5, 7), D4, batched=False)
