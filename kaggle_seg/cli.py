@@ -182,9 +182,8 @@ def train(
     if (fold is None) == (folds_list is None):
         raise KsegError("pass exactly one of --fold K or --folds 0,1,2 (or --full)")
     from kaggle_seg import runs
-    from kaggle_seg.runs import parse_folds
 
-    to_train = [fold] if fold is not None else parse_folds(folds_list) or []
+    to_train = [fold] if fold is not None else runs.parse_folds(folds_list) or []
     for k in to_train:
         # Rerunning an interrupted `--folds ... --resume` job: a fold it never reached has
         # nothing to resume, and starts (a lone --fold K --resume still says so and stops).

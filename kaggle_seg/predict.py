@@ -11,7 +11,6 @@ classification head (smp `aux_params`) also give per-image class probabilities o
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -408,7 +407,9 @@ def predict_folder(
 
     if (test_dir is None) == (data_dir is None):
         raise KsegError("pass one of --test-dir (a folder of test images) or --data-dir")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from kaggle_seg.submit_shards import world_size
+
+    if world_size() > 1:
         # Every process would predict every image into the same file.
         raise KsegError(
             "kseg predict runs as one process; under torchrun use kseg submit, which shares "

@@ -157,11 +157,7 @@ def _check_distinct(seen: dict[str, Path], path: Path, ids: Any) -> None:
     twice in the CV (and `kseg tune` refuses it the same way)."""
     for image_id in ids:
         if image_id in seen:
-            raise KsegError(
-                f"{path}: {image_id} is also in {seen[image_id]}: the folds of one experiment "
-                "validate distinct images (a fold trained on another folds.csv? retrain it, or "
-                "move it aside)"
-            )
+            raise runs.validated_twice(path, image_id, seen[image_id])
         seen[image_id] = path
 
 

@@ -201,6 +201,14 @@ def read_run_value(run_dir: Path, *keys: str) -> Any:
     return value
 
 
+def validated_twice(path: Path, image_id: str, other: Path) -> KsegError:
+    """The error for an image in two folds' oof.npz (`kseg tune` and `kseg report` refuse it)."""
+    return KsegError(
+        f"{path}: {image_id} is also in {other}: the folds of one experiment validate distinct "
+        "images (a fold trained on another folds.csv? retrain it, or move it aside)"
+    )
+
+
 def read_history(run_dir: Path) -> Any:
     """A fold's history.csv as a DataFrame, None when it has none; a file that does not parse
     (emptied, cut short, edited by hand) is a KsegError naming it."""

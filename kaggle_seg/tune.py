@@ -215,11 +215,7 @@ def _probability_files(
             if image_id not in wanted:
                 continue
             if image_id in found:
-                raise KsegError(
-                    f"{file.path}: {image_id} is also in {found[image_id].path}: the folds of "
-                    "one experiment validate distinct images (a fold trained on another "
-                    "folds.csv? retrain it, or move it aside)"
-                )
+                raise runs.validated_twice(file.path, image_id, found[image_id].path)
             shape, dtype = file.header(image_id)
             expected = (len(classes), *(int(n) for n in shapes[image_id]))
             if shape != expected:

@@ -17,20 +17,17 @@ import pandas as pd
 
 from kaggle_seg.competitions.base import BaseCompetition, Skipped, Stream, TestSet
 from kaggle_seg.competitions.images import check_same_size, read_tiff, skip_or_raise, tiff_size
+from kaggle_seg.competitions.lgg_masks import (
+    patient_of,
+    read_mask_tiff,
+    score_mask_folder,
+    write_mask_folder,
+)
 from kaggle_seg.config import DataConfig
 from kaggle_seg.errors import InputError, KsegError
 
 CLASSES = ("abnormality",)
 _SLICE = re.compile(r"^(?P<folder>.+)_(?P<index>\d+)\.tif$")
-
-
-def _read_mask_tiff(path: Path | str) -> np.ndarray:
-    """[H, W] mask; a file that decodes to anything else (a truncated TIFF) is named."""
-    mask = read_tiff(path)
-    mask = mask[..., 0] if mask.ndim == 3 else mask
-    if mask.ndim != 2 or min(mask.shape) == 0:
-        raise InputError(f"{path}: not a mask image (decoded shape {mask.shape})")
-    return mask
 
 
 class LGG(BaseCompetition):
@@ -59,7 +56,7 @@ class LGG(BaseCompetition):
 
         rows = []
         for folder in progress(folders, description="prepare", unit="patients"):
-            patient = "_".join(folder.name.split("_")[:3])  # TCGA_CS_4942, without the date
+            patient = patient_of(folder.name)
             n_rows = len(rows)
             for path in folder.glob("*.tif"):
                 match = _SLICE.match(path.name)
@@ -69,7 +66,7 @@ class LGG(BaseCompetition):
                 if not mask_path.is_file():
                     raise InputError(f"{path}: no mask file {mask_path.name} beside it")
                 height, width = tiff_size(path)
-                mask = _read_mask_tiff(mask_path)
+                mask = read_mask_tiff(mask_path)
                 check_same_size(np.empty((height, width)), mask, path, mask_path)
                 rows.append(
                     {
@@ -110,7 +107,7 @@ class LGG(BaseCompetition):
             rows.append(
                 {
                     "id": path.stem,
-                    "group": "_".join(path.parent.name.split("_")[:3]),
+                    "group": patient_of(path.parent.name),
                     "series": path.parent.name,
                     "slice_index": int(match["index"]),
                     "image_path": str(path.resolve()),
@@ -153,7 +150,6 @@ class LGG(BaseCompetition):
         out: Path,
         skipped: list[Skipped] | None,
     ) -> tuple[int, int]:
-        from kaggle_seg.competitions.lgg_masks import write_mask_folder
         from kaggle_seg.submission import postprocessed_images
 
         masks = postprocessed_images(stream, test.table, settings)
@@ -165,8 +161,6 @@ class LGG(BaseCompetition):
     ) -> dict[str, Any]:
         """`truth`: the dataset folder (its masks); `submission`: the folder `kseg submit`
         wrote. The mean per-patient volume Dice, as the CV, with the per-image table."""
-        from kaggle_seg.competitions.lgg_masks import score_mask_folder
-
         if any(modes.values()):
             raise KsegError("--merged-classes, --dice and --hausdorff apply to uwmgi only")
         return score_mask_folder(Path(truth), Path(submission))
@@ -179,7 +173,7 @@ class LGG(BaseCompetition):
         return image.astype(np.float32) / 255.0
 
     def read_mask(self, row: Any) -> np.ndarray:
-        mask = _read_mask_tiff(row["mask_path"])
+        mask = read_mask_tiff(row["mask_path"])
         check_same_size(
             np.empty((int(row["height"]), int(row["width"]))),
             mask,

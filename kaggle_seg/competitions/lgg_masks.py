@@ -1,6 +1,7 @@
-"""LGG's output: predicted masks laid out as the dataset's own (`<series>/<id>_mask.tif`, uint8
-0 / 255), which `kseg submit` writes and `kseg score -c lgg` scores against the dataset's masks,
-per patient (Buda et al.'s volume Dice, as the CV) with the per-image table beside it."""
+"""LGG's mask files: the dataset's mask reader and patient rule, and kseg's output, predicted
+masks laid out as the dataset's own (`<series>/<id>_mask.tif`, uint8 0 / 255), which `kseg
+submit` writes and `kseg score -c lgg` scores against the dataset's masks, per patient (Buda et
+al.'s volume Dice, as the CV) with the per-image table beside it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kaggle_seg.competitions.images import read_tiff
 from kaggle_seg.errors import InputError, KsegError
 
 MASK_SUFFIX = "_mask.tif"
@@ -21,6 +23,15 @@ _SLICE_MASK = re.compile(r"^(?P<series>.+)_(?P<index>\d+)_mask\.tif$")
 def patient_of(series: str) -> str:
     """TCGA_CS_4942 from the series folder TCGA_CS_4942_19970222 (the date dropped)."""
     return "_".join(series.split("_")[:3])
+
+
+def read_mask_tiff(path: Path | str) -> np.ndarray:
+    """[H, W] mask; a file that decodes to anything else (a truncated TIFF) is named."""
+    mask = read_tiff(path)
+    mask = mask[..., 0] if mask.ndim == 3 else mask
+    if mask.ndim != 2 or min(mask.shape) == 0:
+        raise InputError(f"{path}: not a mask image (decoded shape {mask.shape})")
+    return mask
 
 
 def write_mask_folder(
@@ -56,13 +67,7 @@ def _mask_files(folder: Path) -> dict[str, tuple[Path, str]]:
 
 
 def _read_binary(path: Path) -> np.ndarray:
-    from kaggle_seg.competitions.images import read_tiff
-
-    mask = read_tiff(path)
-    mask = mask[..., 0] if mask.ndim == 3 else mask
-    if mask.ndim != 2:
-        raise InputError(f"{path}: not a mask (TIFF of shape {mask.shape})")
-    return (mask > 0).astype(np.uint8)
+    return (read_mask_tiff(path) > 0).astype(np.uint8)
 
 
 def score_mask_folder(truth: Path, submission: Path) -> dict[str, Any]:
@@ -108,9 +113,10 @@ def score_mask_folder(truth: Path, submission: Path) -> dict[str, Any]:
     per_patient = volume_dice(pd.DataFrame(counts), "group")
     per_group = pd.DataFrame({"group": per_patient.index, "dice": per_patient.to_numpy()})
     means = table.drop(columns="id").mean()
+    score = float(per_group["dice"].mean())
     return {
-        "score": float(per_group["dice"].mean()),
-        "group_dice": float(per_group["dice"].mean()),
+        "score": score,
+        "group_dice": score,
         "n_groups": len(per_group),
         "dice": float(means["dice"]),
         "iou": float(means["iou"]),
