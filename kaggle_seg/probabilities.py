@@ -16,6 +16,7 @@ import contextlib
 import io
 import mmap
 import struct
+import threading
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +28,8 @@ from kaggle_seg.errors import KsegError
 from kaggle_seg.io import atomic_path, refuse_folder
 
 ProbabilityDtype = Literal["float16", "uint8"]
+# One npy header parsed at a time (see ProbabilityFile._read_header).
+HEADER_LOCK = threading.Lock()
 
 
 def encode_probabilities(probabilities: np.ndarray, dtype: str) -> np.ndarray:
@@ -168,11 +171,15 @@ class ProbabilityFile(Mapping[str, np.ndarray]):
         return shape, dtype
 
     def _read_header(self, member: Any, info: zipfile.ZipInfo) -> tuple:
-        version = np.lib.format.read_magic(member)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+        # numpy parses the header with ast.literal_eval, which CPython 3.11 (before 3.11.8)
+        # may fail with "SystemError: AST constructor recursion depth mismatch" when threads
+        # parse at once (cpython gh-106905): seen in kseg tune's thread pool, in CI.
+        with HEADER_LOCK:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
         if dtype.hasobject:
             raise KsegError(f"{self.path}: {info.filename} holds Python objects, not numbers")
         return shape, fortran, dtype

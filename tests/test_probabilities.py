@@ -93,3 +93,25 @@ def test_every_reader_names_a_truncated_or_foreign_file(tmp_path: Path) -> None:
         NpzProbabilities([tmp_path / "single.npy"])
     with pytest.raises(KsegError, match=r"single\.npy: not a readable npz"):
         load_class_oof(tmp_path / "single.npy")
+
+
+def test_npy_headers_are_parsed_one_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    """numpy's header parse (ast.literal_eval) is not thread-safe on CPython 3.11 before
+    3.11.8 (gh-106905; kseg tune's pool failed with a SystemError once in CI): the mapped and
+    the compressed readers both parse under kaggle_seg.probabilities.HEADER_LOCK."""
+    import kaggle_seg.probabilities as probabilities
+
+    parse = np.lib.format.read_array_header_1_0
+    held: list[bool] = []
+
+    def spy(member):
+        held.append(probabilities.HEADER_LOCK.locked())
+        return parse(member)
+
+    monkeypatch.setattr(np.lib.format, "read_array_header_1_0", spy)
+    save_oof({"a": np.zeros((1, 4, 4), np.float32)}, tmp_path / "mapped.npz", "uint8")
+    np.savez_compressed(tmp_path / "packed.npz", b=np.zeros((1, 4, 4), np.float32))
+    for name, image_id in (("mapped.npz", "a"), ("packed.npz", "b")):
+        file = open_probabilities(tmp_path / name)
+        assert file.header(image_id)[0] == (1, 4, 4)
+    assert held and all(held)
