@@ -3,6 +3,7 @@ mixed precision and seeds."""
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import functools
 import logging
@@ -71,7 +72,15 @@ def start_runtime(device: str | None = None, timeout: dt.timedelta | None = None
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout else {}))
+        # Torn down before the interpreter: a group left to die with the process aborted one
+        # rank in CI ("terminate called without an active exception", SIGABRT at exit).
+        atexit.register(_close_process_group)
     return Runtime(rank=rank, world_size=world_size, device=resolved)
+
+
+def _close_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def gather(obj: Any, runtime: Runtime) -> list[Any]:
