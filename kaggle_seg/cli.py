@@ -374,6 +374,7 @@ def show(
 ) -> None:
     """Write image | truth | prediction panels and overlays as PNG (no display needed)."""
     from kaggle_seg.show import describe_masking, show_experiment, show_masking
+    from kaggle_seg.show_scores import parse_ids
 
     if experiment is None and predictions is None:
         raise KsegError("pass --experiment runs/<experiment>, or --predictions with --table")
@@ -381,7 +382,7 @@ def show(
     written = show_experiment(
         experiment,
         out,
-        ids=ids.split(",") if ids else None,
+        ids=parse_ids(ids),
         random=random,
         worst=worst,
         typical=typical,

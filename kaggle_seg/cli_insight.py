@@ -34,13 +34,14 @@ def explain(
     """Per image, one PNG grid: the mean activation of every encoder and decoder stage as heat
     maps, and a per-class Grad-CAM map of the logits (pytorch-grad-cam) for one stage."""
     from kaggle_seg.explain import explain_checkpoint
+    from kaggle_seg.show_scores import parse_ids
 
     if (ids is None) == (random is None):
         raise KsegError("pass exactly one of --ids a,b,c or --random N")
     written = explain_checkpoint(
         checkpoint,
         out,
-        ids=ids.split(",") if ids else None,
+        ids=parse_ids(ids),
         random=random,
         seed=seed,
         table=table,

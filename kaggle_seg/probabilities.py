@@ -16,6 +16,7 @@ import contextlib
 import io
 import mmap
 import struct
+import sys
 import threading
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -256,9 +257,15 @@ class ProbabilityWriter:
         self.path = Path(path)
         refuse_folder(self.path)  # before predicting, not at the rename after it
         self.dtype = dtype
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
-        self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_DEFLATED)
+        # A unique temporary name (atomic_path), so two writers of one path never share a file,
+        # and a full disk is one line naming the path.
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
+        try:
+            self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_DEFLATED)
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())
+            raise
 
     def add(self, image_id: str, probabilities: np.ndarray) -> None:
         array = encode_probabilities(probabilities, self.dtype)
@@ -268,12 +275,13 @@ class ProbabilityWriter:
     def __enter__(self) -> ProbabilityWriter:
         return self
 
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
-        self._zip.close()
-        if exc_type is None:
-            self._tmp.replace(self.path)
-        else:
-            self._tmp.unlink(missing_ok=True)
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        try:
+            self._zip.close()
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        self._atomic.__exit__(exc_type, exc, traceback)
 
 
 class NpzProbabilities(Mapping[str, np.ndarray]):

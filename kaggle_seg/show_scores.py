@@ -28,6 +28,17 @@ def listed(ids: Sequence[str]) -> str:
     return shown + (f" and {len(ids) - _MAX_LISTED} more" if len(ids) > _MAX_LISTED else "")
 
 
+def parse_ids(text: str | None) -> list[str] | None:
+    """`--ids "a, b,"` as typed -> ["a", "b"]: spaces around a comma and empty entries are not
+    ids, and a list with none left is refused rather than matched against nothing."""
+    if text is None:
+        return None
+    ids = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not ids:
+        raise KsegError(f"--ids {text!r}: no id given (expected comma-separated ids such as a,b)")
+    return ids
+
+
 def select_ids(
     scores: pd.DataFrame | None,
     available: Sequence[str],

@@ -311,6 +311,20 @@ def test_probability_writer_streams_a_loadable_npz_and_leaves_nothing_on_failure
     assert not target.exists() and not list(tmp_path.glob(".interrupted*"))
 
 
+def test_two_probability_writers_of_one_path_do_not_share_a_temporary_file(tmp_path: Path):
+    # Two `kseg predict --save` runs aimed at one file: each streams into its own temporary
+    # file, so the one that finishes last leaves a whole, loadable npz, never a mixed one.
+    target = tmp_path / "probs.npz"
+    first, second = ProbabilityWriter(target), ProbabilityWriter(target)
+    with first:
+        first.add("a", np.full((1, 4, 4), 0.25, np.float32))
+        with second:
+            second.add("b", np.full((1, 4, 4), 0.75, np.float32))
+        assert set(load_oof(target)) == {"b"}
+    assert set(load_oof(target)) == {"a"}
+    assert [p.name for p in tmp_path.iterdir()] == ["probs.npz"]
+
+
 @pytest.mark.slow
 def test_cli_predict_writes_probabilities(dsb_test: Path, tmp_path: Path):
     from test_cli import kseg

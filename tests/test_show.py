@@ -313,3 +313,13 @@ def test_folder_predictions_without_their_run_say_to_pass_the_experiment(tmp_pat
             table=tmp_path / "table.csv",
             competition="folder",
         )
+
+
+def test_ids_option_is_read_as_typed_and_an_empty_list_is_refused():
+    from kaggle_seg.show_scores import parse_ids
+
+    assert parse_ids(None) is None
+    assert parse_ids("a, b,,a ") == ["a", "b"]
+    for text in (",", " , ", ""):
+        with pytest.raises(KsegError, match=r"--ids .*no id given"):
+            parse_ids(text)
