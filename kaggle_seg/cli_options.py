@@ -51,7 +51,7 @@ class PredictionOptions:
     batched_tta: bool
 
     def as_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `predict.predict_folder` and `submit.write_submission`."""
+        """Keyword arguments of `predict_folder.predict_folder` and `submit.write_submission`."""
         return asdict(self)
 
 

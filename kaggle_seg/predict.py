@@ -20,10 +20,8 @@ import numpy as np
 import pandas as pd
 
 from kaggle_seg.competitions.base import Skipped
-from kaggle_seg.competitions.detect import explain_other_competition
 from kaggle_seg.ensemble_weights import check_weights
 from kaggle_seg.errors import InputError, KsegError
-from kaggle_seg.probabilities import ProbabilityWriter
 from kaggle_seg.runs import find_checkpoints
 from kaggle_seg.spec import (
     ModelSpec,
@@ -382,103 +380,3 @@ def default_tta(members: Sequence[Any]) -> str:
     for members with plain OOF or disagreeing ones."""
     tuned_with = {m.config.train.oof_tta for m in members} - {"none"}
     return tuned_with.pop() if len(tuned_with) == 1 else "flip"
-
-
-def predict_folder(
-    checkpoints: Sequence[str | Path],
-    test_dir: str | Path | None,
-    save: str | Path | None = None,
-    *,
-    data_dir: str | Path | None = None,
-    weights: Sequence[float] | None = None,
-    dtype: Literal["float16", "uint8"] = "float16",
-    device: str | None = None,
-    **options: Any,
-) -> dict[str, Any]:
-    """`kseg predict`: the ensemble over every image of `test_dir` (or of the competition's
-    usual test folder under `data_dir`, as `kseg submit` finds it); probabilities are written
-    to `save` (streamed, one array per image) only when it is given. `options` go to
-    `predict_probabilities` (tta, merge, ensemble, batch_size, num_workers, on_error)."""
-    from contextlib import ExitStack
-
-    import torch
-
-    from kaggle_seg.competitions import competition_for
-
-    if (test_dir is None) == (data_dir is None):
-        raise KsegError("pass one of --test-dir (a folder of test images) or --data-dir")
-    from kaggle_seg.submit_shards import world_size
-
-    if world_size() > 1:
-        # Every process would predict every image into the same file.
-        raise KsegError(
-            "kseg predict runs as one process; under torchrun use kseg submit, which shares "
-            "the test set between the processes"
-        )
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    members = load_ensemble(checkpoints, weights, device)
-    if options.get("tta") is None:
-        options["tta"] = default_tta(members)
-    competition = competition_for(members[0].config.data)
-    skipped: list[Skipped] | None = [] if options.get("on_error") == "skip" else None
-    # `scratch`: a zipped DSB test folder is extracted for the run, then removed.
-    with ExitStack() as scratch:
-        if data_dir is not None:
-            if competition.submission_columns is None:
-                raise KsegError(
-                    f"--data-dir: {competition.name} has no usual test folder; pass --test-dir"
-                )
-            with explain_other_competition(competition.name, Path(data_dir)):
-                test = competition.test_set(Path(data_dir), None, scratch=scratch, skipped=skipped)
-            table, notes = test.table, list(test.notes)
-        else:
-            notes = []
-            with explain_other_competition(competition.name, Path(test_dir)):
-                table = competition.read_test_table(Path(test_dir), skipped)
-                if table.empty and not skipped:
-                    raise InputError(
-                        f"{test_dir}: no test images to predict (a competition folder goes to "
-                        "--data-dir)"
-                    )
-        result = _predict_table(members, competition, table, save, dtype, skipped, options)
-    return {**result, "notes": notes}
-
-
-def _predict_table(
-    members: list[Member],
-    competition: Any,
-    table: Any,
-    save: str | Path | None,
-    dtype: str,
-    skipped: list[Skipped] | None,
-    options: dict[str, Any],
-) -> dict[str, Any]:
-    import time
-
-    from kaggle_seg.progress import progress
-
-    started = time.perf_counter()
-    stream = progress(
-        predict_probabilities(members, competition, table, skipped=skipped, **options),
-        len(table),
-        "predict",
-    )
-    n_images = 0
-    if save is None:
-        for _ in stream:
-            n_images += 1
-    else:
-        with ProbabilityWriter(save, dtype) as writer:
-            for _, image_id, probabilities in stream:
-                writer.add(image_id, probabilities)
-                n_images += 1
-    seconds = time.perf_counter() - started
-    return {
-        "images": n_images,
-        "models": len(members),
-        "seconds": seconds,
-        "images_per_s": n_images / seconds if seconds else float("inf"),
-        "saved": str(save) if save else None,
-        "tta": options["tta"],
-        "skipped": skipped or [],
-    }

@@ -284,6 +284,32 @@ class ProbabilityWriter:
         self._atomic.__exit__(exc_type, exc, traceback)
 
 
+def join_probability_files(parts: Sequence[Path], out: Path, order: Sequence[str]) -> int:
+    """Several ProbabilityWriter files (the shares of `kseg predict` under torchrun) as one npz
+    at `out`: the arrays copied as stored, ids in `order` first (the order one process writes),
+    any others after. Returns the array count; the parts are removed."""
+    import shutil
+
+    with contextlib.ExitStack() as stack:
+        where: dict[str, zipfile.ZipFile] = {}
+        for path in parts:
+            archive = stack.enter_context(zipfile.ZipFile(path))
+            for name in archive.namelist():
+                where.setdefault(name, archive)
+        rank = {f"{image_id}.npy": i for i, image_id in reversed(list(enumerate(order)))}
+        names = sorted(where, key=lambda name: rank.get(name, len(rank)))
+        with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as joined:
+            for name in names:
+                with (
+                    where[name].open(name) as source,
+                    joined.open(name, "w", force_zip64=True) as target,
+                ):
+                    shutil.copyfileobj(source, target, 1 << 20)
+    for path in parts:
+        path.unlink(missing_ok=True)
+    return len(names)
+
+
 class NpzProbabilities(Mapping[str, np.ndarray]):
     """id -> float32 [K, H, W] probabilities over one or more npz files (oof.npz or
     `kseg predict --save`), decoded one array per lookup: uint8 means value / 255, as `load_oof`.

@@ -1,5 +1,6 @@
 """`kseg submit` under torchrun: every process predicts its share of the test set into a part of
-the submission, and rank 0 joins the parts in the order one process writes them.
+the submission, and rank 0 joins the parts in the order one process writes them. `kseg predict
+--save` shares the same way (its npz parts joined by probabilities.join_probability_files).
 
     torchrun --standalone --nproc_per_node 2 -m kaggle_seg submit --checkpoints ... --data-dir ...
 

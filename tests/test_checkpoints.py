@@ -68,7 +68,7 @@ def dsb_test_root(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -
 def test_malicious_checkpoint_runs_no_code_through_predict_and_submit(
     dsb_test_root: Path, tmp_path: Path
 ):
-    from kaggle_seg.predict import predict_folder
+    from kaggle_seg.predict_folder import predict_folder
     from kaggle_seg.submit import write_submission
 
     marker = tmp_path / "pwned"

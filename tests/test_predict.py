@@ -356,9 +356,53 @@ def test_cli_predict_writes_probabilities(dsb_test: Path, tmp_path: Path):
     assert neither.returncode == 1 and "--test-dir" in neither.stderr
 
 
-def test_predict_under_torchrun_points_to_submit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from kaggle_seg.predict import predict_folder
+@pytest.mark.slow
+def test_predict_under_torchrun_joins_the_shares_into_the_one_process_file(
+    dsb_test: Path, tmp_path: Path
+):
+    import os
+    import shutil
+    import subprocess
+    import sys
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(KsegError, match="under torchrun use kseg submit"):
-        predict_folder([tmp_path / "best.pt"], tmp_path)
+    from kaggle_seg.predict_folder import predict_folder
+
+    experiment = tmp_path / "exp"
+    for fold in range(2):
+        write_checkpoint(experiment / f"fold_{fold}" / "best.pt", seed=fold)
+    alone = tmp_path / "alone.npz"
+    predict_folder([experiment], dsb_test, alone, tta="flip", num_workers=0, device="cpu")
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None
+    shared = tmp_path / "shared.npz"
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kaggle_seg", "predict",
+         "--checkpoints", str(experiment), "--test-dir", str(dsb_test), "--save", str(shared),
+         "--tta", "flip", "--device", "cpu", "--num-workers", "0"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    # One report (rank 0's) for the whole test set, and no part left beside the file.
+    assert result.stdout.count("predicted 6 images with 2 model(s)") == 1
+    assert "2 processes under torchrun" in result.stdout
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["alone.npz", "shared.npz"]
+    one, two = load_oof(alone), load_oof(shared)
+    assert list(two) == list(one)  # the order one process writes
+    for image_id, probabilities in one.items():
+        np.testing.assert_array_equal(two[image_id], probabilities)
+
+
+def test_joined_probability_parts_follow_the_given_order(tmp_path: Path):
+    from kaggle_seg.probabilities import join_probability_files
+
+    parts = [tmp_path / "p.part0.npz", tmp_path / "p.part1.npz"]
+    for part, ids in zip(parts, (["c", "a"], ["b", "z"]), strict=True):
+        with ProbabilityWriter(part, "uint8") as writer:
+            for image_id in ids:
+                writer.add(image_id, np.full((1, 2, 3), ord(image_id) / 255, np.float32))
+    out = tmp_path / "p.npz"
+    assert join_probability_files(parts, out, ["a", "b", "c"]) == 4
+    joined = load_oof(out)
+    assert list(joined) == ["a", "b", "c", "z"]  # an id the order lacks comes last
+    assert joined["z"][0, 0, 0] == pytest.approx(ord("z") / 255)
+    assert not any(part.exists() for part in parts)

@@ -19,7 +19,7 @@ from test_predict import write_checkpoint
 
 from kaggle_seg.competitions import get_competition
 from kaggle_seg.errors import InputError, KsegError
-from kaggle_seg.predict import predict_folder
+from kaggle_seg.predict_folder import predict_folder
 from kaggle_seg.submit import write_submission
 
 UWMGI_CLASSES = ("large_bowel", "small_bowel", "stomach")
