@@ -24,6 +24,7 @@ from kaggle_seg.cli_options import (
     check_choice,
     prediction_options,
 )
+from kaggle_seg.cli_pseudo import pseudo_label
 from kaggle_seg.cli_score import score
 from kaggle_seg.cli_tune import tune
 from kaggle_seg.cli_weights import weights_app
@@ -138,6 +139,7 @@ def folds(
 
 
 app.command()(score)  # after folds, as in the workflow
+app.command("pseudo-label")(pseudo_label)
 
 
 @app.command()
@@ -183,6 +185,8 @@ def train(
         raise KsegError("pass exactly one of --fold K or --folds 0,1,2 (or --full)")
     from kaggle_seg import runs
 
+    if fold is not None:
+        runs.parse_folds(str(fold), "--fold")  # -1 holds pseudo-labelled rows, not a fold
     to_train = [fold] if fold is not None else runs.parse_folds(folds_list) or []
     for k in to_train:
         # Rerunning an interrupted `--folds ... --resume` job: a fold it never reached has
@@ -229,13 +233,15 @@ def predict(
     options: PredictionOptions | None = None,
 ) -> None:
     """Ensemble probabilities for a folder of test images, with TTA, streamed image by image."""
-    from kaggle_seg.predict import predict_folder
+    from kaggle_seg.predict_folder import predict_folder
 
     check_choice("--dtype", dtype, ("float16", "uint8"))
     assert options is not None  # given by prediction_options
     result = predict_folder(
         checkpoints, test_dir, save, data_dir=data_dir, dtype=dtype, **options.as_kwargs()
     )  # type: ignore[arg-type]
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports the joined file
+        return
     for note in result["notes"]:
         typer.echo(f"note: {note}")
     typer.echo(

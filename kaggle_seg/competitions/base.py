@@ -115,6 +115,7 @@ class Competition(Protocol):
     scoring: ScoringKind
     rgb: bool  # images are colour pictures (shown as RGB); else one channel is shown grey
     instance_masks: bool  # `read_instances` works: truth is instances (mask_border targets)
+    pseudo_labels: bool  # `pseudo_label_rows` works: its submissions read back as labels
     # Columns of the submission CSV; None: no submission format (`kseg predict --save` only);
     # () with submission_suffix "": a folder of mask files (lgg).
     submission_columns: tuple[str, ...] | None
@@ -140,6 +141,12 @@ class Competition(Protocol):
 
         An image whose header cannot be read raises InputError; with a `skipped` list
         (`--on-error skip`) it is left out of the table and recorded there instead."""
+        ...
+
+    def pseudo_label_rows(self, test: pd.DataFrame, labels: Path) -> pd.DataFrame:
+        """Training rows for the images of `test` (`read_test_table`) labelled by `labels`, a
+        submission in this competition's format listing every one of them
+        (`kseg pseudo-label`)."""
         ...
 
     def read_image(self, row: Any) -> np.ndarray:
@@ -237,6 +244,7 @@ class BaseCompetition:
     slice_key: str | None = None
     rgb: bool = False
     instance_masks: bool = False
+    pseudo_labels: bool = False
     submission_columns: tuple[str, ...] | None = None
     submission_suffix: str = ".csv"
     table_columns: tuple[str, ...] = ()
@@ -313,6 +321,9 @@ class BaseCompetition:
 
     def rehearsal_data(self, folder: Path) -> Path | None:
         return None
+
+    def pseudo_label_rows(self, test: pd.DataFrame, labels: Path) -> pd.DataFrame:
+        raise KsegError(f"{self.name}: pseudo-labels are not supported")
 
     def _no_submission(self) -> str:
         return (

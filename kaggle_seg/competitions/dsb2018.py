@@ -68,6 +68,7 @@ class DSB2018(BaseCompetition):
     scoring = "instances"  # mAP over IoU thresholds of the nuclei, per image
     rgb = True
     instance_masks = True
+    pseudo_labels = True  # a submission's RLE rows read back as stage1_train_labels.csv's
     submission_columns = ("ImageId", "EncodedPixels")
     table_columns = ("mask_dir", "labels_csv", "n_nuclei")
 
@@ -183,6 +184,20 @@ class DSB2018(BaseCompetition):
             (name, path) for name, path in image_files(test_dir).items() if name not in paths
         )
         return image_rows(paths, image_size, skipped)
+
+    def pseudo_label_rows(self, test: pd.DataFrame, labels: Path) -> pd.DataFrame:
+        """The test rows read as stage1_train_labels.csv rows are: a submission's
+        (ImageId, EncodedPixels) rows are one nucleus each, an empty one an image without."""
+        _rles_by_image.cache_clear()  # the copy may replace an earlier one at the same path
+        rles = _rles_by_image(str(Path(labels).resolve()))
+        n_nuclei = [len(rles.get(image_id, [])) for image_id in test["id"]]
+        return test.assign(
+            mask_dir="",
+            labels_csv=str(Path(labels).resolve()),
+            mask_path="",
+            n_nuclei=n_nuclei,
+            empty=[n == 0 for n in n_nuclei],
+        )
 
     def read_image(self, row: Any) -> np.ndarray:
         """float32 [H, W, 3] RGB in [0, 1]; alpha dropped, grayscale repeated."""

@@ -15,6 +15,16 @@ import pandas as pd
 from kaggle_seg.errors import InputError, KsegError
 from kaggle_seg.io import read_csv_checked, write_csv_atomic
 
+PSEUDO_COLUMN = "pseudo"
+PSEUDO_FOLD = -1  # in every fold's training rows, in no fold's validation
+
+
+def pseudo_rows(table: pd.DataFrame) -> pd.Series:
+    """True for the rows `kseg pseudo-label` added (a table without the column has none)."""
+    if PSEUDO_COLUMN not in table.columns:
+        return pd.Series(False, index=table.index)
+    return table[PSEUDO_COLUMN].astype(str).str.strip().str.lower().isin(("true", "1"))
+
 
 def make_folds(
     ids: pd.Series, groups: pd.Series, labels: pd.Series, n_folds: int, seed: int
@@ -44,6 +54,26 @@ def make_folds(
         for k, (_, valid) in enumerate(splits):
             fold[valid] = k
     return pd.DataFrame({"id": ids.to_numpy(), "fold": fold, "group": groups.to_numpy()})
+
+
+def split_folds(
+    table: pd.DataFrame, groups: pd.Series, labels: pd.Series, n_folds: int, seed: int
+) -> pd.DataFrame:
+    """`make_folds` of the table's labelled rows; pseudo-labelled rows (`kseg pseudo-label`)
+    get fold -1, so every fold trains on them and none validates on them, and the labelled
+    rows split exactly as they would without them."""
+    pseudo = pseudo_rows(table).to_numpy()
+    folds = make_folds(table["id"][~pseudo], groups[~pseudo], labels[~pseudo], n_folds, seed)
+    if not pseudo.any():
+        return folds
+    added = pd.DataFrame(
+        {
+            "id": table["id"][pseudo].to_numpy(),
+            "fold": PSEUDO_FOLD,
+            "group": groups[pseudo].to_numpy(),
+        }
+    )
+    return pd.concat([folds, added], ignore_index=True)
 
 
 def read_folds(path: str | Path) -> pd.DataFrame:
@@ -95,7 +125,7 @@ def _check_reusable(
     report a split the user did not get."""
     if set(existing["id"]) != set(table["id"]):
         raise KsegError(f"{out} exists with different ids; pass --force to overwrite it")
-    held = int(existing["fold"].nunique())
+    held = int(existing.loc[existing["fold"] >= 0, "fold"].nunique())  # -1: pseudo-labels
     if held != n_folds:
         raise KsegError(
             f"{out} holds {held} folds, not the --n-folds {n_folds} asked for: pass --n-folds "
@@ -104,7 +134,7 @@ def _check_reusable(
     # The CSV keeps no seed; the split is deterministic for a seed, so splitting again with the
     # asked one and comparing says whether the file is what was asked for (another seed, or a
     # table prepared again since, must not pass silently as the user's split).
-    fresh = make_folds(table["id"], groups, labels, n_folds, seed)
+    fresh = split_folds(table, groups, labels, n_folds, seed)
     both = fresh.merge(existing[["id", "fold"]], on="id", suffixes=("", "_written"))
     if len(both) != len(fresh) or (both["fold"] != both["fold_written"]).any():
         raise KsegError(
@@ -134,6 +164,6 @@ def write_or_reuse_folds(
         existing = read_folds(out)
         _check_reusable(existing, table, groups, labels, out, n_folds, seed)
         return existing, True
-    folds = make_folds(table["id"], groups, labels, n_folds, seed)
+    folds = split_folds(table, groups, labels, n_folds, seed)
     write_csv_atomic(folds, out)
     return folds, False
