@@ -389,7 +389,8 @@ def test_predict_under_torchrun_joins_the_shares_into_the_one_process_file(
     one, two = load_oof(alone), load_oof(shared)
     assert list(two) == list(one)  # the order one process writes
     for image_id, probabilities in one.items():
-        np.testing.assert_array_equal(two[image_id], probabilities)
+        # Equal up to one float16 step: the batches (and thread counts) differ per process.
+        np.testing.assert_allclose(two[image_id], probabilities, rtol=0, atol=1e-3)
 
 
 def test_joined_probability_parts_follow_the_given_order(tmp_path: Path):
