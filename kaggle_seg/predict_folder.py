@@ -34,21 +34,13 @@ def predict_folder(
     `predict_probabilities` (tta, merge, ensemble, batch_size, num_workers, on_error)."""
     from contextlib import ExitStack
 
-    import torch
-
     from kaggle_seg.competitions import competition_for
 
     if (test_dir is None) == (data_dir is None):
         raise KsegError("pass one of --test-dir (a folder of test images) or --data-dir")
-    from kaggle_seg.submit_shards import JOIN_TIMEOUT, world_size
+    from kaggle_seg.submit_shards import start_shares
 
-    runtime = None
-    if world_size() > 1:  # under torchrun: this process predicts its share on its own device
-        from kaggle_seg.runtime import start_runtime
-
-        runtime = start_runtime(device, timeout=JOIN_TIMEOUT)
-        device = str(runtime.device)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    runtime, device = start_shares(device)  # under torchrun: this process's share and device
     members = load_ensemble(checkpoints, weights, device)
     if options.get("tta") is None:
         options["tta"] = default_tta(members)

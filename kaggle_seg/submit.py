@@ -165,20 +165,13 @@ def write_submission(
     competition's format (`Competition.test_set`, `Competition.write_submission`);
     `submission_format` (folder: rle or png) overrides the one the checkpoints were trained
     with."""
-    import torch
 
     from kaggle_seg.competitions import competition_for
     from kaggle_seg.predict import default_tta, load_ensemble
-    from kaggle_seg.submit_shards import JOIN_TIMEOUT, world_size
+    from kaggle_seg.submit_shards import start_shares
 
     started = time.perf_counter()
-    runtime = None
-    if world_size() > 1:  # under torchrun: this process predicts its share on its own device
-        from kaggle_seg.runtime import start_runtime
-
-        runtime = start_runtime(device, timeout=JOIN_TIMEOUT)
-        device = str(runtime.device)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    runtime, device = start_shares(device)  # under torchrun: this process's share and device
     members = load_ensemble(checkpoints, weights, device)
     tta = tta or default_tta(members)
     competition = competition_for(members[0].config.data)

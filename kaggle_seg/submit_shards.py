@@ -17,6 +17,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -30,6 +31,21 @@ JOIN_TIMEOUT = dt.timedelta(hours=9)
 def world_size() -> int:
     """The torchrun processes sharing this submission (1 without torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start_shares(device: str | None) -> tuple[Any, str]:
+    """(runtime, device) for `kseg submit` / `kseg predict`: under torchrun this process joins
+    the group that shares the test set and predicts on its own device (`cuda:<LOCAL_RANK>`);
+    alone, runtime is None and the device the one asked for, else cuda when visible."""
+    import torch
+
+    runtime = None
+    if world_size() > 1:
+        from kaggle_seg.runtime import start_runtime
+
+        runtime = start_runtime(device, timeout=JOIN_TIMEOUT)
+        device = str(runtime.device)
+    return runtime, device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def shard_of(test: TestSet, volume_key: str | None, rank: int, world: int) -> TestSet:
