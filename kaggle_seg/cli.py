@@ -132,7 +132,9 @@ def folds(
     typer.echo(
         f"{verb} {out}: "
         + ", ".join(
-            f"fold {k}: {n}" + ("" if groups is None else f" ({groups[k]} groups)")
+            ("pseudo-labelled, trained in every fold" if k < 0 else f"fold {k}")
+            + f": {n}"
+            + ("" if groups is None or k < 0 else f" ({groups[k]} groups)")
             for k, n in counts.items()
         )
     )

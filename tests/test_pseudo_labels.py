@@ -69,6 +69,14 @@ def test_pseudo_labelled_rows_read_back_the_submission_and_never_validate(
     # Reusing the written folds passes the reuse checks (-1 is not counted as a fold).
     _, reused = folds_for_table("dsb2018", out, tmp_path / "pl" / "folds.csv", 2, 7, False)
     assert reused and len(read_folds(tmp_path / "pl" / "folds.csv")) == 10
+    from typer.testing import CliRunner
+
+    from kaggle_seg.cli import app
+
+    said = CliRunner().invoke(app, ["folds", "-c", "dsb2018", "--table", str(out), "--out",
+                                    str(tmp_path / "cli_folds.csv"), "--n-folds", "2"])  # fmt: skip
+    assert said.exit_code == 0, said.output
+    assert "pseudo-labelled, trained in every fold: 4, fold 0: " in said.output
     config = load_experiment(
         Path(__file__).resolve().parents[1] / "configs" / "dsb2018_cpu.yaml",
         [f"data.table={out}", f"data.folds={tmp_path / 'pl' / 'folds.csv'}"],
