@@ -89,23 +89,21 @@ def _predict_share(
     """Under torchrun: this rank predicts (`predict`, a bound `_predict_table`) its share
     (submit_shards.shard_of, whole `volume_key` groups) into a part file beside `save`; rank 0
     joins the parts into `save` in table order. Every rank returns the whole run's counts."""
-    import torch.distributed as dist
-
     from kaggle_seg import submit_shards
     from kaggle_seg.probabilities import join_probability_files
-    from kaggle_seg.runtime import gather
 
     share = submit_shards.shard_of(TestSet(table), volume_key, runtime.rank, runtime.world_size)
     mine = submit_shards.skipped_of(skipped, share, table, runtime.rank)
     part = None if save is None else submit_shards.part_path(Path(save), runtime.rank, False)
     label = f"predict, rank 0 of {runtime.world_size}" if runtime.is_main else None
     result = predict(share.table, part, mine, progress_label=label)
-    shares = gather(result, runtime)
-    if runtime.is_main and save is not None:
-        order = [*table["id"].astype(str), *(s.id for s in skipped or [])]
-        join_probability_files([Path(r["saved"]) for r in shares], Path(save), order)
-    dist.barrier()  # the joined file exists before any rank reports
-    dist.destroy_process_group()
+
+    def join(shares: list[dict[str, Any]]) -> None:
+        if save is not None:
+            order = [*table["id"].astype(str), *(s.id for s in skipped or [])]
+            join_probability_files([Path(r["saved"]) for r in shares], Path(save), order)
+
+    shares, _ = submit_shards.gather_then_join(result, runtime, join)
     seconds = max(r["seconds"] for r in shares)
     images = sum(r["images"] for r in shares)
     return {

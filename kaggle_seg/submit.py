@@ -301,23 +301,22 @@ def _join_shares(
 ) -> tuple[int, int, list[Skipped] | None]:
     """Every rank's part written (the gather waits for them all); rank 0 joins the CSV parts
     into `out`. Returns the whole submission's rows, images and skips, on every rank."""
-    import torch.distributed as dist
-
     from kaggle_seg import submit_shards
-    from kaggle_seg.runtime import gather
 
-    shares = gather((*mine, str(part_out)), runtime)
-    rows = sum(share[0] for share in shares)
-    images = sum(share[1] for share in shares)
-    skipped = None if mine[2] is None else [s for share in shares for s in share[2] or []]
-    if runtime.is_main and competition.submission_suffix != "":
+    def every_skip(shares: list[Any]) -> list[Skipped] | None:
+        return None if mine[2] is None else [s for share in shares for s in share[2] or []]
+
+    def join(shares: list[Any]) -> int | None:
+        if competition.submission_suffix == "":  # a folder of mask files: nothing to join
+            return None
         parts = [Path(share[3]) for share in shares]
-        rows = submit_shards.join_parts(
-            parts, out, test, skipped or [], competition.submission_columns
+        return submit_shards.join_parts(
+            parts, out, test, every_skip(shares) or [], competition.submission_columns
         )
-    dist.barrier()  # the joined file exists before any rank reports
-    dist.destroy_process_group()
-    return rows, images, skipped
+
+    shares, joined_rows = submit_shards.gather_then_join((*mine, str(part_out)), runtime, join)
+    rows = joined_rows if joined_rows is not None else sum(share[0] for share in shares)
+    return rows, sum(share[1] for share in shares), every_skip(shares)
 
 
 def upload_submission(csv: Path, competition_name: str, message: str) -> str:

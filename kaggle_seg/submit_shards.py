@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,23 @@ def start_shares(device: str | None) -> tuple[Any, str]:
         runtime = start_runtime(device, timeout=JOIN_TIMEOUT)
         device = str(runtime.device)
     return runtime, device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def gather_then_join(
+    mine: Any, runtime: Any, join: Callable[[list[Any]], Any]
+) -> tuple[list[Any], Any]:
+    """(every rank's `mine`, on every rank; what `join(shares)` returned on rank 0, else None).
+    Rank 0 joins the parts into one output while the others wait, then the process group
+    closes, so no rank reports before the joined output exists."""
+    import torch.distributed as dist
+
+    from kaggle_seg.runtime import gather
+
+    shares = gather(mine, runtime)
+    joined = join(shares) if runtime.is_main else None
+    dist.barrier()
+    dist.destroy_process_group()
+    return shares, joined
 
 
 def shard_of(test: TestSet, volume_key: str | None, rank: int, world: int) -> TestSet:

@@ -46,9 +46,19 @@ CLASSES = ("nuclei",)
 LABELS_CSV = "stage1_train_labels.csv"
 
 
-@lru_cache(maxsize=4)
 def _rles_by_image(labels_csv: str) -> dict[str, list[tuple[int, str]]]:
-    """ImageId -> its (CSV line, RLE) rows, so errors name the line (the header is line 1)."""
+    """ImageId -> its (CSV line, RLE) rows, so errors name the line (the header is line 1).
+    Cached per version of the file: one rewritten at the same path (a pseudo-label copy) is
+    read again."""
+    try:
+        stat = Path(labels_csv).stat()
+    except OSError:
+        return _read_rles(labels_csv, 0, 0)  # read_csv_checked names the missing file
+    return _read_rles(labels_csv, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=4)
+def _read_rles(labels_csv: str, mtime_ns: int, size: int) -> dict[str, list[tuple[int, str]]]:
     labels = read_csv_checked(labels_csv, ["ImageId", "EncodedPixels"])
     labels = labels.assign(line=np.arange(len(labels)) + 2)
     labels = labels[labels["EncodedPixels"] != ""]
@@ -188,7 +198,6 @@ class DSB2018(BaseCompetition):
     def pseudo_label_rows(self, test: pd.DataFrame, labels: Path) -> pd.DataFrame:
         """The test rows read as stage1_train_labels.csv rows are: a submission's
         (ImageId, EncodedPixels) rows are one nucleus each, an empty one an image without."""
-        _rles_by_image.cache_clear()  # the copy may replace an earlier one at the same path
         rles = _rles_by_image(str(Path(labels).resolve()))
         n_nuclei = [len(rles.get(image_id, [])) for image_id in test["id"]]
         return test.assign(
