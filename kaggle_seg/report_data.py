@@ -13,6 +13,7 @@ before / after numbers from, so the page states the same CV per fold and overall
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,12 +88,39 @@ def read_run(path: str | Path) -> ExperimentRun:
         folds=fold_runs,
         config_text=(folds[0][1] / runs.CONFIG_FILE).read_text(),
     )
+    blend_note = _blend_note(experiment_dir)
+    if blend_note:
+        # A blend's config.yaml is its first member's (blend.py): say so, not show it as the model.
+        run.notes.append(blend_note)
+        run.config_text = f"# {blend_note}\n{run.config_text}"
     settings_path = experiment_dir / runs.POSTPROCESS_FILE
     if settings_path.is_file():
         from kaggle_seg.postprocess import load_postprocess
 
         run.settings, run.settings_path = load_postprocess(settings_path), settings_path
     return run
+
+
+def _blend_note(experiment_dir: Path) -> str | None:
+    """One line naming a blend's members and weights (`kseg tune --experiment A --experiment
+    B`), or None when `experiment_dir` is not a blend."""
+    from kaggle_seg.blend import BLEND_FILE
+
+    record_path = experiment_dir / BLEND_FILE
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+        members = [
+            f"{Path(e).name} ({float(w):.2f})"
+            for e, w in zip(record["experiments"], record["weights"], strict=True)
+        ]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise KsegError(f"{record_path}: not a blend record ({type(exc).__name__}: {exc})") from exc
+    return (
+        f"a blend of {len(members)} experiments: {', '.join(members)}; "
+        "the config below is its first member's"
+    )
 
 
 def score_run(run: ExperimentRun) -> None:

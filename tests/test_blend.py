@@ -213,3 +213,20 @@ def test_a_blend_elsewhere_still_finds_its_table(
     out = blend_oof(copies, tmp_path / "elsewhere" / "blend")
     monkeypatch.chdir(tmp_path)
     assert tune_experiment(out).folds == [0, 1]
+
+
+def test_report_of_a_blend_names_its_members(
+    members: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """A blend's config.yaml is its first member's: the report says it is a blend, of whom."""
+    from kaggle_seg.report_data import read_run
+
+    _, (wide, narrow) = members
+    out = blend_oof([wide, narrow], tmp_path / "blend", weights=[3, 1])
+    run = read_run(out)
+    assert any("wide (0.75), narrow (0.25)" in note for note in run.notes)
+    assert run.config_text.startswith("# a blend of 2 experiments")
+    assert not any("blend" in note for note in read_run(wide).notes)
+    (out / BLEND_FILE).write_text("{}")
+    with pytest.raises(KsegError, match=f"{BLEND_FILE}: not a blend record"):
+        read_run(out)
