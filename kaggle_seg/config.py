@@ -195,7 +195,11 @@ class TrainConfig(StrictModel):
     freeze_encoder_epochs: int = Field(0, ge=0)
     unfreeze: Literal["all", "last"] = "all"
     encoder_lr: float | None = Field(None, gt=0)
-    sampler_weight_column: str | None = None  # weighted random sampling over a table column
+    # Weighted random sampling over a table column, or several (e.g. [height, width]: the
+    # image kinds): a row is drawn with weight 1 / (rows sharing its value) ** power, so
+    # power 1 draws every value as often, 0.5 only halves the gap between common and rare.
+    sampler_weight_column: str | list[str] | None = None
+    sampler_weight_power: float = Field(1.0, ge=0, le=1)
     cache: Literal["none", "memory", "memmap"] = "memory"
     oof_dtype: Literal["float16", "uint8"] = "float16"
     # TTA of the out-of-fold pass after training (tta.py modes): `kseg tune` then chooses

@@ -149,6 +149,7 @@ def fold_loaders(
             train_table,
             train_cfg.sampler_weight_column,
             num_samples=len(train_table) // runtime.world_size,
+            power=train_cfg.sampler_weight_power,
             seed=train_cfg.seed + runtime.rank,
         )
     elif runtime.distributed:

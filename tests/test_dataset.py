@@ -290,3 +290,32 @@ def test_weighted_sampler_balances_empty_slices(lgg_table):
 def test_weighted_sampler_unknown_column_lists_columns(lgg_table):
     with pytest.raises(KsegError, match=r"'organ'.*columns: id, group"):
         weighted_sampler(lgg_table, "organ", seed=0)
+
+
+def test_weighted_sampler_over_image_kinds_with_a_power():
+    """Several columns make one value (DSB's image kinds, [height, width]); power 0.5 narrows
+    the gap between common and rare kinds without drawing them all equally."""
+    import pandas as pd
+
+    sizes = [(256, 256)] * 90 + [(512, 640)] * 9 + [(1040, 1388)] * 1
+    table = pd.DataFrame({"height": [h for h, _ in sizes], "width": [w for _, w in sizes]})
+    kinds = table["height"].astype(str) + "x" + table["width"].astype(str)
+
+    def shares(power: float) -> pd.Series:
+        sampler = weighted_sampler(
+            table, ["height", "width"], num_samples=20000, seed=0, power=power
+        )
+        return kinds.to_numpy()[list(sampler)]
+
+    equal = pd.Series(shares(1.0)).value_counts(normalize=True)
+    assert all(abs(equal[k] - 1 / 3) < 0.02 for k in equal.index)
+    # Weights 90 ** -0.5 : 9 ** -0.5 : 1 per row, so kind shares 90 ** 0.5 : 9 ** 0.5 : 1.
+    half = pd.Series(shares(0.5)).value_counts(normalize=True)
+    expected = {"256x256": 90**0.5, "512x640": 3.0, "1040x1388": 1.0}
+    total = sum(expected.values())
+    for kind, weight in expected.items():
+        assert abs(half[kind] - weight / total) < 0.02
+    none = pd.Series(shares(0.0)).value_counts(normalize=True)
+    assert abs(none["256x256"] - 0.9) < 0.02  # power 0: the table's own mix
+    with pytest.raises(KsegError, match=r"'depth' is not in the table"):
+        weighted_sampler(table, ["height", "depth"], seed=0)

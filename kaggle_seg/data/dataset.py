@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -351,21 +352,35 @@ class EpochWeightedSampler(WeightedRandomSampler):
 
 
 def weighted_sampler(
-    table: pd.DataFrame, column: str, *, num_samples: int | None = None, seed: int
+    table: pd.DataFrame,
+    column: str | Sequence[str],
+    *,
+    num_samples: int | None = None,
+    seed: int,
+    power: float = 1.0,
 ) -> EpochWeightedSampler:
-    """Draw rows with replacement, each value of `column` as often as any other.
+    """Draw rows with replacement, rarer values of `column` more often.
 
-    Row weight = 1 / (number of rows sharing its value), so e.g. "empty" gives ~50 % empty and
-    ~50 % non-empty slices per epoch whatever the table's mix. num_samples: draws per epoch
-    (default len(table)). Missing values count as one more value.
+    Row weight = 1 / (number of rows sharing its value) ** power. With power 1 (the default)
+    every value is drawn as often as any other, so e.g. "empty" gives ~50 % empty and ~50 %
+    non-empty slices per epoch whatever the table's mix; 0.5 draws a value 4x rarer 2x more
+    often per row. Several columns: their combined value (e.g. [height, width], DSB's image
+    kinds). num_samples: draws per epoch (default len(table)). Missing values count as one
+    more value.
     """
-    if column not in table.columns:
+    columns = [column] if isinstance(column, str) else list(column)
+    missing = [c for c in columns if c not in table.columns]
+    if missing or not columns:
         raise KsegError(
-            f"sampler column {column!r} is not in the table; columns: {', '.join(table.columns)}"
+            f"sampler column {', '.join(map(repr, missing)) or '[]'} is not in the table; "
+            f"columns: {', '.join(table.columns)}"
         )
     if len(table) == 0:
         raise KsegError("weighted sampler over an empty table")
-    codes, _ = pd.factorize(table[column], use_na_sentinel=False)
-    counts = np.bincount(codes)
-    weights = torch.as_tensor(1.0 / counts[codes], dtype=torch.double)
+    values = table[columns[0]]
+    if len(columns) > 1:
+        values = table[columns].astype(str).agg("|".join, axis=1)
+    codes, _ = pd.factorize(values, use_na_sentinel=False)
+    counts = np.bincount(codes).astype(np.float64)
+    weights = torch.as_tensor(counts[codes] ** -power, dtype=torch.double)
     return EpochWeightedSampler(weights, num_samples or len(table), seed=seed)
