@@ -42,6 +42,20 @@ _FOLD_FILES = (runs.CONFIG_FILE, runs.OOF_FILE, runs.OOF_CLASSES_FILE)
 log = logging.getLogger(__name__)
 
 
+def read_blend_members(folder: Path) -> list[tuple[str, float]] | None:
+    """The (experiment, weight) pairs of the blend written into `folder`, as blend.json records
+    them; None when `folder` holds no blend.json. An unreadable record is a KsegError naming it."""
+    record = Path(folder) / BLEND_FILE
+    if not record.is_file():
+        return None
+    try:
+        blend = json.loads(record.read_text())
+        pairs = zip(blend["experiments"], blend["weights"], strict=True)
+        return [(str(experiment), float(weight)) for experiment, weight in pairs]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise KsegError(f"{record}: not a blend record ({type(exc).__name__}: {exc})") from exc
+
+
 def default_blend_dir(experiments: Sequence[Path]) -> Path:
     """runs/blend_<a>_<b>...: beside the first experiment, named for the members."""
     names = "_".join(Path(e).resolve().name for e in experiments)

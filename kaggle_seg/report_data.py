@@ -13,7 +13,6 @@ before / after numbers from, so the page states the same CV per fold and overall
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -104,19 +103,12 @@ def read_run(path: str | Path) -> ExperimentRun:
 def _blend_note(experiment_dir: Path) -> str | None:
     """One line naming a blend's members and weights (`kseg tune --experiment A --experiment
     B`), or None when `experiment_dir` is not a blend."""
-    from kaggle_seg.blend import BLEND_FILE
+    from kaggle_seg.blend import read_blend_members
 
-    record_path = experiment_dir / BLEND_FILE
-    if not record_path.is_file():
+    pairs = read_blend_members(experiment_dir)
+    if pairs is None:
         return None
-    try:
-        record = json.loads(record_path.read_text())
-        members = [
-            f"{Path(e).name} ({float(w):.2f})"
-            for e, w in zip(record["experiments"], record["weights"], strict=True)
-        ]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise KsegError(f"{record_path}: not a blend record ({type(exc).__name__}: {exc})") from exc
+    members = [f"{Path(e).name} ({w:.2f})" for e, w in pairs]
     return (
         f"a blend of {len(members)} experiments: {', '.join(members)}; "
         "the config below is its first member's"

@@ -61,19 +61,16 @@ def blend_mismatch(members: Sequence[Any], postprocess: Path) -> str | None:
     """A one-line warning when `--postprocess` is a blend's (blend.json beside it, from `kseg
     tune -e A -e B`) and the checkpoints are not that blend's experiments and weights: its
     thresholds were tuned on the blend's OOF."""
-    import json
+    from kaggle_seg.blend import BLEND_FILE, read_blend_members
 
-    from kaggle_seg.blend import BLEND_FILE
-
-    record = Path(postprocess).parent / BLEND_FILE
-    if not record.is_file():
-        return None
     try:
-        blend = json.loads(record.read_text())
-        pairs = zip(blend["experiments"], blend["weights"], strict=True)
-        tuned = {str(Path(e).resolve()): float(w) for e, w in pairs}
-    except (OSError, ValueError, KeyError, TypeError):
+        pairs = read_blend_members(Path(postprocess).parent)
+    except KsegError:
+        record = Path(postprocess).parent / BLEND_FILE
         return f"{record}: unreadable, so these checkpoints are not checked against the blend"
+    if pairs is None:
+        return None
+    tuned = {str(Path(e).resolve()): w for e, w in pairs}
     given: dict[str, float] = {}
     for member in members:
         experiment = str(member.source.parent.parent.resolve())

@@ -377,10 +377,7 @@ def weighted_sampler(
         )
     if len(table) == 0:
         raise KsegError("weighted sampler over an empty table")
-    values = table[columns[0]]
-    if len(columns) > 1:
-        values = table[columns].astype(str).agg("|".join, axis=1)
-    codes, _ = pd.factorize(values, use_na_sentinel=False)
+    codes = table.groupby(columns, dropna=False, sort=False).ngroup().to_numpy()
     counts = np.bincount(codes).astype(np.float64)
     weights = torch.as_tensor(counts[codes] ** -power, dtype=torch.double)
     return EpochWeightedSampler(weights, num_samples or len(table), seed=seed)
