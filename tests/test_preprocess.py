@@ -318,3 +318,19 @@ def test_grey_dark_stretch_gives_a_dim_slide_the_contrast_of_a_bright_one():
     assert np.allclose(grey_dark(flat, stretch=(1.0, 99.9)), flat)
     with pytest.raises(ValueError, match="stretch"):
         resolve_steps([{"name": "grey_dark", "stretch": [99, 1]}])
+
+
+def test_grey_dark_gamma_lifts_a_dim_nucleus_toward_a_bright_one_in_order():
+    from kaggle_seg.preprocess import grey_dark, resolve_steps
+
+    image = np.zeros((32, 32, 3), np.float32)
+    image[4:12, 4:12] = 1.0  # a bright nucleus
+    image[20:28, 20:28] = 0.2  # a dim one beside it
+    image[20:28, 27] = 0.1  # a dip at its edge
+    plain = grey_dark(image, stretch=(0.0, 100.0))
+    lifted = grey_dark(image, stretch=(0.0, 100.0), gamma=0.5)
+    assert lifted[24, 24, 0] > plain[24, 24, 0] + 0.2  # the dim nucleus is brighter
+    assert lifted[8, 8, 0] == pytest.approx(1.0) and lifted[0, 0, 0] == 0.0
+    assert lifted[24, 27, 0] < lifted[24, 24, 0]  # the dip stays a dip
+    with pytest.raises(ValueError, match="gamma"):
+        resolve_steps([{"name": "grey_dark", "gamma": 0}])
