@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -28,7 +28,7 @@ from kaggle_seg.cli_pseudo import pseudo_label
 from kaggle_seg.cli_score import score
 from kaggle_seg.cli_tune import tune
 from kaggle_seg.cli_weights import weights_app
-from kaggle_seg.errors import KsegError, error_line
+from kaggle_seg.errors import KsegError, error_line, record_for_torchrun
 
 app = typer.Typer(
     name="kseg",
@@ -462,20 +462,25 @@ def main() -> None:
         if debug:
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        typer.echo(f"{rank}error: {error_line(message)}", err=True)
-        sys.exit(1)
+        _fail(rank, f"error: {error_line(message)}")
     except KeyboardInterrupt:
-        typer.echo(f"{rank}interrupted", err=True)
-        sys.exit(130)
+        # torchrun stops the other ranks with SIGTERM once one fails: never the root cause.
+        _fail(rank, "interrupted", code=130, follows=True)
     except Exception as exc:
         if debug:
             raise
         if rank and _lost_a_peer(exc):  # the rank that failed has said why; this one only stops
-            typer.echo(f"{rank}stopped: another rank ended; its own line says why", err=True)
-            sys.exit(1)
+            _fail(rank, "stopped: another rank ended; its own line says why", follows=True)
         hint = "rerun with --debug for the traceback"
-        typer.echo(f"{rank}error: {type(exc).__name__}: {error_line(exc)} ({hint})", err=True)
-        sys.exit(1)
+        _fail(rank, f"error: {type(exc).__name__}: {error_line(exc)} ({hint})")
+
+
+def _fail(rank: str, line: str, code: int = 1, follows: bool = False) -> NoReturn:
+    """Print the one line (labelled with the rank under torchrun), leave it for torchrun's
+    failure summary too, and exit."""
+    typer.echo(f"{rank}{line}", err=True)
+    record_for_torchrun(line, follows_another=follows)
+    sys.exit(code)
 
 
 def _rank_label() -> str:

@@ -1,6 +1,9 @@
 """Errors the CLI turns into one clear line (a traceback only with --debug)."""
 
+import json
+import os
 import re
+import time
 
 
 class KsegError(Exception):
@@ -34,3 +37,19 @@ def error_line(value: object) -> str:
         if raised:
             text = text[raised[-1].end() :]
     return one_line(text)
+
+
+def record_for_torchrun(line: str, follows_another: bool = False) -> None:
+    """Under torchrun, leave the error's one line where torchrun's failure summary reads it
+    (TORCHELASTIC_ERROR_FILE), so its "Root Cause" names it instead of a link to its docs.
+    `follows_another`: this rank only stopped because another failed (or was interrupted, as
+    torchrun stops the others); torchrun takes the earliest timestamp as the root cause, so
+    this one is dated a second later."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path):  # not under torchrun, or something recorded already
+        return
+    try:
+        with open(path, "w") as file:
+            json.dump({"message": line, "timestamp": int(time.time()) + follows_another}, file)
+    except OSError:
+        pass  # the summary then falls back to torchrun's own words; the line is on stderr

@@ -586,6 +586,10 @@ def test_under_torchrun_each_rank_labels_its_lines_and_a_lost_peer_is_no_second_
     # once rank 1 has exited) reaches it first: either way one line, and no error of its own.
     (stopped,) = [line for line in lines if line.startswith("rank 0: ")]
     assert stopped.startswith(("rank 0: stopped: another rank ended", "rank 0: interrupted"))
+    # torchrun's own failure summary names the same cause, not a link to its docs.
+    root_cause = result.stderr.split("Root Cause", 1)[1]
+    assert "traceback : error: broken.png: cannot decode" in root_cause
+    assert "To enable traceback" not in result.stderr
 
 
 def test_a_rank_that_lost_its_peer_says_it_stopped(
@@ -608,7 +612,39 @@ def test_a_rank_that_lost_its_peer_says_it_stopped(
         cli.main()
     assert stopped.value.code == 1
     assert capsys.readouterr().err == "rank 0: stopped: another rank ended; its own line says why\n"
+
     monkeypatch.setenv("WORLD_SIZE", "1")  # alone, the same failure is an error of its own
     with pytest.raises(SystemExit):
         cli.main()
     assert capsys.readouterr().err.startswith("error: RuntimeError: [gloo/")
+
+
+def test_an_error_under_torchrun_is_left_for_its_failure_summary(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    import json
+    import signal
+
+    import kaggle_seg.cli as cli
+    from kaggle_seg.errors import KsegError
+
+    def command() -> None:
+        raise KsegError("broken.png: cannot decode")
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's SIGTERM handler
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setattr(cli, "app", command)
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert json.loads(error_file.read_text())["message"] == "error: broken.png: cannot decode"
+    # A rank that only lost its peer is dated after it, so it is never taken for the root cause.
+    lost = tmp_path / "lost.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(lost))
+    monkeypatch.setattr(cli, "app", lambda: (_ for _ in ()).throw(RuntimeError("closed by peer")))
+    with pytest.raises(SystemExit):
+        cli.main()
+    stamps = [json.loads(file.read_text())["timestamp"] for file in (error_file, lost)]
+    assert stamps[1] > stamps[0]
