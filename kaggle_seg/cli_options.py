@@ -49,6 +49,7 @@ class PredictionOptions:
     device: str | None
     on_error: str
     batched_tta: bool
+    adapt_bn: int | None
 
     def as_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `predict_folder.predict_folder` and `submit.write_submission`."""
@@ -103,6 +104,18 @@ _SHARED: dict[str, tuple[Any, Any]] = {
             ),
         ],
         True,
+    ),
+    "adapt_bn": (
+        Annotated[
+            int | None,
+            typer.Option(
+                min=0,
+                help="Recompute BatchNorm statistics on N batches of test-image crops before "
+                "predicting (AdaBN; default: the checkpoints' train.adapt_bn_batches, which "
+                "their OOF was predicted with; 0: the trained statistics).",
+            ),
+        ],
+        None,
     ),
 }
 

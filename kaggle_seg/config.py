@@ -205,6 +205,9 @@ class TrainConfig(StrictModel):
     # TTA of the out-of-fold pass after training (tta.py modes): `kseg tune` then chooses
     # thresholds on probabilities made the way `kseg submit --tta` makes the test's.
     oof_tta: Literal["none", "hflip", "flip", "d4"] = "none"
+    # Predict with BN statistics recomputed on this many batches of crops of the images being
+    # predicted (kaggle_seg/adapt_bn.py): the test set at submit, the fold for the OOF; 0: off.
+    adapt_bn_batches: int = Field(0, ge=0)
     tensorboard: bool = False
     # Models with a classification head (model.params.aux_params): weight of the head's BCE on
     # "does mask channel k have any foreground" added to the segmentation loss.

@@ -4,17 +4,21 @@ one process or shared between torchrun processes (submit_shards.shard_of) and jo
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
 
+from kaggle_seg.adapt_bn import adapt_members, adapt_mismatch
 from kaggle_seg.competitions.base import Skipped, TestSet
 from kaggle_seg.competitions.detect import explain_other_competition
 from kaggle_seg.errors import InputError, KsegError
 from kaggle_seg.predict import Member, default_tta, load_ensemble, predict_probabilities
 from kaggle_seg.probabilities import ProbabilityWriter
+
+log = logging.getLogger(__name__)
 
 
 def predict_folder(
@@ -26,12 +30,14 @@ def predict_folder(
     weights: Sequence[float] | None = None,
     dtype: Literal["float16", "uint8"] = "float16",
     device: str | None = None,
+    adapt_bn: int | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """`kseg predict`: the ensemble over every image of `test_dir` (or of the competition's
     usual test folder under `data_dir`, as `kseg submit` finds it); probabilities are written
     to `save` (streamed, one array per image) only when it is given. `options` go to
-    `predict_probabilities` (tta, merge, ensemble, batch_size, num_workers, on_error)."""
+    `predict_probabilities` (tta, merge, ensemble, batch_size, num_workers, on_error);
+    `adapt_bn`: batches of test crops for the BN statistics (adapt_bn.py; None: the members')."""
     from contextlib import ExitStack
 
     from kaggle_seg.competitions import competition_for
@@ -44,6 +50,8 @@ def predict_folder(
     members = load_ensemble(checkpoints, weights, device)
     if options.get("tta") is None:
         options["tta"] = default_tta(members)
+    if mismatch := adapt_mismatch(members, adapt_bn):
+        log.warning(mismatch)
     competition = competition_for(members[0].config.data)
     skipped: list[Skipped] | None = [] if options.get("on_error") == "skip" else None
     # `scratch`: a zipped DSB test folder is extracted for the run, then removed.
@@ -65,6 +73,8 @@ def predict_folder(
                         f"{test_dir}: no test images to predict (a competition folder goes to "
                         "--data-dir)"
                     )
+        adapted = adapt_members(members, competition, table, options["tta"], adapt_bn)
+        notes += [adapted] if adapted else []
         predict = functools.partial(
             _predict_table, members, competition, dtype=dtype, options=options
         )

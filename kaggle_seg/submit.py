@@ -157,12 +157,14 @@ def write_submission(
     fallback_case_days: int = 2,
     batched_tta: bool = True,
     submission_format: str | None = None,
+    adapt_bn: int | None = None,
 ) -> SubmitResult:
     """Predict the test images with the checkpoints' ensemble and write the submission in the
     competition's format (`Competition.test_set`, `Competition.write_submission`);
     `submission_format` (folder: rle or png) overrides the one the checkpoints were trained
     with."""
 
+    from kaggle_seg.adapt_bn import adapt_members, adapt_mismatch
     from kaggle_seg.competitions import competition_for
     from kaggle_seg.predict import default_tta, load_ensemble
     from kaggle_seg.submit_shards import start_shares
@@ -174,8 +176,9 @@ def write_submission(
     competition = competition_for(members[0].config.data)
     if submission_format is not None:
         competition = competition.with_submission_format(submission_format)
-    if (mismatch := oof_tta_mismatch(members, tta)) and (runtime is None or runtime.is_main):
-        log.warning(mismatch)
+    for mismatch in (oof_tta_mismatch(members, tta), adapt_mismatch(members, adapt_bn)):
+        if mismatch and (runtime is None or runtime.is_main):
+            log.warning(mismatch)
     if out is not None and competition.submission_suffix != "":  # a file, not a mask folder
         from kaggle_seg.io import refuse_folder
 
@@ -196,6 +199,9 @@ def write_submission(
                 skipped=skipped,
                 fallback_volumes=fallback_case_days,
             )
+        # The whole test set on every rank, before it is shared out (the same statistics).
+        if adapted := adapt_members(members, competition, test.table, tta, adapt_bn):
+            test.notes.append(adapted)
         return _predict_and_write(
             members,
             competition,

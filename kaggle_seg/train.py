@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kaggle_seg import runs
+from kaggle_seg.adapt_bn import adapt_batchnorm
 from kaggle_seg.checkpoints import load_checkpoint
 from kaggle_seg.competitions import competition_for
 from kaggle_seg.config import ExperimentConfig, save_config
@@ -384,8 +385,9 @@ class Trainer(TrainerState):
                 if validate or self.full:
                     self.recalibrate_batchnorm()  # the weights best.pt may keep
                 if validate:
-                    # A TTA'd OOF is predicted afresh from best.pt: nothing to keep.
-                    valid_metrics = self._validate(keep=final and cfg.oof_tta == "none")
+                    # A TTA'd or BN-adapted OOF is predicted afresh from best.pt: nothing to keep.
+                    fresh = cfg.oof_tta != "none" or cfg.adapt_bn_batches > 0
+                    valid_metrics = self._validate(keep=final and not fresh)
                 self._time_epoch(epoch_start, trained, validate, started)
                 self._end_epoch({**train_metrics, **valid_metrics}, judged=validate or self.full)
                 if self.best_epoch != self.epoch - 1 or self.epoch < self.planned_epochs:
@@ -432,8 +434,8 @@ class Trainer(TrainerState):
         best = self.run_dir / runs.BEST_CHECKPOINT
         if self.runtime.distributed:
             dist.barrier()
-        tta = self.config.train.oof_tta
-        if self.final_oof is not None and tta == "none":  # the last epoch's validation is it
+        tta, adapt = self.config.train.oof_tta, self.config.train.adapt_bn_batches
+        if self.final_oof is not None and tta == "none" and not adapt:  # the last validation
             kept, kept_classes = self.final_oof
         elif not best.is_file():
             return
@@ -441,9 +443,16 @@ class Trainer(TrainerState):
             started = time.perf_counter()
             state = load_checkpoint(best, map_location=self.runtime.device)
             self.eval_model().load_state_dict(state["model"])
+            # BN statistics of the fold, as `kseg submit` adapts to the test set (adapt_bn.py).
+            adapted = adapt_batchnorm(self.eval_model(), self.spec, self.competition,
+                                      self.valid_table, batches=adapt, tta=tta,
+                                      batch_size=self.config.train.batch_size,
+                                      autocast=self._autocast, seed=self.config.train.seed,
+                                      channels_last=self.channels_last)  # fmt: skip
             _, kept, kept_classes = self.predict_valid(keep=True, tta=tta)
             seconds = time.perf_counter() - started
-            self._log(f"OOF ({tta} TTA): {len(self.valid_table)} images in {seconds:.0f} s")
+            how = f"{tta} TTA" + (f", BN adapted on {adapted} batches" if adapted else "")
+            self._log(f"OOF ({how}): {len(self.valid_table)} images in {seconds:.0f} s")
         self.final_oof = None
         parts = gather((kept, kept_classes), self.runtime)
         if not self.runtime.is_main:

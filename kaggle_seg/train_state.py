@@ -279,7 +279,7 @@ class TrainerState:
             validate_every=cfg.validate_every,
             validates=not self.full,
             last_validated=last_validated,
-            oof_validations=oof_pass_validations(len(get_tta(cfg.oof_tta))),
+            oof_validations=oof_pass_validations(len(get_tta(cfg.oof_tta)), cfg.adapt_bn_batches),
             # Before the first validation: whole-image forward passes over the validation
             # rows, guessed at a training epoch's cost per row.
             validation_guess_s=clock.epoch_seconds()

@@ -51,6 +51,7 @@ def test_a_tta_oof_pass_is_reserved_as_more_validations():
     plan = dict(validate_every=4, validates=True, last_validated=False, validation_guess_s=0.0)
     assert oof_pass_validations(1) == 1.0
     assert oof_pass_validations(8) == pytest.approx(1.875)  # d4
+    assert oof_pass_validations(8, 64) == pytest.approx(2.125)  # d4, BN adapted on 64 batches
     # N = 5 from done = 3: 50 + 20 + 20 * (2 validations + the OOF pass); a d4 OOF pass costs
     # 20 * 0.875 more, so the same budget fits one epoch less.
     assert epochs_within_budget(130.0, clock, 3, 64, **plan) == 5
