@@ -19,6 +19,7 @@ table, so every torchrun rank computes the same statistics without a collective.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
@@ -46,17 +47,14 @@ def crop_batches(
     seed: int,
 ) -> Iterator[torch.Tensor]:
     """`batches` batches [B, C, h, w] of random crops: each of `batch_size` images drawn from
-    the `count` that `images(i)` gives ([C, H, W], as the model takes them), cropped to `crop`
+    the `count` that `images(i)` gives ([C, H, W], as the model takes them; called once per
+    draw, so a reader that decodes should cache), cropped to `crop`
     (or to the smallest image of the batch, so nothing is padded with values training never
     saw), the batch in one random view."""
     rng = np.random.default_rng(seed)
-    cache: dict[int, torch.Tensor] = {}
     for _ in range(batches):
         chosen = rng.choice(count, size=batch_size, replace=batch_size > count)
-        for i in chosen:
-            if int(i) not in cache:
-                cache[int(i)] = images(int(i))
-        picked = [cache[int(i)] for i in chosen]
+        picked = [images(int(i)) for i in chosen]
         height = min(crop[0], *(x.shape[-2] for x in picked))
         width = min(crop[1], *(x.shape[-1] for x in picked))
         crops = []
@@ -66,6 +64,21 @@ def crop_batches(
             crops.append(x[:, top : top + height, left : left + width])
         view = views[int(rng.integers(0, len(views)))]
         yield view(torch.stack(crops))
+
+
+def image_reader(
+    competition: Any, table: pd.DataFrame, spec: ModelSpec
+) -> Callable[[int], torch.Tensor]:
+    """Row i of `table` as `spec`'s model takes it ([C, H, W]), each image decoded once."""
+    from kaggle_seg.predict import PredictionDataset
+
+    dataset = PredictionDataset(competition, table.reset_index(drop=True), [spec])
+
+    @functools.cache
+    def image(i: int) -> torch.Tensor:
+        return dataset[i]["inputs"][0]
+
+    return image
 
 
 def adapt_batchnorm(
@@ -80,27 +93,24 @@ def adapt_batchnorm(
     autocast: Callable[[], AbstractContextManager[Any]],
     channels_last: bool,
     seed: int = 0,
+    images: Callable[[int], torch.Tensor] | None = None,
 ) -> int:
     """Recompute `model`'s BN statistics from crops of `table`'s images (read and transformed
-    as `spec` predicts them). Returns the batches used: 0 when `batches` is 0 or the table has
-    fewer than MIN_IMAGES rows (the trained statistics stay)."""
-    from kaggle_seg.predict import PredictionDataset
+    as `spec` predicts them; `images`: a reader from `image_reader` to share between models of
+    one spec). Returns the batches used: 0 when `batches` is 0 or the table has fewer than
+    MIN_IMAGES rows (the trained statistics stay)."""
     from kaggle_seg.tta import get_tta
 
     if batches <= 0 or len(table) < MIN_IMAGES:
         return 0
-    dataset = PredictionDataset(competition, table.reset_index(drop=True), [spec])
     device = next(model.parameters()).device
-
-    def image(i: int) -> torch.Tensor:
-        return dataset[i]["inputs"][0]
 
     def to_input(batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(device)
         return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
 
     stream = crop_batches(
-        image,
+        images or image_reader(competition, table, spec),
         len(table),
         (spec.height, spec.width),
         batches=batches,
@@ -130,9 +140,12 @@ def adapt_members(
             f"BN statistics: the trained ones ({len(table)} images to predict, fewer than "
             f"{MIN_IMAGES} to adapt them to)"
         )
+    readers: dict[ModelSpec, Callable[[int], torch.Tensor]] = {}  # folds of one spec share
     used = 0
     for member in asked:
         cfg = member.config.train
+        if member.spec not in readers:
+            readers[member.spec] = image_reader(competition, table, member.spec)
         used = adapt_batchnorm(
             member.model,
             member.spec,
@@ -144,6 +157,7 @@ def adapt_members(
             autocast=lambda member=member: member_autocast(member),
             channels_last=cfg.channels_last,
             seed=cfg.seed,
+            images=readers[member.spec],
         )
     return (
         f"BN statistics: adapted to the {len(table)} images to predict ({len(asked)} of "

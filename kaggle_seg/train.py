@@ -435,7 +435,7 @@ class Trainer(TrainerState):
         if self.runtime.distributed:
             dist.barrier()
         tta, adapt = self.config.train.oof_tta, self.config.train.adapt_bn_batches
-        if self.final_oof is not None and tta == "none" and not adapt:  # the last validation
+        if self.final_oof is not None:  # the last validation is it (kept only when not `fresh`)
             kept, kept_classes = self.final_oof
         elif not best.is_file():
             return
