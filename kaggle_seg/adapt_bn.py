@@ -15,6 +15,13 @@ training size from different images, all in one random view of the prediction TT
 a time does not work (per-image AdaBN on stage 1: 0.43 -> 0.30, measured), so a set smaller than
 `MIN_IMAGES` keeps the trained statistics. Crops are drawn with a fixed seed from the whole
 table, so every torchrun rank computes the same statistics without a collective.
+
+`train.adapt_bn_weight` below 1 keeps part of the trained statistics (Schneider et al. 2020,
+"Improving robustness against common corruptions by covariate shift adaptation", blend source
+and target statistics): each layer's statistics are those of a pooled population, a share
+`weight` of test crops and the rest training images, as batches mixing the two would give. The
+blend is applied layer by layer during the passes, so every layer sees its inputs as the
+blended model will make them.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from kaggle_seg.batchnorm import recalibrate_batchnorm
+from kaggle_seg.batchnorm import recalibrate_batchnorm, trainable_batchnorms
 from kaggle_seg.spec import ModelSpec
 
 # Fewer images than this and the statistics would describe a handful of slides, not a set.
@@ -81,6 +88,79 @@ def image_reader(
     return image
 
 
+def pooled_statistics(
+    mean: torch.Tensor, var: torch.Tensor, source: tuple[torch.Tensor, torch.Tensor], weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of a population that is `weight` test (`mean`, `var`) and the rest
+    `source` (the trained statistics): the variance gains the spread between the two means."""
+    source_mean, source_var = source
+    pooled_mean = weight * mean + (1 - weight) * source_mean
+    pooled_var = (
+        weight * var + (1 - weight) * source_var + weight * (1 - weight) * (mean - source_mean) ** 2
+    )
+    return pooled_mean, pooled_var
+
+
+@torch.no_grad()
+def recalibrate_blended(
+    model: nn.Module,
+    batches: Iterator[torch.Tensor],
+    to_input: Callable[[torch.Tensor], torch.Tensor],
+    max_batches: int,
+    weight: float,
+    autocast: Callable[[], AbstractContextManager[Any]],
+) -> int:
+    """BN statistics pooled from the trained ones and `batches` (share `weight`). Each layer
+    runs in eval mode on the running statistics that a pre-hook sets to the pooled statistics
+    of the batch it is given, so any BN subclass (timm's BatchNormAct2d) normalises with them;
+    the hook also averages the batch statistics, pooled with the trained ones at the end."""
+    layers = trainable_batchnorms(model)
+    if not layers or max_batches <= 0:
+        return 0
+    sources = [(m.running_mean.clone(), m.running_var.clone()) for m in layers]
+    sums = [[torch.zeros_like(mean), torch.zeros_like(mean)] for mean, _ in sources]
+
+    def pool_batch(index: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(layer: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].float()
+            dims = [d for d in range(x.dim()) if d != 1]
+            mean = x.mean(dims)
+            biased = x.var(dims, unbiased=False)
+            # Averaged unbiased and normalised with the biased variance, as BN's train mode
+            # does: at weight 1 this is `recalibrate_batchnorm` exactly.
+            count = x.numel() // x.shape[1]
+            sums[index][0] += mean
+            sums[index][1] += biased * count / max(count - 1, 1)
+            pooled = pooled_statistics(mean, biased, sources[index], weight)
+            layer.running_mean.copy_(pooled[0])
+            layer.running_var.copy_(pooled[1])
+
+        return hook
+
+    was_training = model.training
+    model.eval()
+    hooks = [m.register_forward_pre_hook(pool_batch(i)) for i, m in enumerate(layers)]
+    used = 0
+    try:
+        for batch in batches:
+            if used >= max_batches:
+                break
+            with autocast():
+                model(to_input(batch))
+            used += 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for layer, source, (mean_sum, var_sum) in zip(layers, sources, sums, strict=True):
+            # Interrupted before a batch: the trained statistics stay as they were.
+            mean, var = (mean_sum / used, var_sum / used) if used else source
+            pooled = pooled_statistics(mean, var, source, weight) if used else source
+            layer.running_mean.copy_(pooled[0])
+            layer.running_var.copy_(pooled[1])
+        model.train(was_training)
+    return used
+
+
 def adapt_batchnorm(
     model: nn.Module,
     spec: ModelSpec,
@@ -94,11 +174,13 @@ def adapt_batchnorm(
     channels_last: bool,
     seed: int = 0,
     images: Callable[[int], torch.Tensor] | None = None,
+    weight: float = 1.0,
 ) -> int:
     """Recompute `model`'s BN statistics from crops of `table`'s images (read and transformed
     as `spec` predicts them; `images`: a reader from `image_reader` to share between models of
-    one spec). Returns the batches used: 0 when `batches` is 0 or the table has fewer than
-    MIN_IMAGES rows (the trained statistics stay)."""
+    one spec); `weight` < 1 pools them with the trained ones (`recalibrate_blended`). Returns
+    the batches used: 0 when `batches` is 0 or the table has fewer than MIN_IMAGES rows (the
+    trained statistics stay)."""
     from kaggle_seg.tta import get_tta
 
     if batches <= 0 or len(table) < MIN_IMAGES:
@@ -118,6 +200,8 @@ def adapt_batchnorm(
         views=[t.augment for t in get_tta(tta)],
         seed=seed,
     )
+    if weight < 1:
+        return recalibrate_blended(model, stream, to_input, batches, weight, autocast)
     return recalibrate_batchnorm(model, stream, to_input, batches, autocast=autocast)
 
 
@@ -158,6 +242,7 @@ def adapt_members(
             channels_last=cfg.channels_last,
             seed=cfg.seed,
             images=readers[member.spec],
+            weight=cfg.adapt_bn_weight,
         )
     return (
         f"BN statistics: adapted to the {len(table)} images to predict ({len(asked)} of "

@@ -208,6 +208,9 @@ class TrainConfig(StrictModel):
     # Predict with BN statistics recomputed on this many batches of crops of the images being
     # predicted (kaggle_seg/adapt_bn.py): the test set at submit, the fold for the OOF; 0: off.
     adapt_bn_batches: int = Field(0, ge=0)
+    # The share of those images in the adapted statistics, the rest the trained statistics
+    # (adapt_bn.py, `recalibrate_blended`); 1: the test images' alone.
+    adapt_bn_weight: float = Field(1.0, gt=0, le=1)
     tensorboard: bool = False
     # Models with a classification head (model.params.aux_params): weight of the head's BCE on
     # "does mask channel k have any foreground" added to the segmentation loss.

@@ -448,7 +448,8 @@ class Trainer(TrainerState):
                                       self.valid_table, batches=adapt, tta=tta,
                                       batch_size=self.config.train.batch_size,
                                       autocast=self._autocast, seed=self.config.train.seed,
-                                      channels_last=self.channels_last)  # fmt: skip
+                                      channels_last=self.channels_last,
+                                      weight=self.config.train.adapt_bn_weight)  # fmt: skip
             _, kept, kept_classes = self.predict_valid(keep=True, tta=tta)
             seconds = time.perf_counter() - started
             how = f"{tta} TTA" + (f", BN adapted on {adapted} batches" if adapted else "")

@@ -4,6 +4,7 @@ the same on every run, a shifted test set brought back, and the option through t
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from kaggle_seg.adapt_bn import MIN_IMAGES, adapt_batchnorm, adapt_members, crop_batches
+from kaggle_seg.adapt_bn import (
+    MIN_IMAGES,
+    adapt_batchnorm,
+    adapt_members,
+    crop_batches,
+    pooled_statistics,
+    recalibrate_blended,
+)
+from kaggle_seg.batchnorm import recalibrate_batchnorm
 from kaggle_seg.competitions import get_competition
 from kaggle_seg.predict import load_member, member_autocast, predict_probabilities
 
@@ -44,6 +53,53 @@ def test_crops_take_the_models_size_capped_by_the_batchs_smallest_image_and_repe
     again = draw(0)
     assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(batches, draw(1), strict=True))
+
+
+def test_pooled_statistics_are_those_of_the_two_populations_put_together():
+    rng = np.random.default_rng(0)
+    test = torch.from_numpy(rng.normal(3.0, 2.0, (300, 4)))
+    source = torch.from_numpy(rng.normal(-1.0, 0.5, (900, 4)))
+    both = torch.cat([test, source])
+    trained = (source.mean(0), source.var(0, unbiased=False))
+    mean, var = pooled_statistics(test.mean(0), test.var(0, unbiased=False), trained, 0.25)
+    torch.testing.assert_close(mean, both.mean(0))
+    torch.testing.assert_close(var, both.var(0, unbiased=False))
+
+
+def test_blended_statistics_at_weight_one_are_adabn_and_below_it_lie_toward_the_trained():
+    torch.manual_seed(0)
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(1)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 8, 3), torch.nn.BatchNorm2d(8),
+        ).eval()  # fmt: skip
+
+    shifted = [torch.randn(4, 3, 16, 16) * 3 + 2 for _ in range(5)]  # the "test set"
+    adabn, blended, half = model(), model(), model()
+    trained = [(m.running_mean.clone(), m.running_var.clone()) for m in half.modules()
+               if isinstance(m, torch.nn.BatchNorm2d)]  # fmt: skip
+    assert recalibrate_batchnorm(adabn, iter(shifted), lambda x: x, 5) == 5
+    assert recalibrate_blended(blended, iter(shifted), lambda x: x, 5, 1.0, nullcontext) == 5
+    for (name, a), b in zip(adabn.state_dict().items(), blended.state_dict().values(), strict=True):
+        if "running" in name:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert recalibrate_blended(half, iter(shifted), lambda x: x, 5, 0.5, nullcontext) == 5
+    assert not half.training
+    # The first layer's input does not depend on any BN: its statistics pool exactly.
+    first = half[1]
+    adapted = adabn[1]
+    torch.testing.assert_close(first.running_mean, (adapted.running_mean + trained[0][0]) / 2)
+    assert bool((first.running_var > (adapted.running_var + trained[0][1]) / 2 - 1e-6).all())
+    # Every layer moved off the trained statistics, and no hook is left behind.
+    for m, (mean, _) in zip([half[1], half[4]], trained, strict=True):
+        assert not torch.allclose(m.running_mean, mean)
+        assert not m._forward_pre_hooks
+    # Interrupted before its first batch: the trained statistics stay.
+    untouched = model()
+    assert recalibrate_blended(untouched, iter([]), lambda x: x, 5, 0.5, nullcontext) == 0
+    torch.testing.assert_close(untouched[1].running_mean, trained[0][0])
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +170,24 @@ def test_too_few_images_keep_the_trained_statistics_and_say_so(dark_and_plain, t
     changed = [k for k, v in member.model.state_dict().items() if "running" in k
                and not torch.equal(before[k], v)]  # fmt: skip
     assert changed
+
+
+def test_members_adapt_with_the_share_their_config_gives(dark_and_plain, tmp_path: Path):
+    from test_predict import write_checkpoint
+
+    competition, _, dark = dark_and_plain
+    checkpoint = write_checkpoint(tmp_path / "best.pt", size=64)
+    trained, alone, half = (load_member(checkpoint, 1.0, "cpu") for _ in range(3))
+    half.config.train.adapt_bn_weight = 0.5
+    for member in (alone, half):
+        assert adapt_members([member], competition, dark, "flip", 4) is not None
+
+    def stem(member) -> torch.nn.BatchNorm2d:  # the first BN: its input depends on no BN
+        return next(m for m in member.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+    midway = (stem(alone).running_mean + stem(trained).running_mean) / 2
+    torch.testing.assert_close(stem(half).running_mean, midway)
+    assert not torch.allclose(stem(alone).running_mean, stem(trained).running_mean)
 
 
 def test_submit_adapts_as_the_checkpoint_says_and_warns_when_told_otherwise(
