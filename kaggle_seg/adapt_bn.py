@@ -153,10 +153,13 @@ def recalibrate_blended(
             hook.remove()
         for layer, source, (mean_sum, var_sum) in zip(layers, sources, sums, strict=True):
             # Interrupted before a batch: the trained statistics stay as they were.
-            mean, var = (mean_sum / used, var_sum / used) if used else source
-            pooled = pooled_statistics(mean, var, source, weight) if used else source
-            layer.running_mean.copy_(pooled[0])
-            layer.running_var.copy_(pooled[1])
+            mean, var = (
+                pooled_statistics(mean_sum / used, var_sum / used, source, weight)
+                if used
+                else source
+            )
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
         model.train(was_training)
     return used
 
