@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,18 +62,26 @@ def prepared(competition: str, data_dir: Path, out: Path) -> tuple[Path, Path]:
 
 
 def train_recipe(config_file: Path, table: Path, folds: Path, runs: Path, extra: list[str]):
-    """Train fold 0 of a recipe; (experiment folder, training minutes, history)."""
-    from kaggle_seg.train import train_fold
+    """Train fold 0 of a recipe; (experiment folder, training minutes, history).
 
-    config = load_experiment(config_file, [f"data.table={table}", f"data.folds={folds}", *extra])
+    `kseg train` runs in its own process, as a user runs it: the trainer's image cache and
+    state go with it, so the submission that follows does not share a process holding 16 GB
+    (session 19's run was OOM-killed there).
+    """
+    overrides = [f"data.table={table}", f"data.folds={folds}", *extra]
+    config = load_experiment(config_file, overrides)
     experiment = runs / config.name
     if experiment.exists():
         shutil.rmtree(experiment)
+    command = [sys.executable, "-m", "kaggle_seg", "train", "--config", str(config_file)]
+    command += ["--fold", "0", "--runs-dir", str(runs), "--device", "cpu"]
+    for override in overrides:
+        command += ["--set", override]
     started = time.perf_counter()
-    result = train_fold(config, 0, run_root=runs, device="cpu")
+    subprocess.run(command, check=True)
     minutes = (time.perf_counter() - started) / 60
     save_config(config, runs / f"{config.name}.yaml")
-    return experiment, minutes, result.history
+    return experiment, minutes, pd.read_csv(experiment / "fold_0" / "history.csv")
 
 
 def tuned(experiment: Path) -> dict[str, Any]:
