@@ -277,3 +277,15 @@ def progress(
             display.advance()
     finally:
         display.close()
+
+
+def epoch_progress(iterable: Iterable[T], description: str, is_main: bool = True) -> Iterable[T]:
+    """A training epoch's batches: a tqdm bar on a terminal, a plain line a minute in a log (a
+    Kaggle notebook, CI), nothing on the other ranks of a DDP run."""
+    if not is_main:
+        return iterable
+    if not sys.stderr.isatty():
+        return every_interval(iterable, len(iterable), description)  # type: ignore[arg-type]
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)

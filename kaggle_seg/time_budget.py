@@ -13,17 +13,27 @@ only to reach a validation epoch.
 from __future__ import annotations
 
 import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
 class EpochClock:
     """Seconds measured so far in one run: each epoch's training, each validation (with its
-    BatchNorm recalibration), and everything since the run started (`elapsed`)."""
+    BatchNorm recalibration), and everything since the run started (`elapsed`). Of the last
+    validation also: its model forward passes (`forward`), its BN recalibration
+    (`recalibration`) and one recalibration batch (`bn_batch`), from which the OOF pass is
+    projected (`oof_pass_seconds`); 0 until measured."""
 
     train: list[float] = field(default_factory=list)
     validation: list[float] = field(default_factory=list)
     elapsed: float = 0.0
+    forward: float = 0.0
+    recalibration: float = 0.0
+    bn_batch: float = 0.0
 
     def epoch_seconds(self) -> float:
         """A steady epoch: the first one also pays for warm-up (kernel choice, page cache), so
@@ -31,12 +41,21 @@ class EpochClock:
         steady = self.train[1:] if len(self.train) > 1 else self.train
         return statistics.median(steady[-3:]) if steady else 0.0
 
-    def record(self, train_s: float, valid_s: float, validated: bool, elapsed: float) -> None:
+    def record(
+        self,
+        train_s: float,
+        valid_s: float,
+        validated: bool,
+        elapsed: float,
+        parts: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    ) -> None:
         """One finished epoch. Unvalidated, its BatchNorm recalibration (--full) is part of
-        the epoch's cost."""
+        the epoch's cost. `parts`: a validation's (forward, recalibration, bn_batch) seconds."""
         if validated:
             self.train.append(train_s)
             self.validation.append(valid_s)
+            if parts[0] > 0:
+                self.forward, self.recalibration, self.bn_batch = parts
         else:
             self.train.append(train_s + valid_s)
         self.elapsed = elapsed
@@ -45,12 +64,19 @@ class EpochClock:
         return self.validation[-1] if self.validation else guess
 
     def state_dict(self) -> dict[str, object]:
-        return {"train": self.train, "validation": self.validation, "elapsed": self.elapsed}
+        return {
+            "train": self.train,
+            "validation": self.validation,
+            "elapsed": self.elapsed,
+            "parts": [self.forward, self.recalibration, self.bn_batch],
+        }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.train = list(state.get("train", []))  # type: ignore[arg-type]
         self.validation = list(state.get("validation", []))  # type: ignore[arg-type]
         self.elapsed = float(state.get("elapsed", 0.0))  # type: ignore[arg-type]
+        parts = [float(v) for v in state.get("parts", [0.0, 0.0, 0.0])]  # type: ignore[attr-defined]
+        self.forward, self.recalibration, self.bn_batch = parts
 
 
 def validations_between(done: int, planned: int, validate_every: int) -> int:
@@ -71,7 +97,8 @@ def epochs_within_budget(
     validates: bool,
     last_validated: bool,
     validation_guess_s: float,
-    oof_validations: float = 1.0,
+    oof_views: int = 1,
+    oof_adapt_batches: int = 0,
 ) -> int:
     """The most epochs (done .. max_epochs) whose projected run time fits `budget_s`.
 
@@ -83,12 +110,13 @@ def epochs_within_budget(
     floor = done if last_validated else done + 1
     epoch_s = clock.epoch_seconds()
     valid_s = clock.validation_seconds(validation_guess_s) if validates else 0.0
+    oof_s = oof_pass_seconds(clock, valid_s, oof_views, oof_adapt_batches) if validates else 0.0
     best = min(floor, max_epochs)
     for planned in range(best + 1, max_epochs + 1):
         projected = clock.elapsed + (planned - done) * epoch_s
         if validates:
             validations = validations_between(done, planned, validate_every)
-            projected += (validations + oof_validations) * valid_s
+            projected += validations * valid_s + oof_s
         if projected > budget_s:
             break
         best = planned
@@ -103,3 +131,40 @@ def oof_pass_validations(views: int, adapt_bn_batches: int = 0) -> float:
     each extra view is counted as an eighth of a validation; 64 adaptation batches took 15 s
     (the OOF pass 81 s against 66), so each counts as 1/256 of one."""
     return 1.0 + (views - 1) / 8 + adapt_bn_batches / 256
+
+
+def oof_pass_seconds(clock: EpochClock, valid_s: float, views: int, adapt_bn_batches: int) -> float:
+    """The OOF pass's projected seconds: a validation with `views` forward passes where it had
+    one, and `adapt_bn_batches` BN adaptation batches instead of its recalibration. From the
+    last validation's measured parts; before those, `oof_pass_validations` validations. (A
+    ratio alone misjudged a float32 CPU, where the forward passes are most of the work: 4 min
+    of d4 OOF pass against 1.2 reserved, and a 40-minute budget ran 42.4.)"""
+    if clock.forward <= 0:
+        return valid_s * oof_pass_validations(views, adapt_bn_batches)
+    forward = (views - 1) * clock.forward
+    return valid_s - clock.recalibration + forward + adapt_bn_batches * clock.bn_batch
+
+
+@contextmanager
+def forward_seconds(model: Any) -> Iterator[list[float]]:
+    """[seconds] spent in `model`'s forward calls inside the block, by forward hooks (removed
+    after). A CUDA output is waited for, so the time is the device's, not the launch's."""
+    total, started = [0.0], [0.0]
+
+    def before(*_: Any) -> None:
+        started[0] = time.perf_counter()
+
+    def after(_module: Any, _inputs: Any, output: Any) -> None:
+        first = output[0] if isinstance(output, tuple | list) else output
+        if getattr(first, "is_cuda", False):
+            import torch
+
+            torch.cuda.synchronize(first.device)
+        total[0] += time.perf_counter() - started[0]
+
+    handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+    try:
+        yield total
+    finally:
+        for handle in handles:
+            handle.remove()

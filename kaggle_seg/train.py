@@ -17,7 +17,6 @@ oof_classes.npz.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -42,9 +41,10 @@ from kaggle_seg.optim import build_optimizer, build_scheduler
 
 # The probability files live in their own torch-free module; loaders re-exported for callers.
 from kaggle_seg.probabilities import load_class_oof, load_oof, save_class_oof, save_oof  # noqa: F401
+from kaggle_seg.progress import epoch_progress
 from kaggle_seg.runtime import Runtime, autocast_settings, gather, seed_everything, start_runtime
 from kaggle_seg.spec import ModelSpec
-from kaggle_seg.time_budget import EpochClock
+from kaggle_seg.time_budget import EpochClock, forward_seconds
 from kaggle_seg.train_data import fold_loaders, load_fold_tables
 from kaggle_seg.train_state import TrainerState
 
@@ -143,6 +143,7 @@ class Trainer(TrainerState):
         # epoch is the best: written as the OOF without a second pass.
         self.final_oof: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
         self.clock = EpochClock()
+        self.pass_seconds = [0.0, 0.0, 0.0]  # this epoch's validation: forward, BN, a BN batch
         self.optimizer_steps = 0  # the EMA warm-up counts these
         self.bn_batches = 0  # training batches the last BN recalibration used
         self.best_step = 0  # optimizer steps at the best checkpoint
@@ -197,6 +198,7 @@ class Trainer(TrainerState):
                 images = images.contiguous(memory_format=torch.channels_last)
             return images
 
+        started = time.perf_counter()
         self.bn_batches = recalibrate_batchnorm(
             model,
             self.train_loader,
@@ -206,6 +208,8 @@ class Trainer(TrainerState):
             distributed=self.runtime.distributed,
             autocast=self._autocast,
         )
+        seconds = time.perf_counter() - started  # for the time budget's OOF projection
+        self.pass_seconds[1:] = [seconds, seconds / max(1, self.bn_batches)]
         return self.bn_batches
 
     # -- phases --
@@ -251,7 +255,9 @@ class Trainer(TrainerState):
         totals: dict[str, float] = {}
         n_images, start = 0, time.perf_counter()
         accumulation = cfg.grad_accumulation
-        batches = self._progress(self.train_loader, f"epoch {self.epoch + 1}/{self.planned_epochs}")
+        batches = epoch_progress(
+            self.train_loader, f"epoch {self.epoch + 1}/{self.planned_epochs}", self.runtime.is_main
+        )
         self.optimizer.zero_grad(set_to_none=True)
         for step, batch in enumerate(batches):
             images = batch["image"].to(runtime.device, non_blocking=True).float()
@@ -338,17 +344,6 @@ class Trainer(TrainerState):
             kept_classes,
         )
 
-    def _progress(self, iterable, description: str):
-        if not self.runtime.is_main:
-            return iterable
-        if not sys.stderr.isatty():  # a log (a Kaggle notebook, CI): a line a minute
-            from kaggle_seg.progress import every_interval
-
-            return every_interval(iterable, len(iterable), description)
-        from tqdm.auto import tqdm
-
-        return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
-
     def _log(self, message: str) -> None:
         if self.runtime.is_main:
             print(message, flush=True)
@@ -416,17 +411,19 @@ class Trainer(TrainerState):
     def _validate(self, keep: bool) -> dict[str, float]:
         """Validation metrics. The last epoch keeps its probabilities: when it is the best,
         they are the OOF, and the pass over best.pt after training is not needed."""
-        metrics, kept, kept_classes = self.predict_valid(keep=keep)
+        with forward_seconds(self.eval_model()) as forward:
+            metrics, kept, kept_classes = self.predict_valid(keep=keep)
+        self.pass_seconds[0] = forward[0]
         self.final_oof = (kept, kept_classes) if keep else None
         return metrics
 
     def _time_epoch(self, epoch_start: float, trained: float, validated: bool, started: float):
         """Record this epoch's seconds (the slowest rank's, so every rank plans the same)."""
         now = time.perf_counter()
-        times = [trained - epoch_start, now - trained, now - started]
+        times = [trained - epoch_start, now - trained, now - started, *self.pass_seconds]
         if self.runtime.distributed:
             times = [max(values) for values in zip(*gather(times, self.runtime), strict=True)]
-        self.clock.record(times[0], times[1], validated, times[2])
+        self.clock.record(times[0], times[1], validated, times[2], (times[3], times[4], times[5]))
         self._plan_epochs(self.epoch + 1, last_validated=validated or self.full)
 
     def _write_oof(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from kaggle_seg.checkpoints import load_checkpoint, rng_state, save_checkpoint, 
 from kaggle_seg.errors import KsegError
 from kaggle_seg.io import write_csv_atomic
 from kaggle_seg.optim import set_schedule_epochs
-from kaggle_seg.time_budget import EpochClock, epochs_within_budget, oof_pass_validations
+from kaggle_seg.time_budget import EpochClock, epochs_within_budget
 from kaggle_seg.tta import get_tta
 
 # What a last.pt holds beyond best.pt's weights and config: without them there is nothing to
@@ -279,7 +280,8 @@ class TrainerState:
             validate_every=cfg.validate_every,
             validates=not self.full,
             last_validated=last_validated,
-            oof_validations=oof_pass_validations(len(get_tta(cfg.oof_tta)), cfg.adapt_bn_batches),
+            oof_views=len(get_tta(cfg.oof_tta)),
+            oof_adapt_batches=cfg.adapt_bn_batches,
             # Before the first validation: whole-image forward passes over the validation
             # rows, guessed at a training epoch's cost per row.
             validation_guess_s=clock.epoch_seconds()
@@ -301,7 +303,7 @@ class TrainerState:
             from kaggle_seg.runtime import gather
 
             times = [max(values) for values in zip(*gather(times, self.runtime), strict=True)]
-        clock = EpochClock([*self.clock.train, times[0]], list(self.clock.validation), times[1])
+        clock = replace(self.clock, train=[*self.clock.train, times[0]], elapsed=times[1])
         done = self.epoch + 1
         return self._budget_plan(clock, done, last_validated=True) <= done
 

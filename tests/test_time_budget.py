@@ -4,6 +4,7 @@ short by its budget: tests/test_train.py)."""
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from kaggle_seg.optim import build_scheduler, set_schedule_epochs
 from kaggle_seg.time_budget import (
     EpochClock,
     epochs_within_budget,
+    forward_seconds,
+    oof_pass_seconds,
     oof_pass_validations,
     validations_between,
 )
@@ -55,9 +58,44 @@ def test_a_tta_oof_pass_is_reserved_as_more_validations():
     # N = 5 from done = 3: 50 + 20 + 20 * (2 validations + the OOF pass); a d4 OOF pass costs
     # 20 * 0.875 more, so the same budget fits one epoch less.
     assert epochs_within_budget(130.0, clock, 3, 64, **plan) == 5
-    d4 = oof_pass_validations(len(TTA_MODES["d4"]))
-    assert epochs_within_budget(130.0, clock, 3, 64, **plan, oof_validations=d4) == 4
-    assert epochs_within_budget(147.5, clock, 3, 64, **plan, oof_validations=d4) == 5
+    d4 = len(TTA_MODES["d4"])
+    assert epochs_within_budget(130.0, clock, 3, 64, **plan, oof_views=d4) == 4
+    assert epochs_within_budget(147.5, clock, 3, 64, **plan, oof_views=d4) == 5
+
+
+def test_a_measured_forward_pass_projects_the_oof_pass():
+    # The last validation took 20 s: 12 s of forward passes, 4 s of BN recalibration over 8
+    # batches (0.5 s each), the rest scoring. A d4 OOF pass with 64 adaptation batches:
+    # 20 - 4 + 7 * 12 + 64 * 0.5 = 132 s (the ratio alone would reserve 20 * 2.125 = 42.5 s).
+    clock = EpochClock(train=[30.0, 10.0, 10.0], validation=[20.0], elapsed=50.0)
+    assert oof_pass_seconds(clock, 20.0, 8, 64) == pytest.approx(42.5)
+    clock.record(10.0, 20.0, True, 80.0, (12.0, 4.0, 0.5))
+    assert (clock.forward, clock.recalibration, clock.bn_batch) == (12.0, 4.0, 0.5)
+    assert oof_pass_seconds(clock, 20.0, 8, 64) == pytest.approx(132.0)
+    assert oof_pass_seconds(clock, 20.0, 1, 0) == pytest.approx(16.0)  # no TTA, nothing adapted
+    # From done = 4 at 80 s: N = 5 costs 80 + 10 + 20 (its validation) + 132 = 242 s.
+    plan = dict(validate_every=4, validates=True, last_validated=True, validation_guess_s=0.0)
+    assert epochs_within_budget(242.0, clock, 4, 64, **plan, oof_views=8, oof_adapt_batches=64) == 5
+    assert epochs_within_budget(241.0, clock, 4, 64, **plan, oof_views=8, oof_adapt_batches=64) == 4
+    # An unvalidated epoch keeps the parts; a resumed run gets them back.
+    clock.record(10.0, 0.0, False, 90.0)
+    restored = EpochClock()
+    restored.load_state_dict(clock.state_dict())
+    assert restored == clock and restored.forward == 12.0
+
+
+def test_forward_seconds_times_the_model_calls_inside_the_block():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3))
+    with forward_seconds(model) as spent:
+        started = time.perf_counter()
+        for _ in range(3):
+            model(torch.zeros(1, 1, 64, 64))
+        time.sleep(0.05)  # outside the model: not counted
+        total = time.perf_counter() - started
+    assert 0 < spent[0] < total - 0.04
+    before = spent[0]
+    model(torch.zeros(1, 1, 8, 8))  # after the block: the hooks are gone
+    assert spent[0] == before and not model._forward_hooks and not model._forward_pre_hooks
 
 
 def test_cosine_follows_a_new_plan_and_resumes_it():

@@ -536,6 +536,10 @@ def test_a_run_out_of_time_stops_validated_with_its_oof(dsb_small: Path, tmp_pat
     last = torch.load(run / "last.pt", weights_only=True)
     assert last["planned_epochs"] == 1 and len(last["clock"]["train"]) == 1
     assert last["clock"]["elapsed"] > 0
+    # The validation's parts, which project the OOF pass: forward passes, BN recalibration.
+    forward, recalibration, bn_batch = last["clock"]["parts"]
+    assert forward > 0 and recalibration >= bn_batch > 0
+    assert forward + recalibration <= last["clock"]["validation"][0]
     # Resuming a finished, cut run does not train on to train.epochs.
     resumed = train_fold(config, 0, run_root=tmp_path, device="cpu", resume=True)
     assert len(resumed.history) == 1
