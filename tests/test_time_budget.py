@@ -65,18 +65,19 @@ def test_a_tta_oof_pass_is_reserved_as_more_validations():
 
 def test_a_measured_forward_pass_projects_the_oof_pass():
     # The last validation took 20 s: 12 s of forward passes, 4 s of BN recalibration over 8
-    # batches (0.5 s each), the rest scoring. A d4 OOF pass with 64 adaptation batches:
-    # 20 - 4 + 7 * 12 + 64 * 0.5 = 132 s (the ratio alone would reserve 20 * 2.125 = 42.5 s).
+    # batches (0.5 s each), the rest scoring. A d4 OOF pass with 64 adaptation batches: its 8
+    # views stacked cost 1.25 passes each, an adaptation batch two recalibration batches:
+    # 20 - 4 + (8 * 1.25 - 1) * 12 + 64 * 2 * 0.5 = 188 s (the ratio alone: 20 * 2.125 = 42.5).
     clock = EpochClock(train=[30.0, 10.0, 10.0], validation=[20.0], elapsed=50.0)
     assert oof_pass_seconds(clock, 20.0, 8, 64) == pytest.approx(42.5)
     clock.record(10.0, 20.0, True, 80.0, (12.0, 4.0, 0.5))
     assert (clock.forward, clock.recalibration, clock.bn_batch) == (12.0, 4.0, 0.5)
-    assert oof_pass_seconds(clock, 20.0, 8, 64) == pytest.approx(132.0)
+    assert oof_pass_seconds(clock, 20.0, 8, 64) == pytest.approx(188.0)
     assert oof_pass_seconds(clock, 20.0, 1, 0) == pytest.approx(16.0)  # no TTA, nothing adapted
-    # From done = 4 at 80 s: N = 5 costs 80 + 10 + 20 (its validation) + 132 = 242 s.
+    # From done = 4 at 80 s: N = 5 costs 80 + 10 + 20 (its validation) + 188 = 298 s.
     plan = dict(validate_every=4, validates=True, last_validated=True, validation_guess_s=0.0)
-    assert epochs_within_budget(242.0, clock, 4, 64, **plan, oof_views=8, oof_adapt_batches=64) == 5
-    assert epochs_within_budget(241.0, clock, 4, 64, **plan, oof_views=8, oof_adapt_batches=64) == 4
+    assert epochs_within_budget(298.0, clock, 4, 64, **plan, oof_views=8, oof_adapt_batches=64) == 5
+    assert epochs_within_budget(297.0, clock, 4, 64, **plan, oof_views=8, oof_adapt_batches=64) == 4
     # An unvalidated epoch keeps the parts; a resumed run gets them back.
     clock.record(10.0, 0.0, False, 90.0)
     restored = EpochClock()
