@@ -280,12 +280,12 @@ def progress(
 
 
 def epoch_progress(iterable: Iterable[T], description: str, is_main: bool = True) -> Iterable[T]:
-    """A training epoch's batches: a tqdm bar on a terminal, a plain line a minute in a log (a
-    Kaggle notebook, CI), nothing on the other ranks of a DDP run."""
+    """A training epoch's batches, shown as KSEG_PROGRESS says (`progress_mode`): a bar on a
+    terminal, a plain line a minute in a log (a Kaggle notebook, CI); nothing on the other
+    ranks of a DDP run."""
     if not is_main:
         return iterable
-    if not sys.stderr.isatty():
-        return every_interval(iterable, len(iterable), description)  # type: ignore[arg-type]
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
+    total = len(iterable)  # type: ignore[arg-type]
+    if progress_mode(sys.stderr) == "bar":
+        return progress(iterable, total, description, "batches")
+    return every_interval(iterable, total, description)  # off: every_interval shows nothing
