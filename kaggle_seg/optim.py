@@ -66,7 +66,16 @@ def _step(config: ExperimentConfig, optimizer: torch.optim.Optimizer, steps: int
 class CosineFactor:
     """LR factor per optimizer step: linear warm-up over `warmup` steps, then a cosine down to
     `floor` at `total`. An object, not a closure, so that LambdaLR's state_dict saves `total`,
-    which a time budget (kaggle_seg/time_budget.py) may change mid-run, and resume restores."""
+    which a time budget (kaggle_seg/time_budget.py) may change mid-run, and resume restores.
+
+    A mid-run change (`replan`) anchors the cosine at the step it happens: from there the factor
+    falls from where it was to `floor` at the new total. Moving `total` alone would shift the
+    whole curve, so a plan that grew by two epochs raised the lr again late in the run (25 -> 27
+    epochs at epoch 18: 0.00092 -> 0.00100) and one that shrank dropped it in one step."""
+
+    # Class defaults, so a state_dict saved before anchors existed loads unanchored.
+    anchor_step: int | None = None
+    anchor_factor: float = 1.0
 
     def __init__(self, total: int, warmup: int, floor: float):
         self.total, self.warmup, self.floor = total, warmup, floor
@@ -74,8 +83,19 @@ class CosineFactor:
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / self.warmup
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        start, top = self.warmup, 1.0
+        if self.anchor_step is not None and step >= self.anchor_step:
+            start, top = self.anchor_step, self.anchor_factor
+        progress = min(1.0, (step - start) / max(1, self.total - start))
+        return self.floor + (top - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def replan(self, total: int, step: int) -> None:
+        """End the cosine at `total` from optimizer step `step` on, continuing from the factor
+        the schedule has there (in warm-up: only the end moves)."""
+        if step > self.warmup:
+            self.anchor_factor = self(step)
+            self.anchor_step = step
+        self.total = total
 
 
 def _cosine(config: ExperimentConfig, optimizer: torch.optim.Optimizer, steps: int):
@@ -89,14 +109,22 @@ def _cosine(config: ExperimentConfig, optimizer: torch.optim.Optimizer, steps: i
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "step"
 
 
-def set_schedule_epochs(scheduler: Any, epochs: int, steps_per_epoch: int) -> bool:
-    """Make a cosine schedule end after `epochs` (a time budget changed the plan); True if it
-    did. Step and plateau schedules do not depend on the run's length."""
+def set_schedule_epochs(
+    scheduler: Any, epochs: int, steps_per_epoch: int, mid_run: bool = False
+) -> bool:
+    """Make a cosine schedule end after `epochs`; True if it did. mid_run (a time budget's
+    re-plan between epochs): the lr continues from its current value, never rising again;
+    otherwise (a resume with a new plan) the whole cosine is laid over the new length. Step
+    and plateau schedules do not depend on the run's length."""
     factors = getattr(scheduler, "lr_lambdas", [])
     changed = False
     for factor in factors:
         if isinstance(factor, CosineFactor):
-            factor.total = max(1, epochs * steps_per_epoch)
+            total = max(1, epochs * steps_per_epoch)
+            if mid_run:
+                factor.replan(total, scheduler.last_epoch)
+            else:
+                factor.total, factor.anchor_step = total, None
             changed = True
     return changed
 

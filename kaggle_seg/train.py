@@ -424,7 +424,7 @@ class Trainer(TrainerState):
         if self.runtime.distributed:
             times = [max(values) for values in zip(*gather(times, self.runtime), strict=True)]
         self.clock.record(times[0], times[1], validated, times[2], (times[3], times[4], times[5]))
-        self._plan_epochs(self.epoch + 1, last_validated=validated or self.full)
+        self._plan_epochs(self.epoch + 1, last_validated=validated or self.full, mid_run=True)
 
     def _write_oof(self) -> None:
         """Probabilities of the best checkpoint on the validation fold, compactly."""

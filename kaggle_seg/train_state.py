@@ -307,10 +307,11 @@ class TrainerState:
         done = self.epoch + 1
         return self._budget_plan(clock, done, last_validated=True) <= done
 
-    def _plan_epochs(self, done: int, last_validated: bool) -> None:
+    def _plan_epochs(self, done: int, last_validated: bool, mid_run: bool = False) -> None:
         """The epochs this run does: train.epochs, or under train.time_budget_minutes those that
         fit what is left. Also on --resume, so a run resumed with more epochs or minutes does them
-        and its cosine schedule ends with the new plan."""
+        and its cosine schedule ends with the new plan (mid_run: a re-plan between epochs, where
+        the lr goes on from its current value)."""
         cfg = self.config.train
         planned = cfg.epochs
         if cfg.time_budget_minutes is not None and self.clock.train:
@@ -329,4 +330,4 @@ class TrainerState:
                     f"{self.clock.elapsed / 60:.1f} min so far)"
                 )
             self.planned_epochs = planned
-            set_schedule_epochs(self.scheduler, planned, self.steps_per_epoch)
+            set_schedule_epochs(self.scheduler, planned, self.steps_per_epoch, mid_run)

@@ -4,6 +4,7 @@ short by its budget: tests/test_train.py)."""
 from __future__ import annotations
 
 import io
+import itertools
 import time
 
 import pytest
@@ -121,3 +122,69 @@ def test_cosine_follows_a_new_plan_and_resumes_it():
     fresh, _ = build_scheduler(config, fresh_optimizer, 5)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     assert fresh.lr_lambdas[0].total == 20  # the plan, not 10 epochs x 5 steps
+
+
+def _cosine_run(epochs: int, steps: int):
+    config = ExperimentConfig.model_validate(
+        {
+            "data": {"competition": "dsb2018", "table": "t.csv", "folds": "f.csv"},
+            "train": {
+                "epochs": epochs,
+                "scheduler": {"name": "cosine", "warmup_epochs": 1, "min_lr": 1e-5},
+            },
+        }
+    )
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
+    scheduler, _ = build_scheduler(config, optimizer, steps)
+    return optimizer, scheduler
+
+
+def _step_epoch(optimizer, scheduler, steps: int) -> list[float]:
+    lrs = []
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+def test_a_mid_run_replan_never_raises_the_lr_and_ends_at_the_floor():
+    # A time budget's plan grows 25 -> 27 epochs at epoch 18, then shrinks to 26 at 22: the lr
+    # goes on from where it was (no jump up or down) and reaches min_lr at the last step.
+    steps = 10
+    optimizer, scheduler = _cosine_run(25, steps)
+    lrs = [lr for _ in range(18) for lr in _step_epoch(optimizer, scheduler, steps)]
+    before = lrs[-1]
+    assert set_schedule_epochs(scheduler, 27, steps, mid_run=True)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(before)  # nothing moves at once
+    for _ in range(4):
+        lrs += _step_epoch(optimizer, scheduler, steps)
+    set_schedule_epochs(scheduler, 26, steps, mid_run=True)
+    for _ in range(4):
+        lrs += _step_epoch(optimizer, scheduler, steps)
+    after_warmup = lrs[steps - 1 :]
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(after_warmup))
+    assert max(abs(b - a) for a, b in itertools.pairwise(lrs[170:])) < 5e-5
+    assert lrs[26 * steps - 1] == pytest.approx(1e-5)
+
+
+def test_an_anchored_cosine_resumes_where_it_was():
+    steps = 10
+    optimizer, scheduler = _cosine_run(25, steps)
+    for _ in range(18):
+        _step_epoch(optimizer, scheduler, steps)
+    set_schedule_epochs(scheduler, 27, steps, mid_run=True)
+    expected = _step_epoch(optimizer, scheduler, steps)
+    # The same run saved after the re-plan and resumed in a fresh scheduler.
+    optimizer, scheduler = _cosine_run(25, steps)
+    for _ in range(18):
+        _step_epoch(optimizer, scheduler, steps)
+    set_schedule_epochs(scheduler, 27, steps, mid_run=True)
+    buffer = io.BytesIO()
+    torch.save({"scheduler": scheduler.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    fresh_optimizer, fresh = _cosine_run(25, steps)
+    fresh_optimizer.load_state_dict(state["optimizer"])
+    fresh.load_state_dict(state["scheduler"])
+    assert _step_epoch(fresh_optimizer, fresh, steps) == pytest.approx(expected)
