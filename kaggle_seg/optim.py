@@ -89,10 +89,13 @@ class CosineFactor:
         progress = min(1.0, (step - start) / max(1, self.total - start))
         return self.floor + (top - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def replan(self, total: int, step: int) -> None:
-        """End the cosine at `total` from optimizer step `step` on, continuing from the factor
-        the schedule has there (in warm-up: only the end moves)."""
-        if step > self.warmup:
+    def replan(self, total: int, step: int | None) -> None:
+        """End the cosine at `total`. From optimizer step `step` on, continuing from the factor
+        the schedule has there (in warm-up: only the end moves); step None: the whole cosine
+        laid over the new length."""
+        if step is None:
+            self.anchor_step = None
+        elif step > self.warmup:
             self.anchor_factor = self(step)
             self.anchor_step = step
         self.total = total
@@ -121,10 +124,7 @@ def set_schedule_epochs(
     for factor in factors:
         if isinstance(factor, CosineFactor):
             total = max(1, epochs * steps_per_epoch)
-            if mid_run:
-                factor.replan(total, scheduler.last_epoch)
-            else:
-                factor.total, factor.anchor_step = total, None
+            factor.replan(total, scheduler.last_epoch if mid_run else None)
             changed = True
     return changed
 
